@@ -1,0 +1,1 @@
+"""Checkpoint import/export (Hugging Face layout) and training checkpoints."""

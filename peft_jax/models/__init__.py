@@ -1,0 +1,60 @@
+"""Model registry: build a model from a config, abstractly or for real."""
+
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peft_jax.models.config import PRESETS, LlamaConfig, T5Config, as_dtype, get_preset
+from peft_jax.models.llama import Llama
+from peft_jax.models.t5 import T5
+from peft_jax.sites import NO_SITES, Sites
+
+
+def build_model(cfg, sites: Sites = NO_SITES) -> nn.Module:
+  if isinstance(cfg, T5Config):
+    return T5(cfg, sites)
+  if isinstance(cfg, LlamaConfig):
+    return Llama(cfg, sites)
+  raise TypeError(f"unsupported model config {type(cfg).__name__}")
+
+
+def _dummy_inputs(cfg):
+  ids = jnp.zeros((1, 4), jnp.int32)
+  if isinstance(cfg, T5Config):
+    return (ids, None, ids)
+  return (ids,)
+
+
+def init_boxed(cfg, rng):
+  """Parameters wrapped in ``nn.Partitioned`` boxes that carry logical axis names."""
+  model = build_model(cfg)
+  return model.init(rng, *_dummy_inputs(cfg))["params"]
+
+
+def abstract_params(cfg):
+  """``ShapeDtypeStruct`` tree of the parameters: no memory is allocated."""
+  return nn.unbox(jax.eval_shape(lambda: init_boxed(cfg, jax.random.PRNGKey(0))))
+
+
+def logical_axes(cfg):
+  """Tree of ``PartitionSpec`` with logical axis names, same structure as the params."""
+  boxed = jax.eval_shape(lambda: init_boxed(cfg, jax.random.PRNGKey(0)))
+  return nn.get_partition_spec(boxed)
+
+
+def init_params(cfg, rng):
+  """Random parameters as a plain pytree (unboxed)."""
+  return nn.unbox(jax.jit(lambda r: init_boxed(cfg, r))(rng))
+
+
+def count_params(tree) -> int:
+  return int(sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree)))
+
+
+__all__ = ["PRESETS", "T5Config", "LlamaConfig", "get_preset", "build_model", "abstract_params",
+           "logical_axes", "init_params", "count_params", "as_dtype"]

@@ -1,0 +1,168 @@
+"""Model configurations and named presets with the published dimensions."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16,
+           "bf16": jnp.bfloat16, "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def as_dtype(d):
+  if isinstance(d, str):
+    if d not in _DTYPES:
+      raise ValueError(f"unknown dtype {d!r}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[d]
+  return d
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """T5 v1.0 (ReLU FFN, tied head) and v1.1 / LM-adapted / FLAN (gated-GELU)."""
+  vocab_size: int = 32128
+  d_model: int = 512
+  d_kv: int = 64
+  d_ff: int = 2048
+  num_heads: int = 8
+  num_layers: int = 6
+  num_decoder_layers: Optional[int] = None
+  feed_forward_proj: str = "relu"          # 'relu' | 'gated-gelu' | 'gelu' | 'gated-relu'
+  tie_word_embeddings: bool = True        # lm_head is the shared embedding matrix
+  scale_decoder_outputs: Optional[bool] = None   # d_model**-0.5 before the head; None: = tie
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  layer_norm_epsilon: float = 1e-6
+  dropout_rate: float = 0.1
+  pad_token_id: int = 0
+  eos_token_id: int = 1
+  decoder_start_token_id: int = 0
+  # execution policy (not part of the checkpoint)
+  dtype: Any = "float32"                   # compute dtype
+  param_dtype: Any = "float32"
+  remat: str = "none"                      # see layers.REMAT_POLICIES
+  attention_impl: Optional[str] = None     # passed to jax.nn.dot_product_attention
+
+  model_type = "t5"
+
+  @property
+  def n_decoder_layers(self):
+    return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+  @property
+  def scales_decoder_outputs(self):
+    return self.tie_word_embeddings if self.scale_decoder_outputs is None else self.scale_decoder_outputs
+
+  @property
+  def is_gated(self):
+    return self.feed_forward_proj.startswith("gated-")
+
+  @property
+  def act_name(self):
+    return self.feed_forward_proj.split("-")[-1]
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """LLaMA 1/2/3: RMSNorm, RoPE (with Llama-3 scaling), SwiGLU, GQA/MQA."""
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_attention_heads: int = 32
+  num_key_value_heads: Optional[int] = None
+  num_hidden_layers: int = 32
+  head_dim_: Optional[int] = None
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: Optional[Tuple[Tuple[str, Any], ...]] = None   # sorted items of the HF dict
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  bos_token_id: int = 1
+  eos_token_id: int = 2
+  pad_token_id: Optional[int] = None
+  dtype: Any = "float32"
+  param_dtype: Any = "float32"
+  remat: str = "none"
+  attention_impl: Optional[str] = None
+
+  model_type = "llama"
+
+  @property
+  def n_kv_heads(self):
+    return self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
+
+  @property
+  def head_dim(self):
+    return self.head_dim_ or self.hidden_size // self.num_attention_heads
+
+  @property
+  def rope_scaling_dict(self) -> Optional[Dict[str, Any]]:
+    return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+
+def _t5_v10(d_model, d_ff, d_kv, heads, layers):
+  return T5Config(d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_heads=heads, num_layers=layers,
+                  feed_forward_proj="relu", tie_word_embeddings=True)
+
+
+def _t5_v11(d_model, d_ff, d_kv, heads, layers):
+  return T5Config(d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_heads=heads, num_layers=layers,
+                  feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.1)
+
+
+_V11 = {"base": (768, 2048, 64, 12, 12), "large": (1024, 2816, 64, 16, 24),
+        "xl": (2048, 5120, 64, 32, 24), "xxl": (4096, 10240, 64, 64, 24)}
+
+PRESETS: Dict[str, Any] = {
+    "t5-small": _t5_v10(512, 2048, 64, 8, 6),
+    "t5-base": _t5_v10(768, 3072, 64, 12, 12),
+    "t5-large": _t5_v10(1024, 4096, 64, 16, 24),
+    "t5-3b": _t5_v10(1024, 16384, 128, 32, 24),
+    "t5-11b": _t5_v10(1024, 65536, 128, 128, 24),
+    **{f"t5-v1_1-{k}": _t5_v11(*v) for k, v in _V11.items()},
+    **{f"t5-lm-adapt-{k}": _t5_v11(*v) for k, v in _V11.items() if k != "base"},
+    **{f"flan-t5-{k}": _t5_v11(*v) for k, v in _V11.items()},
+    "llama-2-7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                              num_key_value_heads=32, num_hidden_layers=32, rms_norm_eps=1e-5,
+                              max_position_embeddings=4096),
+    "llama-2-13b": LlamaConfig(hidden_size=5120, intermediate_size=13824, num_attention_heads=40,
+                               num_key_value_heads=40, num_hidden_layers=40, rms_norm_eps=1e-5,
+                               max_position_embeddings=4096),
+    "llama-3-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                              num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32,
+                              rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
+                              bos_token_id=128000, eos_token_id=128001),
+    # tiny presets for tests and the quickstart
+    "t5-tiny": T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2,
+                        feed_forward_proj="relu", tie_word_embeddings=True,
+                        relative_attention_num_buckets=8, relative_attention_max_distance=16),
+    "t5-v1_1-tiny": T5Config(vocab_size=128, d_model=32, d_kv=12, d_ff=48, num_heads=4,
+                             num_layers=2, num_decoder_layers=3, feed_forward_proj="gated-gelu",
+                             tie_word_embeddings=False, relative_attention_num_buckets=8,
+                             relative_attention_max_distance=16),
+    "llama-tiny": LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                              num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
+                              max_position_embeddings=128, bos_token_id=1, eos_token_id=2),
+    "llama-tiny-gqa": LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                  num_attention_heads=4, num_key_value_heads=2,
+                                  num_hidden_layers=2, max_position_embeddings=128,
+                                  rope_theta=500000.0,
+                                  rope_scaling=(("factor", 8.0), ("high_freq_factor", 4.0),
+                                                ("low_freq_factor", 1.0),
+                                                ("original_max_position_embeddings", 32),
+                                                ("rope_type", "llama3"))),
+}
+
+
+def get_preset(name: str):
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+  return PRESETS[name]

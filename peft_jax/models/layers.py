@@ -1,0 +1,119 @@
+"""Building blocks shared by the T5 and LLaMA models.
+
+Every parameter is created with logical axis names (``embed``, ``heads``,
+``kv_heads``, ``mlp``, ``vocab``, ``layers``, ...); a sharding layer maps them
+onto a mesh by rules. Kernels are stored ``[in, out]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from peft_jax.sites import Sites, NO_SITES
+from peft_jax.models.config import as_dtype
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def param_with_axes(module, name, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Linear(nn.Module):
+  """A bias-free projection ``x @ kernel``; a ``linear`` site."""
+  features: int
+  axes: Sequence[str]
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  sites: Sites = NO_SITES
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = param_with_axes(self, "kernel", self.kernel_init, (x.shape[-1], self.features),
+                             tuple(self.axes), self.param_dtype)
+
+    def base(x):
+      return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+
+    return self.sites.linear(self, x, base, self.deterministic)
+
+
+class RMSNorm(nn.Module):
+  """Scale-only RMS norm (T5 LayerNorm / LLaMA RMSNorm), computed in fp32."""
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  cast_before_scale: bool = False   # LLaMA casts to the input dtype before the scale; T5 after
+
+  @nn.compact
+  def __call__(self, x):
+    scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",),
+                            self.param_dtype)
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    if self.cast_before_scale:
+      return scale.astype(self.dtype) * y.astype(self.dtype)
+    return (scale.astype(jnp.float32) * y).astype(self.dtype)
+
+
+class Embed(nn.Module):
+  num_embeddings: int
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    self.embedding = param_with_axes(self, "embedding", nn.initializers.normal(1.0),
+                                     (self.num_embeddings, self.features), ("vocab", "embed"),
+                                     self.param_dtype)
+
+  def __call__(self, ids):
+    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+  def attend(self, x):
+    """Logits against the (tied) embedding matrix."""
+    return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
+
+
+def attention(q, k, v, *, mask=None, bias=None, scale=None, impl=None):
+  """``[B,T,N,H] x [B,S,K,H] -> [B,T,N,H]`` through ``jax.nn.dot_product_attention``.
+
+  ``mask`` is boolean ``[B|1, 1|N, T, S]`` (True = attend), ``bias`` additive
+  ``[B|1, N, T, S]``. Grouped-query attention (K < N) is handled natively.
+  Rows with no valid key (fully padded queries) return zeros instead of NaN.
+  """
+  dtype = q.dtype
+  if bias is not None:
+    bias = bias.astype(dtype)
+  out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                     implementation=impl)
+  return out.astype(dtype)
+
+
+def scanned(block_cls, cfg_remat: str, length: int, in_axes):
+  """Wraps a block class with remat and ``nn.scan`` over layers (one compile for all layers).
+
+  The scanned block has signature ``(carry, *xs) -> (carry, ys)``; its
+  parameters gain a leading ``layers`` axis.
+  """
+  policy = REMAT_POLICIES.get(cfg_remat, "bad")
+  if policy == "bad":
+    raise ValueError(f"unknown remat policy {cfg_remat!r}; expected one of {sorted(REMAT_POLICIES)}")
+  cls = block_cls
+  if cfg_remat != "none":
+    cls = nn.remat(cls, policy=policy, prevent_cse=False)
+  return nn.scan(cls, variable_axes={"params": 0, "intermediates": 0},
+                  split_rngs={"params": True, "dropout": True}, in_axes=in_axes, length=length,
+                  metadata_params={nn.PARTITION_NAME: "layers"})

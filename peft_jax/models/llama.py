@@ -1,0 +1,189 @@
+"""LLaMA 1/2/3 in Flax linen: RMSNorm, RoPE (default, linear and Llama-3
+scaling), SwiGLU, grouped-/multi-query attention, tied or untied head.
+
+Parameter tree (``[layers]`` = stacked by the layer scan)::
+
+  embed/embedding                          [vocab, embed]
+  layers/attn/q/kernel                     [layers, embed, heads*head_dim]
+  layers/attn/{k,v}/kernel                 [layers, embed, kv_heads*head_dim]
+  layers/attn/o/kernel                     [layers, heads*head_dim, embed]
+  layers/mlp/{gate,up}/kernel, down/kernel [layers, embed, mlp] / [layers, mlp, embed]
+  layers/attn_norm/scale, mlp_norm/scale   [layers, embed]
+  final_norm/scale                         [embed]
+  lm_head/kernel                           [embed, vocab] (untied only)
+
+Numerics follow ``transformers``' LlamaModel (RoPE in fp32, rotate-half layout).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peft_jax.models.config import LlamaConfig, as_dtype
+from peft_jax.models.layers import Embed, Linear, RMSNorm, attention, scanned
+from peft_jax.sites import NO_SITES, Sites
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies, with 'linear' or 'llama3' rope scaling applied."""
+  d = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+  rs = cfg.rope_scaling_dict
+  if rs is None:
+    return inv.astype(np.float32)
+  kind = rs.get("rope_type", rs.get("type", "default"))
+  if kind == "default":
+    pass
+  elif kind == "linear":
+    inv = inv / rs["factor"]
+  elif kind == "llama3":
+    factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
+    inv = inv.astype(np.float32)
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    inv = np.where(medium, smoothed, scaled)
+  else:
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+  return np.asarray(inv, np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+  """``x`` ``[B,T,N,H]``, ``positions`` ``[B,T]``; rotate-half layout as transformers."""
+  freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, None, :]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  cos, sin = jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+  xf = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  return (xf * cos + rot * sin).astype(x.dtype)
+
+
+def _dense(cfg, sites, deterministic, features, axes, name):
+  return Linear(features, axes, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
+                sites=sites, deterministic=deterministic, name=name)
+
+
+class LlamaAttention(nn.Module):
+  cfg: LlamaConfig
+  sites: Sites = NO_SITES
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache=None, cache_index=None):
+    cfg = self.cfg
+    n, kv, h = cfg.num_attention_heads, cfg.n_kv_heads, cfg.head_dim
+    dense = functools.partial(_dense, cfg, self.sites, self.deterministic)
+    b, t = x.shape[:2]
+    q = dense(n * h, ("embed", "heads"), "q")(x).reshape(b, t, n, h)
+    k = dense(kv * h, ("embed", "kv_heads"), "k")(x).reshape(b, t, kv, h)
+    v = dense(kv * h, ("embed", "kv_heads"), "v")(x).reshape(b, t, kv, h)
+    inv = rope_inv_freq(cfg)
+    q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
+    new_cache = None
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+      new_cache = {"k": k, "v": v}
+    k, v, mask, _ = self.sites.attention_kv(self, k, v, mask, None, self.deterministic)
+    dtype = as_dtype(cfg.dtype)
+    out = attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask,
+                    scale=1.0 / math.sqrt(h), impl=cfg.attention_impl)
+    return dense(cfg.hidden_size, ("heads", "embed"), "o")(out.reshape(b, t, n * h)), new_cache
+
+
+class LlamaMLP(nn.Module):
+  cfg: LlamaConfig
+  sites: Sites = NO_SITES
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    dense = functools.partial(_dense, cfg, self.sites, self.deterministic)
+    hid = nn.silu(dense(cfg.intermediate_size, ("embed", "mlp"), "gate")(x)) * \
+        dense(cfg.intermediate_size, ("embed", "mlp"), "up")(x)
+    hid = self.sites.ffn_act(self, hid, self.deterministic)
+    return dense(cfg.hidden_size, ("mlp", "embed"), "down")(hid)
+
+
+class LlamaBlock(nn.Module):
+  cfg: LlamaConfig
+  sites: Sites = NO_SITES
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache_index, cache):
+    cfg, det = self.cfg, self.deterministic
+    norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=as_dtype(cfg.dtype),
+                             param_dtype=as_dtype(cfg.param_dtype), cast_before_scale=True)
+    h = norm(name="attn_norm")(x)
+    y, new_cache = LlamaAttention(cfg, self.sites, det, name="attn")(h, positions, mask, cache,
+                                                                     cache_index)
+    x = x + self.sites.sublayer(self, "attn", h, y, det)
+    h = norm(name="mlp_norm")(x)
+    y = LlamaMLP(cfg, self.sites, det, name="mlp")(h)
+    x = x + self.sites.sublayer(self, "mlp", h, y, det)
+    return x, new_cache
+
+
+class Llama(nn.Module):
+  """Decoder-only LLaMA. ``sites`` carries the active PEFT methods' handlers."""
+  cfg: LlamaConfig
+  sites: Sites = NO_SITES
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, positions=None, deterministic=True,
+               cache=None, cache_index=None, use_embed_site=True):
+    """Logits ``[B,T,V]`` (fp32); with a cache also the new cache.
+
+    ``attention_mask`` marks valid keys: ``[B,T]`` without a cache, ``[B,S]`` over
+    the cache slots with one (query ``t`` sits in slot ``cache_index + t``).
+    ``positions`` ``[B,T]`` default to the slot index.
+    """
+    cfg = self.cfg
+    dtype, pdtype = as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)
+    embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype, name="embed")
+    b, t = input_ids.shape
+    x = embed(input_ids)
+    if attention_mask is None:
+      s = t if cache is None else cache["k"].shape[2]
+      attention_mask = jnp.ones((b, s), bool)
+    attention_mask = attention_mask.astype(bool)
+    if use_embed_site and cache is None:
+      x, attention_mask = self.sites.embed(self, x, attention_mask, deterministic)
+      t = x.shape[1]
+    start = 0 if cache_index is None else cache_index
+    slots = start + jnp.arange(t)
+    if positions is None:
+      positions = jnp.broadcast_to(slots[None], (b, t))
+    s = attention_mask.shape[1]
+    mask = attention_mask[:, None, None, :] & (jnp.arange(s)[None, :] <= slots[:, None])[None, None]
+    block = scanned(LlamaBlock, cfg.remat, cfg.num_hidden_layers,
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0))
+    x, new_cache = block(cfg, self.sites, deterministic, name="layers")(x, positions, mask,
+                                                                        cache_index, cache)
+    x = RMSNorm(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=pdtype, cast_before_scale=True,
+                name="final_norm")(x)
+    if cfg.tie_word_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=dtype, param_dtype=pdtype,
+                      sites=self.sites, deterministic=deterministic, name="lm_head")(x)
+    logits = logits.astype(jnp.float32)
+    return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None):
+  dtype = as_dtype(dtype or cfg.dtype)
+  shape = (cfg.num_hidden_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -1,0 +1,87 @@
+"""Named sites where PEFT methods act on a model, without editing model files.
+
+A model calls ``sites.<kind>(module, ...)`` at each of these places:
+
+============  ==============================================================
+kind          what a handler receives and returns
+============  ==============================================================
+``linear``    ``(module, x, call_next, deterministic) -> y``; wraps every
+              linear projection (``q k v o wi wo gate up down lm_head``).
+              ``call_next(x)`` computes the rest of the chain (finally the
+              frozen ``x @ kernel``), so a handler can rescale the input
+              (IA3 on ``wo``), add a branch (LoRA), or replace the product.
+``attention_kv`` ``(module, k, v, mask, bias, deterministic) -> (k, v, mask, bias)``;
+              keys/values after projection and head split, ``[B, S, K, H]``;
+              ``mask`` ``[B, 1, T, S]`` bool, ``bias`` ``[1|B, N, T, S]`` or None.
+              Prefix tuning concatenates its prefixes here.
+``ffn_act``   ``(module, h, deterministic) -> h``; the FFN intermediate
+              activation, before the output projection.
+``sublayer``  ``(module, name, h_in, y, deterministic) -> y``; ``module`` is
+              the layer (block), ``name`` the sub-layer (``attn``,
+              ``self_attn``, ``cross_attn``, ``mlp``), ``h_in`` its normalised
+              input and ``y`` its output before the residual add (bottleneck
+              adapters).
+``embed``     ``(module, x, mask, deterministic) -> (x, mask)``; the input
+              embeddings of the stack that reads the prompt (T5 encoder,
+              LLaMA decoder). Prompt tuning prepends its tokens here.
+============  ==============================================================
+
+``module`` is the calling linen module, bound to its parameters: a handler
+reads the leaves its method added with ``module.get_variable('params', name)``
+(``module.has_variable`` tells whether this site was selected), and uses
+``module.make_rng('dropout')`` for randomness. Inside the layer scan these
+leaves are already sliced to the current layer. ``module.name`` is the local
+name (``'q'``) and ``module.scope.path`` the full path.
+
+Handlers are plain hashable objects; a model gets the tuple of handlers of the
+active methods as ``Sites(handlers)``. With no handlers every site is the
+identity and the model is the plain base model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Sites:
+  handlers: Tuple[Any, ...] = ()
+
+  def _with(self, kind):
+    return [h for h in self.handlers if hasattr(h, kind)]
+
+  def linear(self, module, x, base: Callable, deterministic: bool = True):
+    fn = base
+    for h in reversed(self._with("linear")):
+      fn = _bind_linear(h, module, fn, deterministic)
+    return fn(x)
+
+  def attention_kv(self, module, k, v, mask, bias, deterministic=True):
+    for h in self._with("attention_kv"):
+      k, v, mask, bias = h.attention_kv(module, k, v, mask, bias, deterministic)
+    return k, v, mask, bias
+
+  def ffn_act(self, module, h, deterministic=True):
+    for hd in self._with("ffn_act"):
+      h = hd.ffn_act(module, h, deterministic)
+    return h
+
+  def sublayer(self, module, name, h_in, y, deterministic=True):
+    for hd in self._with("sublayer"):
+      y = hd.sublayer(module, name, h_in, y, deterministic)
+    return y
+
+  def embed(self, module, x, mask, deterministic=True):
+    for hd in self._with("embed"):
+      x, mask = hd.embed(module, x, mask, deterministic)
+    return x, mask
+
+
+def _bind_linear(handler, module, nxt, deterministic):
+  def fn(x):
+    return handler.linear(module, x, nxt, deterministic)
+  return fn
+
+
+NO_SITES = Sites()
