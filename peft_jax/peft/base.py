@@ -1,0 +1,159 @@
+"""The PEFT method protocol and the pure transform of the parameter tree.
+
+A method is an object registered under its config name. Given the frozen base
+tree (flattened to ``path -> array``, or ``path -> ShapeDtypeStruct`` for an
+abstract build), a method says
+
+* which **existing** leaves become trainable (``trainable_existing``: pure
+  Python on the path names, e.g. BitFit's biases, LayerNorm tuning's scales),
+* which **new** leaves it adds (``init_leaves``: arrays created from an RNG
+  key; runs under ``jax.eval_shape`` for an abstract build),
+* which **site handlers** realise it in the forward pass (``handlers``).
+
+:func:`apply_peft` combines these into a :class:`PeftState`: the new tree, the
+boolean trainable mask (same structure), and the ``Sites`` to build the model
+with. Nothing in a model file names a method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Mapping, Optional, Set, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from peft_jax.sites import Sites
+
+Flat = Dict[str, Any]
+
+
+class PeftConfigError(ValueError):
+  """A PEFT configuration is invalid (unknown method, bad target, bad hyperparameter)."""
+
+
+def flatten(tree) -> Flat:
+  return {"/".join(k): v for k, v in flatten_dict(tree).items()}
+
+
+def unflatten(flat: Mapping[str, Any]):
+  return unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
+class Method:
+  """Base class; subclasses override what they need."""
+  name: str = ""
+  #: hyperparameter defaults, named as in the reference library
+  defaults: Dict[str, Any] = {}
+  #: which library's names and defaults these follow, for the docs
+  reference: str = ""
+  #: True when the method can be folded into the base weights
+  mergeable: bool = False
+
+  def validate(self, model_cfg, hp: Dict[str, Any], flat: Flat) -> None:
+    """Raise :class:`PeftConfigError` for bad input, before any compute."""
+
+  def trainable_existing(self, model_cfg, hp, paths) -> Set[str]:
+    return set()
+
+  def init_leaves(self, model_cfg, hp, flat: Flat, rng) -> Flat:
+    return {}
+
+  def handlers(self, model_cfg, hp) -> Tuple[Any, ...]:
+    return ()
+
+  def counted_params(self, model_cfg, hp, flat: Flat, trainable: Set[str]) -> Optional[int]:
+    """Override when not every element of the trainable leaves is a real parameter
+    (e.g. stacked leaves for layers that a layer selection left out)."""
+    return None
+
+  # reparameterisations
+  def merge(self, model_cfg, hp, flat: Flat) -> Flat:
+    raise PeftConfigError(f"method {self.name!r} cannot be merged into the base weights")
+
+  def unmerge(self, model_cfg, hp, flat: Flat) -> Flat:
+    raise PeftConfigError(f"method {self.name!r} cannot be unmerged")
+
+
+_REGISTRY: Dict[str, Method] = {}
+
+
+def register(cls):
+  inst = cls()
+  if not inst.name:
+    raise ValueError(f"{cls.__name__} has no name")
+  _REGISTRY[inst.name] = inst
+  return cls
+
+
+def get_method(name: str) -> Method:
+  if name not in _REGISTRY:
+    raise PeftConfigError(f"unknown PEFT method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}")
+  return _REGISTRY[name]
+
+
+def registered_methods():
+  return sorted(_REGISTRY)
+
+
+def resolve_hparams(method: Method, overrides: Mapping[str, Any]) -> Dict[str, Any]:
+  hp = dict(method.defaults)
+  unknown = sorted(set(overrides) - set(hp))
+  if unknown:
+    raise PeftConfigError(f"unknown hyperparameter(s) {unknown} for method {method.name!r}; "
+                          f"expected some of {sorted(hp)}")
+  hp.update(overrides)
+  return hp
+
+
+@dataclasses.dataclass
+class PeftState:
+  method: Method
+  hparams: Dict[str, Any]
+  params: Any            # nested dict: base leaves + the method's leaves
+  trainable: Any         # same structure, bools
+  sites: Sites
+  added: Tuple[str, ...]           # paths of the method's own leaves
+  made_trainable: Tuple[str, ...]  # existing paths made trainable
+
+
+def _is_abstract(flat: Flat) -> bool:
+  return any(isinstance(v, jax.ShapeDtypeStruct) for v in flat.values())
+
+
+def apply_peft(model_cfg, params, method_name: str, overrides: Optional[Mapping[str, Any]] = None,
+               rng=None) -> PeftState:
+  """The pure transform: base tree -> (tree with the method's leaves, trainable mask, sites)."""
+  method = get_method(method_name)
+  hp = resolve_hparams(method, overrides or {})
+  flat = flatten(params)
+  method.validate(model_cfg, hp, flat)
+  made = set(method.trainable_existing(model_cfg, hp, list(flat)))
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  if _is_abstract(flat):
+    new = jax.eval_shape(lambda f, r: method.init_leaves(model_cfg, hp, f, r), flat, rng)
+  else:
+    new = method.init_leaves(model_cfg, hp, flat, rng)
+  clash = sorted(set(new) & set(flat))
+  if clash:
+    raise PeftConfigError(f"method {method.name!r} would overwrite existing leaves {clash[:5]}")
+  out = dict(flat)
+  out.update(new)
+  mask = {k: (k in made or k in new) for k in out}
+  return PeftState(method=method, hparams=hp, params=unflatten(out), trainable=unflatten(mask),
+                   sites=Sites(tuple(method.handlers(model_cfg, hp))),
+                   added=tuple(sorted(new)), made_trainable=tuple(sorted(made)))
+
+
+def split_trainable(params, trainable):
+  """(trainable subtree, frozen subtree) as flat dicts; differentiate only the first."""
+  fp, fm = flatten(params), flatten(trainable)
+  return ({k: v for k, v in fp.items() if fm[k]}, {k: v for k, v in fp.items() if not fm[k]})
+
+
+def join(trainable_flat: Flat, frozen_flat: Flat):
+  out = dict(frozen_flat)
+  out.update(trainable_flat)
+  return unflatten(out)
