@@ -1,0 +1,172 @@
+"""Models: parity with transformers, checkpoint import/export, abstract totals."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax.traverse_util import flatten_dict
+
+from peft_jax.checkpoint.hf import CheckpointError, load_hf, save_hf
+from peft_jax.models import abstract_params, build_model, count_params, get_preset, logical_axes
+from tiny_hf import KINDS, saved_hf_model
+
+
+def _inputs(kind, seed=0):
+  g = torch.Generator().manual_seed(seed)
+  ids = torch.randint(2, 128, (2, 9), generator=g)
+  mask = torch.ones_like(ids)
+  dec = torch.randint(2, 128, (2, 6), generator=g)
+  if kind.startswith("t5"):
+    mask[1, 6:] = 0   # a padded encoder row
+  return ids, mask, dec
+
+
+def _ours(model, params, kind, ids, mask, dec):
+  if kind.startswith("t5"):
+    return np.asarray(model.apply({"params": params}, jnp.asarray(ids.numpy()),
+                                  jnp.asarray(mask.numpy()), jnp.asarray(dec.numpy())))
+  return np.asarray(model.apply({"params": params}, jnp.asarray(ids.numpy())))
+
+
+def _theirs(m, kind, ids, mask, dec):
+  with torch.no_grad():
+    if kind.startswith("t5"):
+      return m(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits.numpy()
+    return m(input_ids=ids).logits.numpy()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_teacher_forced_logits_match_transformers(kind):
+  m, d = saved_hf_model(kind)
+  cfg, params = load_hf(d)
+  ids, mask, dec = _inputs(kind)
+  ours = _ours(build_model(cfg), params, kind, ids, mask, dec)
+  ref = _theirs(m, kind, ids, mask, dec)
+  assert ours.shape == ref.shape
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_t5_flavours_are_what_the_acceptance_names():
+  cfg10, _ = load_hf(saved_hf_model("t5_v10")[1])
+  cfg11, _ = load_hf(saved_hf_model("t5_v11")[1])
+  assert cfg10.feed_forward_proj == "relu" and cfg10.tie_word_embeddings and cfg10.scales_decoder_outputs
+  assert cfg11.is_gated and cfg11.d_kv * cfg11.num_heads != cfg11.d_model
+  cfg, _ = load_hf(saved_hf_model("llama_gqa")[1])
+  assert cfg.n_kv_heads < cfg.num_attention_heads and cfg.rope_scaling_dict["rope_type"] == "llama3"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_import_bitwise_and_loads_in_transformers(kind, tmp_path):
+  import transformers
+  m, d = saved_hf_model(kind)
+  cfg, params = load_hf(d)
+  out = save_hf(cfg, params, str(tmp_path / "export"))
+  cfg2, params2 = load_hf(out)
+  assert cfg2 == cfg
+  a, b = flatten_dict(params), flatten_dict(params2)
+  assert a.keys() == b.keys()
+  for k in a:
+    assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+  cls = (transformers.T5ForConditionalGeneration if kind.startswith("t5")
+         else transformers.LlamaForCausalLM)
+  m2 = cls.from_pretrained(out).eval()
+  ids, mask, dec = _inputs(kind, seed=1)
+  np.testing.assert_allclose(_theirs(m2, kind, ids, mask, dec), _theirs(m, kind, ids, mask, dec),
+                             atol=1e-5, rtol=0)
+
+
+def test_import_sharded_safetensors_and_pytorch_bin(tmp_path):
+  m, d = saved_hf_model("llama_mha")
+  cfg, params = load_hf(d)
+  m.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+  assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
+  _, p_sh = load_hf(str(tmp_path / "sharded"))
+  # pytorch_model.bin layout
+  os.makedirs(tmp_path / "bin")
+  shutil.copy(os.path.join(d, "config.json"), tmp_path / "bin")
+  torch.save(m.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+  _, p_bin = load_hf(str(tmp_path / "bin"))
+  for other in (p_sh, p_bin):
+    for k, v in flatten_dict(params).items():
+      assert np.array_equal(v, flatten_dict(other)[k]), k
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+  _, d = saved_hf_model("t5_v10")
+  with pytest.raises(CheckpointError, match="does not exist"):
+    load_hf(str(tmp_path / "nope"))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(CheckpointError, match="missing config.json"):
+    load_hf(str(empty))
+  shutil.copy(os.path.join(d, "config.json"), empty)
+  with pytest.raises(CheckpointError, match="no weights"):
+    load_hf(str(empty))
+  # unsupported architecture
+  bad = tmp_path / "bert"
+  shutil.copytree(d, bad)
+  c = json.load(open(bad / "config.json"))
+  c["model_type"] = "bert"
+  json.dump(c, open(bad / "config.json", "w"))
+  with pytest.raises(CheckpointError, match="unsupported architecture.*'bert'"):
+    load_hf(str(bad))
+  # a tensor whose shape does not match the config: names the tensor and both shapes
+  mism = tmp_path / "mismatch"
+  shutil.copytree(d, mism)
+  c = json.load(open(mism / "config.json"))
+  c["d_ff"] = 80
+  json.dump(c, open(mism / "config.json", "w"))
+  with pytest.raises(CheckpointError, match=r"DenseReluDense\.wi\.weight.*\(32, 64\).*\(32, 80\)"):
+    load_hf(str(mism))
+  # corrupt weights file
+  corrupt = tmp_path / "corrupt"
+  shutil.copytree(d, corrupt)
+  (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
+  with pytest.raises(CheckpointError, match="cannot read safetensors"):
+    load_hf(str(corrupt))
+
+
+@pytest.mark.parametrize("name,total", [("t5-11b", 11_307_321_344), ("flan-t5-xl", 2_849_757_184),
+                                        ("llama-2-7b", 6_738_415_616)])
+def test_abstract_totals_exact(name, total):
+  shapes = abstract_params(get_preset(name))
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(shapes))
+  assert count_params(shapes) == total
+
+
+def test_every_preset_builds_abstractly():
+  from peft_jax.models import PRESETS
+  for name in PRESETS:
+    assert count_params(abstract_params(get_preset(name))) > 0, name
+
+
+def test_logical_axes_on_every_leaf():
+  for name in ("t5-v1_1-tiny", "llama-tiny-gqa"):
+    axes = flatten_dict(logical_axes(get_preset(name)))
+    shapes = flatten_dict(abstract_params(get_preset(name)))
+    assert axes.keys() == shapes.keys()
+    for k, spec in axes.items():
+      assert len(spec) == len(shapes[k].shape) and all(a is not None for a in spec), (k, spec)
+      if "layers" in k:
+        assert spec[0] == "layers"
+
+
+@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+def test_remat_and_bf16_policies(remat):
+  cfg = get_preset("llama-tiny").replace(remat=remat)
+  model = build_model(cfg)
+  from peft_jax.models import init_params
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  ids = jnp.arange(12).reshape(2, 6) % 100
+  ref = build_model(get_preset("llama-tiny")).apply({"params": params}, ids)
+  loss = lambda p: model.apply({"params": p}, ids).mean()
+  np.testing.assert_allclose(model.apply({"params": params}, ids), ref, atol=1e-6)
+  g = jax.grad(loss)(params)
+  assert np.isfinite(np.asarray(g["layers"]["attn"]["q"]["kernel"])).all()
+  bf = build_model(cfg.replace(dtype="bfloat16")).apply({"params": params}, ids)
+  assert bf.dtype == jnp.float32  # logits always fp32
+  np.testing.assert_allclose(bf, ref, atol=0.1)
