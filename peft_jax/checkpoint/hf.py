@@ -231,16 +231,15 @@ class _TensorSource:
       from safetensors import safe_open
       if f not in self._open:
         try:
-          self._open[f] = safe_open(f, framework="pt")
+          self._open[f] = safe_open(f, framework="numpy")
         except Exception as e:
           raise CheckpointError(f"cannot read safetensors file {f}: {e}") from None
       t = self._open[f].get_tensor(name)
     else:
+      import torch
       t = self._torch(f)[name]
-    import torch
-    if t.dtype == torch.bfloat16:
-      t = t.float()
-    return t.numpy()
+      t = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    return np.asarray(t)
 
 
 def resolve_checkpoint_dir(path_or_id: str) -> str:
