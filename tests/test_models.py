@@ -170,3 +170,32 @@ def test_remat_and_bf16_policies(remat):
   bf = build_model(cfg.replace(dtype="bfloat16")).apply({"params": params}, ids)
   assert bf.dtype == jnp.float32  # logits always fp32
   np.testing.assert_allclose(bf, ref, atol=0.1)
+
+
+def test_hub_id_offline_gives_clear_error():
+  with pytest.raises(CheckpointError, match="not a local directory and could not be fetched"):
+    load_hf("google/flan-t5-small-does-not-exist")
+
+
+@pytest.mark.shared_data
+def test_tokenizer_from_checkpoint_dir_with_real_t5_vocab(shared_data, tmp_path):
+  """A checkpoint directory with the real T5 SentencePiece files: AutoTokenizer reads it
+  from the same directory as the weights, and the ids drive our model."""
+  from transformers import AutoTokenizer
+  from peft_jax import run
+  import ml_collections
+  _, d = saved_hf_model("t5_v10")
+  ck = tmp_path / "ck"
+  shutil.copytree(d, ck)
+  for f in (shared_data / "tokenizers" / "t5").iterdir():
+    shutil.copy(f, ck)
+  cfg = ml_collections.ConfigDict({"model": {"checkpoint": str(ck)}, "tokenizer": ""})
+  tok = run.tokenizer(cfg)
+  ids = tok(["translate English to German: Hello"], return_tensors="np")
+  assert ids["input_ids"][0, -1] == tok.eos_token_id == 1
+  assert len(tok) >= 32100
+  mc = run.model_config(cfg)
+  cfg_l, params = load_hf(str(ck))
+  out = build_model(mc).apply({"params": params}, jnp.asarray(ids["input_ids"] % 128),
+                              jnp.asarray(ids["attention_mask"]), jnp.zeros((1, 2), jnp.int32))
+  assert out.shape == (1, 2, 128) and np.isfinite(np.asarray(out)).all()
