@@ -1,0 +1,238 @@
+"""Decoding: token-exact parity with ``transformers``' ``generate`` (greedy, beam search,
+stop at EOS) on the tiny models, and sampling checks."""
+import functools
+import re
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from peft_jax import decoding
+from peft_jax.checkpoint.hf import load_hf
+from peft_jax.models import build_model
+from tiny_hf import KINDS, make_hf_model, saved_hf_model
+
+transformers.logging.set_verbosity_error()
+
+N = 20                                            # max_new_tokens everywhere
+PROMPTS = [[5, 17, 33, 9, 70, 21, 3], [44, 12, 8]]  # two lengths: the batch needs padding
+PAD = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _models(kind, sharp=False):
+  """(torch model, our model, params). The random tiny T5s repeat one token forever;
+  ``sharp`` scales the decoder and self-attention weights so that outputs vary with
+  the history (a stronger test of the cache) and beam search differs from greedy."""
+  if sharp:
+    hf = make_hf_model(kind)
+    with torch.no_grad():
+      for name, p in hf.named_parameters():
+        if re.search(r"decoder\.block|SelfAttention", name) and "layer_norm" not in name:
+          p.mul_(5.0)
+    path = tempfile.mkdtemp(prefix=f"peftjax_dec_{kind}_")
+    hf.save_pretrained(path)
+  else:
+    hf, path = saved_hf_model(kind)
+  cfg, params = load_hf(path)
+  return hf, build_model(cfg), params
+
+
+def _prompts(kind):
+  # T5's encoder reads right-padded input; transformers wants LLaMA prompts left-padded.
+  return decoding.pad_prompts(PROMPTS, PAD, "right" if kind.startswith("t5") else "left")
+
+
+def _ours(kind, sharp=False, **kw):
+  _, model, params = _models(kind, sharp)
+  ids, mask = _prompts(kind)
+  kw.setdefault("pad_token_id", PAD)   # LLaMA's config has none (generate would pad with EOS)
+  return np.asarray(decoding.generate(model, params, ids, mask, max_new_tokens=N, **kw))
+
+
+def _hf(kind, sharp=False, eos=None, **kw):
+  """transformers' new tokens, as [B, N]: pad after the first EOS and at the end."""
+  hf, model, _ = _models(kind, sharp)
+  cfg = model.cfg
+  eos = cfg.eos_token_id if eos is None else eos
+  ids, mask = _prompts(kind)
+  extra = {}
+  if hf.config.is_encoder_decoder:
+    # transformers sizes its default decoder cache by num_layers, which breaks when
+    # num_decoder_layers differs (t5_v11); an empty cache grows as needed.
+    extra["past_key_values"] = EncoderDecoderCache(DynamicCache(), DynamicCache())
+  with torch.no_grad(), warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    out = hf.generate(input_ids=torch.as_tensor(ids, dtype=torch.long),
+                      attention_mask=torch.as_tensor(mask, dtype=torch.long),
+                      max_new_tokens=N, do_sample=False, eos_token_id=eos, pad_token_id=PAD,
+                      repetition_penalty=1.0, **extra, **kw).numpy()
+  new = out[:, 1:] if hf.config.is_encoder_decoder else out[:, ids.shape[1]:]
+  res = np.full((len(new), N), PAD, np.int64)
+  for i, row in enumerate(new.tolist()):
+    if eos in row:                # beam search fills with EOS, not pad, when pad id is 0
+      row = row[:row.index(eos) + 1]
+    res[i, :len(row)] = row
+  return res
+
+
+def _assert_padded_after_eos(out, eos):
+  for row in out.tolist():
+    if eos in row:
+      j = row.index(eos)
+      assert row[j + 1:] == [PAD] * (len(row) - j - 1), row
+
+
+def test_saved_generation_configs_are_plain():
+  # transformers must decode with the same (default) settings as we do
+  for kind in KINDS:
+    g = _models(kind)[0].generation_config
+    assert g.repetition_penalty in (None, 1.0) and not g.no_repeat_ngram_size
+    assert not g.do_sample and g.num_beams in (None, 1) and not g.min_length
+    assert g.length_penalty in (None, 1.0) and g.early_stopping in (None, False)
+
+
+CASES = [(k, False) for k in KINDS] + [("t5_v10", True), ("t5_v11", True)]
+IDS = [k + ("-sharp" if s else "") for k, s in CASES]
+
+
+@pytest.mark.parametrize("kind,sharp", CASES, ids=IDS)
+def test_greedy_matches_transformers(kind, sharp):
+  np.testing.assert_array_equal(_ours(kind, sharp), _hf(kind, sharp))
+
+
+BEAM_CASES = [("t5_v10", False), ("t5_v11", False), ("t5_v10", True), ("t5_v11", True),
+              ("llama_mha", False), ("llama_gqa", False)]
+
+
+@pytest.mark.parametrize("kind,sharp", BEAM_CASES, ids=[k + ("-sharp" if s else "")
+                                                         for k, s in BEAM_CASES])
+def test_beam_search_matches_transformers(kind, sharp):
+  ours = _ours(kind, sharp, num_beams=4)
+  ref = _hf(kind, sharp, num_beams=4, num_return_sequences=1, length_penalty=1.0,
+            early_stopping=False)
+  np.testing.assert_array_equal(ours, ref)
+  if sharp:   # the sharpened models make beam search matter
+    assert (ours != _ours(kind, sharp)).any()
+
+
+# (kind, sharp, num_beams, length_penalty). For beam search the eos is chosen from the
+# beam output; length_penalty 0 favours short hypotheses, so that beams really finish.
+EOS_CASES = [("t5_v10", True, 1, 1.0), ("t5_v11", True, 1, 1.0), ("llama_mha", False, 1, 1.0),
+             ("llama_gqa", False, 1, 1.0), ("t5_v10", True, 4, 0.0), ("t5_v11", True, 4, 0.0),
+             ("llama_mha", False, 4, 0.0), ("llama_gqa", False, 4, 1.0)]
+
+
+@pytest.mark.parametrize("kind,sharp,beams,lp", EOS_CASES,
+                         ids=[f"{k}-beams{b}-lp{lp:g}" for k, _, b, lp in EOS_CASES])
+def test_forced_eos_stops_and_pads_like_transformers(kind, sharp, beams, lp):
+  # Random models rarely emit their EOS: declare the token that decoding emits at
+  # step 5 of the first row to be EOS, on both sides.
+  eos = int(_ours(kind, sharp, num_beams=beams)[0, 5])
+  ours = _ours(kind, sharp, num_beams=beams, length_penalty=lp, eos_token_id=eos)
+  ref = _hf(kind, sharp, eos=eos, num_beams=beams, length_penalty=lp)
+  np.testing.assert_array_equal(ours, ref)
+  # the first row really stopped early (greedy: by step 5) and was padded
+  assert eos in ours[0, :6].tolist()
+  _assert_padded_after_eos(ours, eos)
+
+
+def test_prompt_padding_side_does_not_matter_for_llama():
+  _, model, params = _models("llama_gqa")
+  left, right = (decoding.pad_prompts(PROMPTS, PAD, side) for side in ("left", "right"))
+  gen = lambda ids, mask: np.asarray(decoding.generate(model, params, ids, mask,
+                                                       max_new_tokens=N))
+  np.testing.assert_array_equal(gen(*left), gen(*right))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def test_sampling_is_deterministic_given_the_key():
+  a = _ours("llama_mha", do_sample=True, rng=jax.random.PRNGKey(0))
+  b = _ours("llama_mha", do_sample=True, rng=jax.random.PRNGKey(0))
+  c = _ours("llama_mha", do_sample=True, rng=jax.random.PRNGKey(1))
+  np.testing.assert_array_equal(a, b)
+  assert (a != c).any()
+
+
+def test_tiny_top_p_and_top_k_1_equal_greedy():
+  greedy = _ours("llama_mha")
+  key = jax.random.PRNGKey(3)
+  np.testing.assert_array_equal(
+      _ours("llama_mha", do_sample=True, rng=key, top_p=1e-6, temperature=0.7), greedy)
+  np.testing.assert_array_equal(_ours("llama_mha", do_sample=True, rng=key, top_k=1), greedy)
+
+
+def _freq_tolerance(p, n):
+  # 5 standard deviations of a frequency estimate, plus a little slack
+  return 5 * np.sqrt(p * (1 - p) / n) + 2e-3
+
+
+def test_sample_logits_frequencies_match_softmax():
+  """Toy 1-step case: frequencies of 20k draws vs softmax(logits / T), per token within
+  5 standard deviations (+0.002); top-k / top-p never draw outside their set."""
+  n = 20000
+  logits = jnp.array([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+  keys = jax.random.split(jax.random.PRNGKey(0), n)
+  draw = jax.jit(jax.vmap(lambda k, t, p: decoding.sample_logits(logits, k, t, p)[0],
+                          in_axes=(0, None, None)))
+  for temperature in (0.5, 1.0, 2.0):
+    freq = np.bincount(np.asarray(draw(keys, temperature, 1.0)), minlength=6) / n
+    p = np.asarray(jax.nn.softmax(logits[0] / temperature))
+    assert np.all(np.abs(freq - p) <= _freq_tolerance(p, n)), (temperature, freq, p)
+  # top_k = 2: renormalised over the two best tokens
+  topk = jax.jit(jax.vmap(lambda k: decoding.sample_logits(logits, k, 1.0, 1.0, 2)[0]))
+  freq = np.bincount(np.asarray(topk(keys)), minlength=6) / n
+  p = np.zeros(6)
+  p[:2] = np.asarray(jax.nn.softmax(logits[0, :2]))
+  assert np.all(np.abs(freq - p) <= _freq_tolerance(p, n)), freq
+  # top_p = 0.8: the best token has mass 0.56, the first two 0.77 < 0.8, so three survive
+  freq = np.bincount(np.asarray(draw(keys, 1.0, 0.8)), minlength=6) / n
+  p = np.zeros(6)
+  p[:3] = np.asarray(jax.nn.softmax(logits[0, :3]))
+  assert np.all(np.abs(freq - p) <= _freq_tolerance(p, n)), freq
+
+
+def test_one_step_sampling_frequencies_match_model_softmax():
+  """End to end: 2000 copies of a prompt, one sampled token each at temperature 0.7;
+  frequencies match softmax(transformers' logits / 0.7) within the tolerance above."""
+  n, temperature = 2000, 0.7
+  hf, model, params = _models("llama_mha")
+  prompt = np.array([PROMPTS[0]], np.int32)
+  out = decoding.generate(model, params, np.repeat(prompt, n, 0), None, max_new_tokens=1,
+                          do_sample=True, temperature=temperature, rng=jax.random.PRNGKey(7))
+  freq = np.bincount(np.asarray(out[:, 0]), minlength=model.cfg.vocab_size) / n
+  with torch.no_grad():
+    logits = hf(torch.as_tensor(prompt, dtype=torch.long)).logits[0, -1]
+  p = torch.softmax(logits / temperature, -1).numpy().astype(np.float64)
+  assert np.all(np.abs(freq - p) <= _freq_tolerance(p, n))
+
+
+# ----------------------------------------------------------------------------- API
+
+def test_repeated_calls_do_not_recompile():
+  _ours("llama_gqa", do_sample=True, rng=jax.random.PRNGKey(0))
+  size = decoding._generate_jit._cache_size()
+  # same shapes and static settings; traced values (temperature, top_p, ids) may change
+  _ours("llama_gqa", do_sample=True, rng=jax.random.PRNGKey(1), temperature=0.5, top_p=0.9)
+  _ours("llama_gqa", do_sample=True, rng=jax.random.PRNGKey(1), eos_token_id=7, pad_token_id=3)
+  assert decoding._generate_jit._cache_size() == size
+
+
+def test_bad_arguments():
+  _, model, params = _models("t5_v10")
+  ids, mask = _prompts("t5_v10")
+  with pytest.raises(ValueError, match="beam search"):
+    decoding.generate(model, params, ids, mask, max_new_tokens=2, num_beams=2, do_sample=True,
+                      rng=jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="PRNG key"):
+    decoding.generate(model, params, ids, mask, max_new_tokens=2, do_sample=True)
+  with pytest.raises(ValueError, match="temperature"):
+    decoding.generate(model, params, ids, mask, max_new_tokens=2, do_sample=True,
+                      temperature=0.0, rng=jax.random.PRNGKey(0))
