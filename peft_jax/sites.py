@@ -16,14 +16,22 @@ kind          what a handler receives and returns
               Prefix tuning concatenates its prefixes here.
 ``ffn_act``   ``(module, h, deterministic) -> h``; the FFN intermediate
               activation, before the output projection.
-``sublayer``  ``(module, name, h_in, y, deterministic) -> y``; ``module`` is
-              the layer (block), ``name`` the sub-layer (``attn``,
-              ``self_attn``, ``cross_attn``, ``mlp``), ``h_in`` its normalised
-              input and ``y`` its output before the residual add (bottleneck
-              adapters).
+``sublayer``  ``(module, name, h_in, y, deterministic, x) -> y``; ``module``
+              is the layer (block), ``name`` the sub-layer (``attn``,
+              ``self_attn``, ``cross_attn``, ``mlp``), ``x`` the residual
+              stream entering it, ``h_in`` its normalised input and ``y`` its
+              output (after the block's dropout) before the residual add
+              ``x + y`` (bottleneck adapters).
 ``embed``     ``(module, x, mask, deterministic) -> (x, mask)``; the input
               embeddings of the stack that reads the prompt (T5 encoder,
               LLaMA decoder). Prompt tuning prepends its tokens here.
+``positions`` ``(module, q_pos, k_pos, deterministic) -> (q_pos, k_pos)``; the
+              token positions a model encodes. A T5 stack passes the query and
+              key positions ``[T]``/``[S]`` from which it computes the relative
+              position bias (a handler may return more key positions than the
+              mask has keys, for keys that an ``attention_kv`` handler adds);
+              LLaMA passes its RoPE positions ``[B,T]`` and ``k_pos=None``.
+              Prefix tuning shifts the tokens behind its prefix here.
 ============  ==============================================================
 
 ``module`` is the calling linen module, bound to its parameters: a handler
@@ -67,15 +75,20 @@ class Sites:
       h = hd.ffn_act(module, h, deterministic)
     return h
 
-  def sublayer(self, module, name, h_in, y, deterministic=True):
+  def sublayer(self, module, name, h_in, y, deterministic=True, x=None):
     for hd in self._with("sublayer"):
-      y = hd.sublayer(module, name, h_in, y, deterministic)
+      y = hd.sublayer(module, name, h_in, y, deterministic, x=x)
     return y
 
   def embed(self, module, x, mask, deterministic=True):
     for hd in self._with("embed"):
       x, mask = hd.embed(module, x, mask, deterministic)
     return x, mask
+
+  def positions(self, module, q_pos, k_pos, deterministic=True):
+    for hd in self._with("positions"):
+      q_pos, k_pos = hd.positions(module, q_pos, k_pos, deterministic)
+    return q_pos, k_pos
 
 
 def _bind_linear(handler, module, nxt, deterministic):

@@ -129,10 +129,10 @@ class LlamaBlock(nn.Module):
     h = norm(name="attn_norm")(x)
     y, new_cache = LlamaAttention(cfg, self.sites, det, name="attn")(h, positions, mask, cache,
                                                                      cache_index)
-    x = x + self.sites.sublayer(self, "attn", h, y, det)
+    x = x + self.sites.sublayer(self, "attn", h, y, det, x=x)
     h = norm(name="mlp_norm")(x)
     y = LlamaMLP(cfg, self.sites, det, name="mlp")(h)
-    x = x + self.sites.sublayer(self, "mlp", h, y, det)
+    x = x + self.sites.sublayer(self, "mlp", h, y, det, x=x)
     return x, new_cache
 
 
@@ -166,6 +166,7 @@ class Llama(nn.Module):
     slots = start + jnp.arange(t)
     if positions is None:
       positions = jnp.broadcast_to(slots[None], (b, t))
+    positions, _ = self.sites.positions(self, positions, None, deterministic)
     s = attention_mask.shape[1]
     mask = attention_mask[:, None, None, :] & (jnp.arange(s)[None, :] <= slots[:, None])[None, None]
     block = scanned(LlamaBlock, cfg.remat, cfg.num_hidden_layers,

@@ -164,8 +164,8 @@ class T5Block(nn.Module):
                        decode_mode=self.decode_mode if self.is_decoder else "none",
                        name=sa_name)(h, h, mask, bias, None if cache is None else cache["self"],
                                      cache_index)
-    y = self.sites.sublayer(self, sa_name, h, y, det)
-    x = x + drop(y, deterministic=det)
+    y = self.sites.sublayer(self, sa_name, h, drop(y, deterministic=det), det, x=x)
+    x = x + y
     if c is not None:
       new_cache["self"] = c
     if self.is_decoder:
@@ -173,14 +173,14 @@ class T5Block(nn.Module):
       y, c = T5Attention(cfg, self.sites, det, is_cross=True, decode_mode=self.decode_mode,
                          name="cross_attn")(h, enc, enc_mask, None,
                                             None if cache is None else cache["cross"], cache_index)
-      y = self.sites.sublayer(self, "cross_attn", h, y, det)
-      x = x + drop(y, deterministic=det)
+      y = self.sites.sublayer(self, "cross_attn", h, drop(y, deterministic=det), det, x=x)
+      x = x + y
       if c is not None:
         new_cache["cross"] = c
     h = norm(name="mlp_norm")(x)
     y = T5MLP(cfg, self.sites, det, name="mlp")(h)
-    y = self.sites.sublayer(self, "mlp", h, y, det)
-    x = x + drop(y, deterministic=det)
+    y = self.sites.sublayer(self, "mlp", h, drop(y, deterministic=det), det, x=x)
+    x = x + y
     return x, (new_cache if new_cache else None)
 
 
@@ -203,7 +203,8 @@ class T5Stack(nn.Module):
     q_pos = start + jnp.arange(t)
     s = mask.shape[1]
     k_pos = jnp.arange(s)
-    bias = RelativePositionBias(cfg, bidirectional=not self.is_decoder, name="rel_bias")(q_pos, k_pos)
+    bias = RelativePositionBias(cfg, bidirectional=not self.is_decoder, name="rel_bias")(
+        *self.sites.positions(self, q_pos, k_pos, deterministic))
     attn_mask = mask[:, None, None, :].astype(bool)
     if self.is_decoder:
       attn_mask = attn_mask & (k_pos[None, :] <= q_pos[:, None])[None, None]
