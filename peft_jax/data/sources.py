@@ -1,0 +1,504 @@
+"""The data-set registry and the loaders for SuperGLUE (BoolQ, RTE, COPA),
+CNN/DailyMail, AG News, CoLA, E2E NLG and SAMSum.
+
+``load_dataset_rows(name, split, path=..., seed=0, size=None, ...)`` returns a
+:class:`~peft_jax.data.common.Rows` of ``{"input", "target", "references", "meta"}``
+for ``name`` in :data:`DATASETS`; SuperNI and TÜLU live in their own modules.
+
+``path`` is a folder in the data set's original layout (file names below), a single
+file of that format (read as the requested split), a ``datasets.Dataset`` /
+``DatasetDict``, a ``save_to_disk`` folder, or ``"hf:<hub id>"`` (with ``hf_config``;
+needs the hub). Without ``path``, ``$PEFT_JAX_DATA_DIR/<folder>`` is used.
+
+Text-to-text formats (input template -> target; ``template=`` overrides the input
+template, a ``str.format`` string over the fields in braces)::
+
+  boolq          "boolq passage: {passage} question: {question}"  ->  "False" | "True"
+  rte            "rte hypothesis: {hypothesis} premise: {premise}"  ->  "entailment" | "not_entailment"
+  copa           "copa choice1: {choice1} choice2: {choice2} premise: {premise} question: {question}"
+                   ->  "choice1" | "choice2"
+  cnn_dailymail  "summarize: {article}"  ->  highlights
+  ag_news        "Classify the topic of this news article as one of: {options}.\\n\\n{text}"
+                   ->  class name ({options} = the class names joined by ", ":
+                       "World, Sports, Business, Sci/Tech")
+  cola           "Is the following sentence grammatically acceptable or unacceptable?\\n\\n{sentence}"
+                   ->  "acceptable" | "unacceptable"
+  e2e_nlg        "Describe the restaurant from its attributes.\\n\\n{mr}"  ->  ref
+                   (``references``: all refs of that mr when grouped)
+  samsum         "Summarize the following dialogue.\\n\\n{dialogue}"  ->  summary
+
+The SuperGLUE and CNN/DailyMail inputs are exactly T5's (``t5.data.preprocessors.glue``:
+benchmark name, then every feature other than ``idx``/``label`` as ``"<key>: <value>"``
+in *sorted key order*, joined by single spaces; label names from TFDS ``super_glue``;
+unlabelled rows get T5's ``<unk>`` target and ``meta['label'] = None``;
+``preprocessors.summarize``: ``"summarize: " + article``). The seed-002 prompts (AG News,
+CoLA, E2E, SAMSum) are this project's choice: a one-line instruction, a blank line,
+then the raw text (SAMSum's ``\\r\\n`` line ends become ``\\n``; AG News's original
+3-column CSV becomes ``title + " " + description``). Targets are ``.strip()``-ed.
+
+Files per split (first existing wins; ``validation`` is carved from the train file,
+``validation_size`` rows chosen by ``split_seed`` and removed from ``train``, when the
+layout has no validation file):
+
+* SuperGLUE: ``train.jsonl``, ``val.jsonl`` (``validation.jsonl``), ``test.jsonl``
+  (unlabelled in SuperGLUE), ``dev32.jsonl`` (FewGLUE split ``dev32``).
+* CNN/DailyMail: ``train.csv`` (``train_sample.csv``), ``validation.csv``, ``test.csv``
+  with columns ``,id,article,highlights``.
+* AG News: ``train.csv``, ``test.csv``: as distributed, ``label,title,description``
+  without header and labels 1-4; or a ``text,label`` header (a copy derived from the
+  Hugging Face version, labels 0-3 -- detected by a 0 label, ``rows.info['label_base']``).
+  Class names from ``classes.txt`` (else World, Sports, Business, Sci/Tech).
+* CoLA (GLUE TSV without header: source, label, mark, sentence): ``train.tsv``,
+  ``val.tsv`` (else carved), ``test`` = ``dev.tsv`` (GLUE dev; GLUE's test is unlabelled).
+* E2E NLG (CSV ``mr,ref``): ``trainset.csv``, ``devset.csv``, ``testset_w_refs.csv``.
+  ``group_references`` (default: on except for train) gives one row per distinct
+  ``mr`` with all its refs as ``references``; otherwise one row per (mr, ref).
+* SAMSum (CSV ``id,summary,dialogue`` or the corpus JSON): ``train``, ``val``, ``test``
+  ``.csv``/``.json``.
+
+For ``datasets`` sources the split is the DatasetDict's (``validation`` also matches
+``val``/``dev``; ``hf_split`` names another) and ``ClassLabel`` names label ints.
+``split_seed`` (carving) and ``validation_size`` (AG News, CoLA; default 1,000) only
+matter where a validation split is carved.
+
+``size`` = an int or seed 002's ``low``/``medium``/``high`` (100/1,000/10,000): a
+``seed``-chosen subset (nested across sizes); when fewer rows exist all are taken and
+``rows.info['notes']`` says so. Rows are shuffled by ``seed`` for ``train`` (``shuffle``
+overrides).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from peft_jax.data.common import (DataError, Rows, as_text, carve, check_split, first_existing,
+                                  get_field, hf_examples, is_hf_source, make_row, read_csv,
+                                  read_jsonl, resolve_root, subsample)
+
+TEMPLATES = {
+    "boolq": "boolq passage: {passage} question: {question}",
+    "rte": "rte hypothesis: {hypothesis} premise: {premise}",
+    "copa": "copa choice1: {choice1} choice2: {choice2} premise: {premise} question: {question}",
+    "cnn_dailymail": "summarize: {article}",
+    "ag_news": "Classify the topic of this news article as one of: {options}.\n\n{text}",
+    "cola": "Is the following sentence grammatically acceptable or unacceptable?\n\n{sentence}",
+    "e2e_nlg": "Describe the restaurant from its attributes.\n\n{mr}",
+    "samsum": "Summarize the following dialogue.\n\n{dialogue}",
+}
+LABELS = {
+    "boolq": ["False", "True"],
+    "rte": ["entailment", "not_entailment"],
+    "copa": ["choice1", "choice2"],
+    "ag_news": ["World", "Sports", "Business", "Sci/Tech"],
+    "cola": ["unacceptable", "acceptable"],
+}
+UNK = "<unk>"  # T5's target for unlabelled rows
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _fill(template: str, dataset: str, **fields) -> str:
+  try:
+    return template.format(**fields)
+  except (KeyError, IndexError) as e:
+    raise DataError(f"{dataset}: template {template!r} uses an unknown field {e}; expected "
+                    f"fields among {sorted(fields)}") from None
+
+
+def _label(value, names: Sequence[str], dataset: str, where: str) -> Optional[str]:
+  """A label value (bool, int index, or name) -> its name; None when unlabelled."""
+  if value is None or (isinstance(value, int) and not isinstance(value, bool) and value == -1):
+    return None
+  if isinstance(value, bool):
+    return names[int(value)]
+  if isinstance(value, int) and 0 <= value < len(names):
+    return names[value]
+  if isinstance(value, str):
+    if value in names:
+      return value
+    low = value.strip().lower()
+    for n in names:
+      if n.lower() == low:
+        return n
+    if low.lstrip("-").isdigit():
+      return _label(int(low), names, dataset, where)
+  raise DataError(f"{dataset}: {where} has label {value!r}; expected one of {list(names)} "
+                  f"(or an index 0..{len(names) - 1})")
+
+
+def _where(ex: dict) -> str:
+  return f"{ex['_file']} line {ex['_line']}" if "_file" in ex else f"example {ex['_line']}"
+
+
+def _text(ex: dict, keys: Sequence[str], dataset: str, expected: str) -> str:
+  return as_text(get_field(ex, keys, dataset, _where(ex), expected), dataset, _where(ex), keys[0])
+
+
+def _source(dataset: str, split: str, path, folder: str, files: Dict[str, Sequence[str]],
+            reader: Callable[[str], List[dict]], expected: str, info: dict, *,
+            validation_size: Optional[int] = None, split_seed: int = 0, hf_config=None,
+            hf_split=None) -> Tuple[List[dict], Dict[str, List[str]], Optional[str]]:
+  """(raw examples of ``split``, ClassLabel names, the local folder or None for a
+  ``datasets`` source). ``validation_size`` not None: a layout without a validation
+  file gets one carved from the train file."""
+  root = resolve_root(path, dataset, folder)
+  if is_hf_source(root):
+    exs, names, desc = hf_examples(root, split, dataset, hf_config, hf_split)
+    info["source"] = desc
+    return exs, names, None
+  root = os.fspath(root)
+
+  def read(fp):
+    exs = reader(fp)
+    for e in exs:
+      e["_file"] = fp
+    return exs
+
+  if os.path.isfile(root):
+    info["source"] = root
+    return read(root), {}, os.path.dirname(root)
+  if not os.path.isdir(root):
+    raise DataError(f"{dataset}: path not found: {root}; expected a folder with "
+                    f"{files.get(split, files['train'])[0]} ({expected})")
+  cands = files.get(split, ())
+  fp = first_existing(root, cands) if cands else None
+  has_val = first_existing(root, files.get("validation", ())) is not None
+  needs_carve = validation_size is not None and not has_val and split in ("train", "validation")
+  if split == "validation" and fp is None and needs_carve:
+    fp = first_existing(root, files["train"])
+    if fp is None:
+      raise DataError(f"{dataset}: no validation file ({', '.join(files['validation']) or 'none'}) "
+                      f"and no train file to carve one from in {root}; expected "
+                      f"{files['train'][0]} ({expected})")
+  if fp is None and not cands:
+    raise DataError(f"{dataset}: the original layout has no {split} file; expected "
+                    f"validation_size=N to carve one from the train file")
+  if fp is None:
+    raise DataError(f"{dataset}: file not found: {os.path.join(root, cands[0])}; expected "
+                    f"{' or '.join(cands)} for split {split!r} ({expected})")
+  exs = read(fp)
+  info["source"] = fp
+  if needs_carve:
+    n = validation_size
+    if not 0 < n < len(exs):
+      raise DataError(f"{dataset}: validation_size={n} cannot be carved from {len(exs)} "
+                      f"training rows of {fp}; expected 0 < validation_size < {len(exs)}")
+    train, val = carve(exs, n, split_seed, dataset + "-validation")
+    exs = val if split == "validation" else train
+    info["carved_validation"] = {"from": fp, "n": n, "split_seed": split_seed}
+  return exs, {}, root
+
+
+def _finish(rows: List[dict], info: dict, split: str, seed: int, size, shuffle) -> Rows:
+  shuffle = (split == "train") if shuffle is None else shuffle
+  rows = subsample(rows, size, seed, shuffle=shuffle, info=info)
+  info["n"] = len(rows)
+  return Rows(rows, info)
+
+
+def _info(dataset, split, seed, template):
+  return {"dataset": dataset, "split": split, "seed": seed, "template": template}
+
+
+# ----------------------------------------------------------------------------- SuperGLUE
+
+SUPERGLUE_FILES = {"train": ("train.jsonl",), "validation": ("val.jsonl", "validation.jsonl"),
+                   "test": ("test.jsonl",), "dev32": ("dev32.jsonl",)}
+SUPERGLUE_FIELDS = {"boolq": ("passage", "question"), "rte": ("hypothesis", "premise"),
+                    "copa": ("choice1", "choice2", "premise", "question")}
+
+
+def _load_superglue(name: str, split: str, *, path=None, seed: int = 0, size=None,
+                    shuffle: Optional[bool] = None, template: Optional[str] = None,
+                    split_seed: int = 0, hf_config: Optional[str] = None,
+                    hf_split: Optional[str] = None) -> Rows:
+  check_split(split, tuple(SUPERGLUE_FILES), name)
+  template = template or TEMPLATES[name]
+  fields = SUPERGLUE_FIELDS[name]
+  expected = f"SuperGLUE {name} jsonl rows with {', '.join(fields)}, label"
+  info = _info(name, split, seed, template)
+  exs, class_names, _ = _source(
+      name, split, path, f"superglue/{name}", SUPERGLUE_FILES,
+      lambda fp: read_jsonl(fp, name, fields), expected, info, hf_config=hf_config,
+      hf_split=hf_split)
+  names = class_names.get("label") or LABELS[name]
+  info["classes"] = list(names)
+  rows = []
+  for ex in exs:
+    vals = {k: _text(ex, (k,), name, expected) for k in fields}
+    label = _label(ex.get("label"), names, name, _where(ex))
+    tgt = label if label is not None else UNK
+    rows.append(make_row(_fill(template, name, **vals), tgt, dataset=name, label=label,
+                         idx=ex.get("idx"), classes=list(names)))
+  return _finish(rows, info, split, seed, size, shuffle)
+
+
+def load_boolq(split, **kw) -> Rows:
+  return _load_superglue("boolq", split, **kw)
+
+
+def load_rte(split, **kw) -> Rows:
+  return _load_superglue("rte", split, **kw)
+
+
+def load_copa(split, **kw) -> Rows:
+  return _load_superglue("copa", split, **kw)
+
+
+# ----------------------------------------------------------------------------- CNN/DailyMail
+
+def load_cnn_dailymail(split: str, *, path=None, seed: int = 0, size=None,
+                       shuffle: Optional[bool] = None, template: Optional[str] = None,
+                       split_seed: int = 0, hf_config: Optional[str] = None,
+                       hf_split: Optional[str] = None) -> Rows:
+  name = "cnn_dailymail"
+  check_split(split, ("train", "validation", "test"), name)
+  template = template or TEMPLATES[name]
+  expected = "CSV with header ,id,article,highlights"
+  info = _info(name, split, seed, template)
+  files = {"train": ("train.csv", "train_sample.csv"), "validation": ("validation.csv", "val.csv"),
+           "test": ("test.csv",)}
+  exs, _, _ = _source(name, split, path, "cnn_dailymail", files,
+                      lambda fp: read_csv(fp, name, required=("article", "highlights")),
+                      expected, info, hf_config=hf_config, hf_split=hf_split)
+  rows = []
+  for ex in exs:
+    art = _text(ex, ("article",), name, expected)
+    hl = _text(ex, ("highlights",), name, expected)
+    rows.append(make_row(_fill(template, name, article=art), hl.strip(), dataset=name,
+                         id=ex.get("id")))
+  return _finish(rows, info, split, seed, size, shuffle)
+
+
+# ----------------------------------------------------------------------------- AG News
+
+def _read_ag_news(fp: str) -> List[dict]:
+  with open(fp, encoding="utf-8", newline="") as f:
+    first = next(csv.reader(f), None)
+  if first is None:
+    raise DataError(f"ag_news: {fp} is empty; expected CSV rows label,title,description")
+  if [c.strip().lower() for c in first] == ["text", "label"]:
+    rows = read_csv(fp, "ag_news", required=("text", "label"))
+    for r in rows:
+      r["_header"] = True
+    return rows
+  rows = read_csv(fp, "ag_news", header=("label", "title", "description"))
+  for r in rows:
+    r["text"] = r.pop("title") + " " + r.pop("description")
+  return rows
+
+
+def _ag_news_label_base(exs: List[dict], n_classes: int, info: dict) -> int:
+  """The original 3-column CSV is 1-based (1-4). A ``text,label`` copy (derived from
+  the Hugging Face version, e.g. ../shared/data/ag_news) is 0-based when a 0 occurs."""
+  if not exs or not exs[0].get("_header"):
+    return 1
+  labels = {str(e.get("label")).strip() for e in exs}
+  if "0" in labels:
+    return 0
+  if str(n_classes) in labels:
+    return 1
+  info.setdefault("notes", []).append("text,label CSV without a 0 or a 4 label: assuming "
+                                      "0-based labels")
+  return 0
+
+
+def load_ag_news(split: str, *, path=None, seed: int = 0, size=None,
+                 shuffle: Optional[bool] = None, template: Optional[str] = None,
+                 validation_size: Optional[int] = 1000, split_seed: int = 0,
+                 hf_config: Optional[str] = None, hf_split: Optional[str] = None) -> Rows:
+  name = "ag_news"
+  check_split(split, ("train", "validation", "test"), name)
+  template = template or TEMPLATES[name]
+  expected = "AG News CSV: class index (1-4), title, description (or a text,label header)"
+  info = _info(name, split, seed, template)
+  files = {"train": ("train.csv",), "validation": (), "test": ("test.csv",)}
+  exs, class_names, root = _source(name, split, path, "ag_news", files, _read_ag_news, expected,
+                                   info, validation_size=validation_size, split_seed=split_seed,
+                                   hf_config=hf_config, hf_split=hf_split)
+  if root is None:                       # `datasets`: 0-based labels (ClassLabel names)
+    names, offset = class_names.get("label") or LABELS[name], 0
+  else:                                  # CSV: labels named by classes.txt
+    cls = os.path.join(root, "classes.txt")
+    if os.path.isfile(cls):
+      with open(cls, encoding="utf-8") as f:
+        names = [ln.strip() for ln in f if ln.strip()]
+    else:
+      names = LABELS[name]
+      info.setdefault("notes", []).append(f"{cls} not found; using the standard AG News "
+                                          f"class names {names}")
+    offset = _ag_news_label_base(exs, len(names), info)
+  info["label_base"] = offset
+  info["classes"] = list(names)
+  options = ", ".join(names)
+  rows = []
+  for ex in exs:
+    text = _text(ex, ("text",), name, expected)
+    raw = ex.get("label")
+    try:
+      idx = int(raw) - offset
+    except (TypeError, ValueError):
+      idx = -1
+    if not 0 <= idx < len(names):
+      raise DataError(f"{name}: {_where(ex)} has label {raw!r}; expected a class index "
+                      f"{offset}..{len(names) - 1 + offset}")
+    rows.append(make_row(_fill(template, name, text=text, options=options), names[idx],
+                         dataset=name, label=names[idx], classes=list(names)))
+  return _finish(rows, info, split, seed, size, shuffle)
+
+
+# ----------------------------------------------------------------------------- CoLA
+
+def _read_cola(fp: str) -> List[dict]:
+  with open(fp, encoding="utf-8", newline="") as f:
+    first = next(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), None)
+  if first is None:
+    raise DataError(f"cola: {fp} is empty; expected TSV rows source, label, mark, sentence")
+  if [c.strip().lower() for c in first] == ["index", "sentence"]:   # GLUE test.tsv
+    return read_csv(fp, "cola", required=("sentence",), delimiter="\t", quoting=csv.QUOTE_NONE)
+  return read_csv(fp, "cola", header=("source", "label", "mark", "sentence"), delimiter="\t",
+                  quoting=csv.QUOTE_NONE)
+
+
+def load_cola(split: str, *, path=None, seed: int = 0, size=None, shuffle: Optional[bool] = None,
+              template: Optional[str] = None, validation_size: Optional[int] = 1000,
+              split_seed: int = 0, hf_config: Optional[str] = None,
+              hf_split: Optional[str] = None) -> Rows:
+  name = "cola"
+  check_split(split, ("train", "validation", "test"), name)
+  template = template or TEMPLATES[name]
+  expected = "GLUE CoLA TSV without header: source, label (0/1), mark, sentence"
+  info = _info(name, split, seed, template)
+  files = {"train": ("train.tsv", "in_domain_train.tsv"), "validation": ("val.tsv",),
+           "test": ("dev.tsv", "in_domain_dev.tsv")}
+  exs, class_names, _ = _source(
+      name, split, path, "glue_cola", files, _read_cola, expected, info,
+      validation_size=validation_size, split_seed=split_seed, hf_config=hf_config,
+      hf_split=hf_split)
+  names = class_names.get("label") or LABELS[name]
+  info["classes"] = list(names)
+  rows = []
+  for ex in exs:
+    sent = _text(ex, ("sentence",), name, expected)
+    label = _label(ex.get("label"), names, name, _where(ex))
+    rows.append(make_row(_fill(template, name, sentence=sent), label if label is not None else UNK,
+                         dataset=name, label=label, source=ex.get("source"),
+                         classes=list(names)))
+  return _finish(rows, info, split, seed, size, shuffle)
+
+
+# ----------------------------------------------------------------------------- E2E NLG
+
+def load_e2e_nlg(split: str, *, path=None, seed: int = 0, size=None,
+                 shuffle: Optional[bool] = None, template: Optional[str] = None,
+                 group_references: Optional[bool] = None, split_seed: int = 0,
+                 hf_config: Optional[str] = None, hf_split: Optional[str] = None) -> Rows:
+  name = "e2e_nlg"
+  check_split(split, ("train", "validation", "test"), name)
+  template = template or TEMPLATES[name]
+  expected = "E2E CSV with header mr,ref"
+  info = _info(name, split, seed, template)
+  files = {"train": ("trainset.csv", "train.csv"),
+           "validation": ("devset.csv", "dev.csv", "validation.csv"),
+           "test": ("testset_w_refs.csv", "test.csv")}
+  exs, _, _ = _source(name, split, path, "e2e_nlg", files,
+                      lambda fp: read_csv(fp, name, required=("mr", "ref")), expected, info,
+                      hf_config=hf_config, hf_split=hf_split)
+  group = (split != "train") if group_references is None else group_references
+  info["group_references"] = group
+  pairs = [(_text(ex, ("mr", "meaning_representation"), name, expected),
+            _text(ex, ("ref", "human_reference"), name, expected).strip()) for ex in exs]
+  rows = []
+  if group:
+    refs: Dict[str, List[str]] = {}
+    for mr, ref in pairs:
+      refs.setdefault(mr, []).append(ref)
+    for mr, rs in refs.items():
+      rows.append(make_row(_fill(template, name, mr=mr), rs[0], rs, dataset=name, mr=mr))
+  else:
+    for mr, ref in pairs:
+      rows.append(make_row(_fill(template, name, mr=mr), ref, dataset=name, mr=mr))
+  info["n_pairs"] = len(pairs)
+  return _finish(rows, info, split, seed, size, shuffle)
+
+
+# ----------------------------------------------------------------------------- SAMSum
+
+def _read_samsum(fp: str) -> List[dict]:
+  if fp.endswith(".json"):
+    try:
+      with open(fp, encoding="utf-8") as f:
+        data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise DataError(f"samsum: {fp} is not valid JSON ({e.msg}); expected a list of "
+                      f"{{id, summary, dialogue}}") from None
+    if not isinstance(data, list):
+      raise DataError(f"samsum: {fp} holds a {type(data).__name__}; expected a list of "
+                      f"{{id, summary, dialogue}}")
+    for i, d in enumerate(data):
+      if not isinstance(d, dict):
+        raise DataError(f"samsum: {fp} item {i} is not an object; expected {{id, summary, "
+                        f"dialogue}}")
+      d["_line"] = i
+    return data
+  return read_csv(fp, "samsum", required=("summary", "dialogue"))
+
+
+def load_samsum(split: str, *, path=None, seed: int = 0, size=None,
+                shuffle: Optional[bool] = None, template: Optional[str] = None,
+                split_seed: int = 0, hf_config: Optional[str] = None,
+                hf_split: Optional[str] = None) -> Rows:
+  name = "samsum"
+  check_split(split, ("train", "validation", "test"), name)
+  template = template or TEMPLATES[name]
+  expected = "SAMSum CSV id,summary,dialogue (or the corpus JSON list)"
+  info = _info(name, split, seed, template)
+  files = {"train": ("train.csv", "train.json"),
+           "validation": ("val.csv", "validation.csv", "val.json"),
+           "test": ("test.csv", "test.json")}
+  exs, _, _ = _source(name, split, path, "samsum", files, _read_samsum, expected, info,
+                      hf_config=hf_config, hf_split=hf_split)
+  rows = []
+  for ex in exs:
+    dia = _text(ex, ("dialogue",), name, expected).replace("\r\n", "\n")
+    summ = _text(ex, ("summary",), name, expected)
+    rows.append(make_row(_fill(template, name, dialogue=dia), summ.strip(), dataset=name,
+                         id=ex.get("id")))
+  return _finish(rows, info, split, seed, size, shuffle)
+
+
+# ----------------------------------------------------------------------------- registry
+
+def _superni(split, **kw):
+  from peft_jax.data.superni import load_superni
+  return load_superni(split, **kw)
+
+
+def _tulu(split, **kw):
+  from peft_jax.data.tulu import load_tulu
+  return load_tulu(split, **kw)
+
+
+LOADERS: Dict[str, Callable[..., Rows]] = {
+    "superni": _superni, "tulu": _tulu, "boolq": load_boolq, "rte": load_rte, "copa": load_copa,
+    "cnn_dailymail": load_cnn_dailymail, "ag_news": load_ag_news, "cola": load_cola,
+    "e2e_nlg": load_e2e_nlg, "samsum": load_samsum,
+}
+DATASETS = tuple(LOADERS)
+
+
+def load_dataset_rows(name: str, split: str, *, path=None, seed: int = 0, size=None,
+                      **kwargs) -> Rows:
+  """Rows of data set ``name`` (one of :data:`DATASETS`) for ``split``; see the module
+  docstrings of this module, ``superni`` and ``tulu`` for formats and keyword options."""
+  if name not in LOADERS:
+    raise DataError(f"unknown data set {name!r}; expected one of {list(DATASETS)}")
+  try:
+    return LOADERS[name](split, path=path, seed=seed, size=size, **kwargs)
+  except TypeError as e:
+    if "unexpected keyword" in str(e):
+      raise DataError(f"{name}: {e}; see the loader's signature for its options") from None
+    raise
