@@ -69,6 +69,22 @@ class Method:
     (e.g. stacked leaves for layers that a layer selection left out)."""
     return None
 
+  def update_masks(self, model_cfg, hp, flat: Flat) -> Dict[str, Any]:
+    """Element masks (boolean numpy arrays broadcastable to the leaf) for trainable
+    leaves of which only a part is trained, e.g. the selected layers of a stacked
+    ``[layers, ...]`` leaf. Pure Python/numpy on shapes. Leaves not named: all trained."""
+    return {}
+
+  def changed_params(self, model_cfg, hp, flat: Flat) -> Optional[int]:
+    """Entries of the base model's own weights that the method alters (folds into or
+    trains); None: the made-trainable existing leaves (respecting update masks)."""
+    return None
+
+  def prepare_params(self, model_cfg, hp, flat: Flat) -> Flat:
+    """Maps the stored tree to the tree the model reads (a reparameterisation
+    evaluated before the forward, e.g. prefix tuning's MLP). Default: unchanged."""
+    return flat
+
   # reparameterisations
   def merge(self, model_cfg, hp, flat: Flat) -> Flat:
     raise PeftConfigError(f"method {self.name!r} cannot be merged into the base weights")
@@ -117,6 +133,14 @@ class PeftState:
   sites: Sites
   added: Tuple[str, ...]           # paths of the method's own leaves
   made_trainable: Tuple[str, ...]  # existing paths made trainable
+  model_cfg: Any = None
+  update_masks: Dict[str, Any] = dataclasses.field(default_factory=dict)  # path -> bool array
+
+  def prepare(self, params):
+    """The tree the model reads: ``build_model(cfg, state.sites).apply({'params': state.prepare(p)}, ...)``."""
+    fl = flatten(params)
+    out = self.method.prepare_params(self.model_cfg, self.hparams, fl)
+    return params if out is fl else unflatten(out)
 
 
 def _is_abstract(flat: Flat) -> bool:
@@ -144,7 +168,8 @@ def apply_peft(model_cfg, params, method_name: str, overrides: Optional[Mapping[
   mask = {k: (k in made or k in new) for k in out}
   return PeftState(method=method, hparams=hp, params=unflatten(out), trainable=unflatten(mask),
                    sites=Sites(tuple(method.handlers(model_cfg, hp))),
-                   added=tuple(sorted(new)), made_trainable=tuple(sorted(made)))
+                   added=tuple(sorted(new)), made_trainable=tuple(sorted(made)),
+                   model_cfg=model_cfg, update_masks=dict(method.update_masks(model_cfg, hp, out)))
 
 
 def split_trainable(params, trainable):
