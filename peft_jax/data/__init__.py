@@ -1,0 +1,1 @@
+"""Data: tokenisation, batching with length buckets, and the data sets."""

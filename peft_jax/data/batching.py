@@ -1,0 +1,91 @@
+"""Tokenise text-to-text examples and batch them with bucketed static shapes.
+
+Sequence lengths are padded up to the next bucket (powers of two by default),
+so a run compiles the training step a handful of times, not once per batch.
+Two layouts:
+
+* ``seq2seq`` (T5): ``inputs``/``input_mask``, ``decoder_inputs`` (targets shifted
+  right, starting with the decoder start token), ``targets``, ``target_mask``.
+* ``causal`` (LLaMA): ``inputs`` = prompt + target + EOS, ``input_mask``,
+  ``targets`` = inputs shifted left, ``target_mask`` = 1 on target tokens only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+
+
+def bucket_length(n: int, max_len: int, min_len: int = 8) -> int:
+  b = min_len
+  while b < n:
+    b *= 2
+  return min(b, max_len)
+
+
+@dataclasses.dataclass
+class Encoded:
+  source: List[List[int]]
+  target: List[List[int]]
+  raw: List[dict]
+
+
+def encode(tokenizer, rows: Sequence[dict], max_source_len: int, max_target_len: int,
+           input_key="input", target_key="target", source_eos: bool = True) -> Encoded:
+  """Token ids, truncated; targets end with EOS, sources too when ``source_eos``
+  (T5's encoder input; a causal LM's prompt runs straight into its target)."""
+  eos = tokenizer.eos_token_id
+  def ids(texts, max_len, add_eos):
+    out = []
+    for t in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+      out.append(list(t[: max_len - 1]) + [eos] if add_eos else list(t[:max_len]))
+    return out
+  return Encoded(ids([r[input_key] for r in rows], max_source_len, source_eos),
+                 ids([r[target_key] for r in rows], max_target_len, True), list(rows))
+
+
+def _pad(seqs, length, pad):
+  out = np.full((len(seqs), length), pad, np.int32)
+  for i, s in enumerate(seqs):
+    out[i, :len(s)] = s[:length]
+  return out
+
+
+def make_batch(enc: Encoded, idx: Sequence[int], layout: str, pad_id: int, start_id: int,
+               max_source_len: int, max_target_len: int, batch_size: Optional[int] = None
+               ) -> Dict[str, np.ndarray]:
+  """A padded batch; rows beyond ``len(idx)`` (to reach ``batch_size``) have zero masks."""
+  idx = list(idx)
+  bs = batch_size or len(idx)
+  src = [enc.source[i] for i in idx] + [[pad_id]] * (bs - len(idx))
+  tgt = [enc.target[i] for i in idx] + [[pad_id]] * (bs - len(idx))
+  valid = np.array([1] * len(idx) + [0] * (bs - len(idx)), np.int32)
+  if layout == "seq2seq":
+    s_len = bucket_length(max(len(s) for s in src), max_source_len)
+    t_len = bucket_length(max(len(t) for t in tgt), max_target_len)
+    inputs = _pad(src, s_len, pad_id)
+    input_mask = (_pad([[1] * len(s) for s in src], s_len, 0) * valid[:, None]).astype(np.int32)
+    targets = _pad(tgt, t_len, pad_id)
+    target_mask = _pad([[1] * len(t) for t in tgt], t_len, 0) * valid[:, None]
+    dec = np.concatenate([np.full((bs, 1), start_id, np.int32), targets[:, :-1]], axis=1)
+    return {"inputs": inputs, "input_mask": input_mask, "decoder_inputs": dec,
+            "targets": targets, "target_mask": target_mask.astype(np.int32)}
+  if layout == "causal":
+    full = [s + t for s, t in zip(src, tgt)]
+    n = bucket_length(max(len(f) for f in full) + 1, max_source_len + max_target_len)
+    inputs = _pad(full, n, pad_id)
+    input_mask = _pad([[1] * len(f) for f in full], n, 0) * valid[:, None]
+    tmask = _pad([[0] * (len(s) - 1) + [1] * len(t) for s, t in zip(src, tgt)], n, 0) * valid[:, None]
+    targets = np.concatenate([inputs[:, 1:], np.full((bs, 1), pad_id, np.int32)], axis=1)
+    return {"inputs": inputs, "input_mask": input_mask.astype(np.int32), "targets": targets,
+            "target_mask": tmask.astype(np.int32)}
+  raise ValueError(f"unknown layout {layout!r}; expected 'seq2seq' or 'causal'")
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+  """Deterministic permutation for (seed, epoch)."""
+  if not shuffle:
+    return np.arange(n)
+  return np.random.default_rng([seed, epoch]).permutation(n)

@@ -1,0 +1,140 @@
+"""(IA)^3 [ia3] (Liu et al., 2022).
+
+What it adds: a learned vector ``ia3_l`` per targeted linear module, next to
+its kernel: ``[layers, out]`` for an ordinary target (rescales the output:
+keys and values) and ``[layers, in]`` for a feed-forward target (rescales the
+input, i.e. the FFN intermediate activation). Where it acts: the ``linear``
+site, ``y = (x W) * l`` resp. ``y = (x * l) W``. Defaults follow HF PEFT
+0.21's ``IA3Config``: targets ``k, v, wo`` with ``wo`` feed-forward on T5
+(``k_proj, v_proj, down_proj`` with ``down_proj`` on LLaMA), vectors
+initialised to ones (``init_ia3_weights=True``: the base model at step 0).
+``feedforward_modules`` must be a subset of ``target_modules`` (as HF).
+
+Merge folds exactly: ``W' = W * l[None, :]`` (output scaling) or
+``W' = l[:, None] * W`` (input scaling); unmerge divides (refused if a
+vector has a zero entry).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import FrozenSet
+
+import jax.numpy as jnp
+import numpy as np
+
+from peft_jax.peft import targets as T
+from peft_jax.peft.base import Method, PeftConfigError, register
+from peft_jax.peft.common import Rand, adapter_dtype, path_of
+
+DEFAULT_TARGETS = {"t5": ["k", "v", "wo"], "llama": ["k", "v", "down"]}
+DEFAULT_FF = {"t5": ["wo"], "llama": ["down"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Ia3Handler:
+  ff_paths: FrozenSet[str]
+
+  def linear(self, module, x, call_next, deterministic):
+    if not module.has_variable("params", "ia3_l"):
+      return call_next(x)
+    l = module.get_variable("params", "ia3_l")
+    if path_of(module) in self.ff_paths:
+      return call_next(x * l.astype(x.dtype))
+    y = call_next(x)
+    return y * l.astype(y.dtype)
+
+
+@register
+class Ia3(Method):
+  name = "ia3"
+  reference = "HF PEFT 0.21 IA3Config"
+  mergeable = True
+  defaults = {"target_modules": None, "feedforward_modules": None, "init_ia3_weights": True,
+              **T.SELECTION_DEFAULTS}
+
+  def placement(self, cfg, hp, flat):
+    pl = T.place(cfg, hp, flat, DEFAULT_TARGETS[T.model_type(cfg)])
+    ffs = hp["feedforward_modules"]
+    if ffs is None:
+      ffs = DEFAULT_FF[T.model_type(cfg)] if hp["target_modules"] is None else []
+    ff = set()
+    if ffs:
+      ff_mods = T.match_targets(cfg, T.linear_modules(flat), ffs, "feedforward_modules")
+      all_targets = T.match_targets(cfg, T.linear_modules(flat),
+                                    hp["target_modules"] or DEFAULT_TARGETS[T.model_type(cfg)])
+      extra = sorted({m.path for m in ff_mods} - {m.path for m in all_targets})
+      if extra:
+        raise PeftConfigError(f"feedforward_modules must be a subset of target_modules; not "
+                              f"targeted: {extra}")
+      ff = {m.path for m in ff_mods}
+    return pl, frozenset(m.path for m in pl.modules if m.path in ff)
+
+  def validate(self, cfg, hp, flat):
+    if hp["init_ia3_weights"] not in (True, False):
+      raise PeftConfigError(f"init_ia3_weights must be True or False, got {hp['init_ia3_weights']!r}")
+    self.placement(cfg, hp, flat)
+
+  def init_leaves(self, cfg, hp, flat, rng):
+    pl, ff = self.placement(cfg, hp, flat)
+    out = {}
+    rnd = Rand(rng)
+    for m in pl.modules:
+      lead = (m.n_layers,) if m.stacked else ()
+      shape = lead + ((m.d_in,) if m.path in ff else (m.d_out,))
+      if hp["init_ia3_weights"]:
+        v = jnp.ones(shape, jnp.float32)
+      else:
+        v = rnd.normal(shape)
+      lm = T.layer_mask(m, pl.layers.get(m.path), 2)
+      if lm is not None:
+        v = jnp.where(lm, v, 1.0)
+      out[f"{m.path}/ia3_l"] = v.astype(adapter_dtype(flat[m.leaf].dtype))
+    return out
+
+  def update_masks(self, cfg, hp, flat):
+    pl, _ = self.placement(cfg, hp, flat)
+    out = {}
+    for m in pl.modules:
+      lm = T.layer_mask(m, pl.layers.get(m.path), 2)
+      if lm is not None:
+        out[f"{m.path}/ia3_l"] = lm
+    return out
+
+  def changed_params(self, cfg, hp, flat):
+    pl, _ = self.placement(cfg, hp, flat)
+    return int(sum(m.d_in * m.d_out * len(pl.selected(m)) for m in pl.modules))
+
+  def handlers(self, cfg, hp):
+    return (Ia3Handler(ff_paths=self._ff(cfg, hp, T.abstract_flat(cfg))),)
+
+  def _ff(self, cfg, hp, flat):
+    return self.placement(cfg, hp, flat)[1]
+
+  def merge(self, cfg, hp, flat):
+    ff = self._ff(cfg, hp, flat)
+    out = dict(flat)
+    for k in flat:
+      if not k.endswith("/ia3_l"):
+        continue
+      p = k[: -len("/ia3_l")]
+      w = jnp.asarray(flat[f"{p}/kernel"])
+      l = jnp.asarray(flat[k], jnp.float32)
+      s = l[..., :, None] if p in ff else l[..., None, :]
+      out[f"{p}/kernel"] = (w.astype(jnp.float32) * s).astype(w.dtype)
+    return out
+
+  def unmerge(self, cfg, hp, flat):
+    ff = self._ff(cfg, hp, flat)
+    out = dict(flat)
+    for k in flat:
+      if not k.endswith("/ia3_l"):
+        continue
+      p = k[: -len("/ia3_l")]
+      l = np.asarray(flat[k], np.float32)
+      if (l == 0).any():
+        raise PeftConfigError(f"cannot unmerge (IA)^3 at {p}: its vector has zero entries")
+      w = jnp.asarray(flat[f"{p}/kernel"])
+      s = l[..., :, None] if p in ff else l[..., None, :]
+      out[f"{p}/kernel"] = (w.astype(jnp.float32) / s).astype(w.dtype)
+    return out

@@ -1,0 +1,95 @@
+"""Adapter-only save/load: only the method's leaves, plus a small JSON config.
+
+``save_adapter(state, params, dir, format="safetensors"|"npz")`` writes
+``adapter.safetensors`` (or ``adapter.npz``) with the leaves the method added
+and the existing leaves it trains (keys: flattened paths), and
+``peft_config.json`` (``{"method", "hparams", "model_type", "leaves",
+"format", "peft_jax_version"}``). ``load_adapter(dir, model_cfg, base_params)``
+rebuilds the state with the saved hyperparameters and puts the saved leaves
+into the tree, checking names and shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Tuple
+
+import numpy as np
+
+from peft_jax.peft import targets as T
+from peft_jax.peft.base import PeftConfigError, PeftState, apply_peft, flatten, unflatten
+
+CONFIG = "peft_config.json"
+
+
+def adapter_leaves(state: PeftState, params) -> Dict[str, Any]:
+  flat = flatten(params)
+  keys = sorted(set(state.added) | set(state.made_trainable))
+  return {k: flat[k] for k in keys}
+
+
+def _jsonable(x):
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, np.integer):
+    return int(x)
+  if isinstance(x, np.floating):
+    return float(x)
+  return x
+
+
+def save_adapter(state: PeftState, params, out_dir: str, format: str = "safetensors") -> str:
+  if format not in ("safetensors", "npz"):
+    raise PeftConfigError(f"format must be 'safetensors' or 'npz', got {format!r}")
+  os.makedirs(out_dir, exist_ok=True)
+  leaves = {k: np.asarray(v) for k, v in adapter_leaves(state, params).items()}
+  dtypes = {k: str(v.dtype) for k, v in leaves.items()}
+  store = {k: (v.astype(np.float32) if v.dtype.name == "bfloat16" else v) for k, v in leaves.items()}
+  if format == "safetensors":
+    from safetensors.numpy import save_file
+    save_file({k: np.ascontiguousarray(v) for k, v in store.items()},
+              os.path.join(out_dir, "adapter.safetensors"))
+  else:
+    np.savez(os.path.join(out_dir, "adapter.npz"), **store)
+  cfg = {"method": state.method.name, "hparams": _jsonable(state.hparams),
+         "model_type": T.model_type(state.model_cfg), "format": format,
+         "leaves": {k: {"shape": list(v.shape), "dtype": dtypes[k]} for k, v in leaves.items()}}
+  with open(os.path.join(out_dir, CONFIG), "w") as f:
+    json.dump(cfg, f, indent=2, sort_keys=True)
+  return out_dir
+
+
+def read_adapter(path: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+  cf = os.path.join(path, CONFIG)
+  if not os.path.exists(cf):
+    raise PeftConfigError(f"no {CONFIG} in {path}; expected a directory written by save_adapter")
+  cfg = json.load(open(cf))
+  if cfg.get("format") == "npz":
+    with np.load(os.path.join(path, "adapter.npz")) as z:
+      arrs = {k: z[k] for k in z.files}
+  else:
+    from safetensors.numpy import load_file
+    arrs = load_file(os.path.join(path, "adapter.safetensors"))
+  return cfg, arrs
+
+
+def load_adapter(path: str, model_cfg, base_params) -> Tuple[PeftState, Any]:
+  cfg, arrs = read_adapter(path)
+  mt = T.model_type(model_cfg)
+  if cfg["model_type"] != mt:
+    raise PeftConfigError(f"adapter in {path} is for a {cfg['model_type']} model, not {mt}")
+  state = apply_peft(model_cfg, base_params, cfg["method"], cfg["hparams"])
+  flat = flatten(state.params)
+  want = set(state.added) | set(state.made_trainable)
+  if set(arrs) != want:
+    raise PeftConfigError(f"adapter in {path} does not match the model: missing "
+                          f"{sorted(want - set(arrs))[:5]}, unexpected {sorted(set(arrs) - want)[:5]}")
+  for k, a in arrs.items():
+    if tuple(a.shape) != tuple(flat[k].shape):
+      raise PeftConfigError(f"adapter leaf {k} has shape {tuple(a.shape)}, the model expects "
+                            f"{tuple(flat[k].shape)}")
+    flat[k] = np.asarray(a).astype(flat[k].dtype)
+  return state, unflatten(flat)

@@ -1,0 +1,58 @@
+"""LayerNorm tuning [ln_tuning].
+
+What it adds: nothing; the scales of the targeted norms (T5 LayerNorm /
+LLaMA RMSNorm: scale only, neither model has a norm bias) become trainable.
+Where it acts: nowhere (no site handlers). Defaults follow HF PEFT 0.21's
+``LNTuningConfig``: every norm, final norms included (HF: ``layer_norm`` and
+``final_layer_norm`` on T5; ``input_layernorm``, ``post_attention_layernorm``
+and ``norm`` on LLaMA). ``target_modules`` accepts our names (``attn_norm``,
+``self_attn_norm``, ``cross_attn_norm``, ``mlp_norm``, ``final_norm``), the
+HF names, or a regex over the layer-agnostic paths.
+
+HF PEFT trains a *copy* of each norm (``ln_tuning_layers``) and keeps the
+frozen original, so its "all params" count is ours plus the trainable count;
+trainable counts are equal.
+"""
+
+from __future__ import annotations
+
+
+from peft_jax.peft import targets as T
+from peft_jax.peft.base import Method, PeftConfigError, register
+
+
+def _norms_from_paths(paths):
+  out = []
+  for leaf in sorted(paths):
+    if not leaf.endswith("/scale"):
+      continue
+    path = leaf[: -len("/scale")]
+    parts = path.split("/")
+    stacked = "layers" in parts
+    stack = ("layers" if parts[0] == "layers" else parts[0]) if stacked else None
+    out.append(T.Module(path=path, leaf=leaf, name=parts[-1], stack=stack,
+                        sublayer=T._sublayer(parts), n_layers=1 if stacked else None, d_in=0,
+                        d_out=0, kind="norm"))
+  return out
+
+
+@register
+class LnTuning(Method):
+  name = "ln_tuning"
+  reference = "HF PEFT 0.21 LNTuningConfig"
+  defaults = {"target_modules": None}
+
+  def _selected(self, cfg, hp, paths):
+    mods = _norms_from_paths(paths)
+    if not mods:
+      raise PeftConfigError("ln_tuning: the model has no norm scales")
+    tg = hp["target_modules"]
+    if tg is None:
+      return mods
+    return T.match_targets(cfg, mods, tg, "target_modules", all_linear_ok=False)
+
+  def validate(self, cfg, hp, flat):
+    self._selected(cfg, hp, list(flat))
+
+  def trainable_existing(self, cfg, hp, paths):
+    return {m.leaf for m in self._selected(cfg, hp, paths)}

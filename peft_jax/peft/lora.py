@@ -1,0 +1,205 @@
+"""LoRA [lora] and DoRA [dora].
+
+What it adds: for every targeted linear module ``W`` (kernel ``[in, out]``,
+stacked ``[layers, in, out]``) two leaves next to the kernel,
+``lora_A [.., in, r]`` and ``lora_B [.., r, out]``; DoRA also a magnitude
+vector ``lora_magnitude [.., out]``. Where it acts: the ``linear`` site,
+``y = x W + dropout(x) A B * s`` with ``s = lora_alpha / r`` (or
+``lora_alpha / sqrt(r)`` with ``use_rslora``). DoRA:
+``y = m / ||W + s A B||_c * (x W + dropout(x) A B s)`` where the column norm
+(over the input axis, one value per output) is treated as a constant in the
+backward pass (DoRA paper §4.3, as HF PEFT). Defaults, names and
+initialisation follow HF PEFT's ``LoraConfig`` (0.21): ``r=8``,
+``lora_alpha=8``, ``lora_dropout=0``, targets ``q, v`` on T5 and LLaMA,
+``A ~ U(+-1/sqrt(in))`` (torch's kaiming-uniform with ``a=sqrt(5)``), ``B = 0``
+(``init_lora_weights=True``; ``"gaussian"``: ``A ~ N(0, 1/r)``; ``False``: B
+random too). DoRA's magnitude starts at ``||W + s A B||_c = ||W||_c``, so both
+methods are the base model at step 0.
+
+Layer selection: stacked leaves keep all layers; unselected layers get
+``A = B = 0`` (and DoRA ``m = ||W||``), which is the identity, and an update
+mask keeps them frozen (with ``A = B = 0`` their gradients are exactly zero
+anyway). Counts include only the selected layers.
+
+Merge: ``W' = W + s A B``; DoRA ``W' = m / n * (W + s A B)`` with
+``n = ||W + s A B||_c``, which merge stores (leaf ``dora_merge_norm``) because
+``unmerge`` cannot recover it from ``W'``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peft_jax.peft import targets as T
+from peft_jax.peft.base import Method, PeftConfigError, register
+from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, dropout
+
+DEFAULT_TARGETS = {"t5": ["q", "v"], "llama": ["q", "v"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraHandler:
+  scale: float
+  rate: float
+  dora: bool
+
+  def linear(self, module, x, call_next, deterministic):
+    y = call_next(x)
+    if not module.has_variable("params", "lora_A"):
+      return y
+    dt = compute_dtype(module)
+    a = module.get_variable("params", "lora_A")
+    b = module.get_variable("params", "lora_B")
+    xd = dropout(module, x, self.rate, deterministic)
+    lora = jnp.dot(jnp.dot(xd.astype(dt), a.astype(dt)), b.astype(dt))
+    if not self.dora:
+      return y + (lora * self.scale).astype(y.dtype)
+    w = module.get_variable("params", "kernel")
+    m = module.get_variable("params", "lora_magnitude")
+    delta = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32)) * self.scale
+    n = jax.lax.stop_gradient(jnp.linalg.norm(w.astype(jnp.float32) + delta, axis=0))
+    f = (m.astype(jnp.float32) / n).astype(dt)
+    if deterministic or self.rate <= 0.0:
+      base = y
+    else:
+      base = jnp.dot(xd.astype(dt), w.astype(dt))
+    return y + ((f - 1) * base + f * lora * self.scale).astype(y.dtype)
+
+
+@register
+class Lora(Method):
+  name = "lora"
+  reference = "HF PEFT 0.21 LoraConfig"
+  mergeable = True
+  defaults = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False,
+              "target_modules": None, "init_lora_weights": True, "use_dora": False,
+              **T.SELECTION_DEFAULTS}
+
+  def _dora(self, hp):
+    return bool(hp["use_dora"])
+
+  def placement(self, cfg, hp, flat) -> T.Placement:
+    return T.place(cfg, hp, flat, DEFAULT_TARGETS[T.model_type(cfg)])
+
+  def scaling(self, hp):
+    r = hp["r"]
+    return hp["lora_alpha"] / (math.sqrt(r) if hp["use_rslora"] else r)
+
+  def validate(self, cfg, hp, flat):
+    r = hp["r"]
+    if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1:
+      raise PeftConfigError(f"r must be a positive int, got {r!r}")
+    if not isinstance(hp["lora_alpha"], (int, float)) or isinstance(hp["lora_alpha"], bool):
+      raise PeftConfigError(f"lora_alpha must be a number, got {hp['lora_alpha']!r}")
+    if not 0.0 <= float(hp["lora_dropout"]) < 1.0:
+      raise PeftConfigError(f"lora_dropout must be in [0, 1), got {hp['lora_dropout']!r}")
+    if hp["init_lora_weights"] not in (True, False, "gaussian"):
+      raise PeftConfigError(f"init_lora_weights must be True, False or 'gaussian', got "
+                            f"{hp['init_lora_weights']!r}")
+    pl = self.placement(cfg, hp, flat)
+    for m in pl.modules:
+      if r > min(m.d_in, m.d_out):
+        raise PeftConfigError(f"rank r={r} is larger than layer {m.path} allows: its kernel is "
+                              f"[in={m.d_in}, out={m.d_out}], so r must be <= {min(m.d_in, m.d_out)}")
+
+  def init_leaves(self, cfg, hp, flat, rng):
+    pl = self.placement(cfg, hp, flat)
+    r, init = hp["r"], hp["init_lora_weights"]
+    out = {}
+    rnd = Rand(rng)
+    for m in pl.modules:
+      w = flat[m.leaf]
+      lead = (m.n_layers,) if m.stacked else ()
+      # torch layout [r, in] / [out, r], transposed to our [in, r] / [r, out]
+      if init == "gaussian":
+        a = rnd.normal(lead + (r, m.d_in), 1.0 / r)
+      else:
+        a = rnd.kaiming_uniform_a5(lead + (r, m.d_in))
+      if init is False:
+        b = rnd.kaiming_uniform_a5(lead + (m.d_out, r))
+      else:
+        b = jnp.zeros(lead + (m.d_out, r), jnp.float32)
+      a, b = jnp.swapaxes(a, -1, -2), jnp.swapaxes(b, -1, -2)
+      lm = T.layer_mask(m, pl.layers.get(m.path), 3)
+      if lm is not None:
+        a = jnp.where(lm, a, 0.0)
+        b = jnp.where(lm, b, 0.0)
+      out[f"{m.path}/lora_A"] = a.astype(adapter_dtype(w.dtype))
+      out[f"{m.path}/lora_B"] = b.astype(adapter_dtype(w.dtype))
+      if self._dora(hp):
+        delta = jnp.einsum("...ir,...ro->...io", a, b) * self.scaling(hp)
+        out[f"{m.path}/lora_magnitude"] = jnp.linalg.norm(
+            w.astype(jnp.float32) + delta, axis=-2).astype(adapter_dtype(w.dtype))
+    return out
+
+  def update_masks(self, cfg, hp, flat):
+    pl = self.placement(cfg, hp, flat)
+    out = {}
+    for m in pl.modules:
+      sel = pl.layers.get(m.path)
+      for leaf, nd in (("lora_A", 3), ("lora_B", 3), ("lora_magnitude", 2)):
+        lm = T.layer_mask(m, sel, nd)
+        if lm is not None and f"{m.path}/{leaf}" in flat:
+          out[f"{m.path}/{leaf}"] = lm
+    return out
+
+  def changed_params(self, cfg, hp, flat):
+    pl = self.placement(cfg, hp, flat)
+    return int(sum(m.d_in * m.d_out * len(pl.selected(m)) for m in pl.modules))
+
+  def handlers(self, cfg, hp):
+    return (LoraHandler(scale=float(self.scaling(hp)), rate=float(hp["lora_dropout"]),
+                        dora=self._dora(hp)),)
+
+  # ------------------------------------------------------------------ merge
+  def _modules(self, flat):
+    return sorted(k[: -len("/lora_A")] for k in flat if k.endswith("/lora_A"))
+
+  def merge(self, cfg, hp, flat):
+    out = dict(flat)
+    s = self.scaling(hp)
+    for p in self._modules(flat):
+      w = jnp.asarray(flat[f"{p}/kernel"])
+      delta = jnp.einsum("...ir,...ro->...io", jnp.asarray(flat[f"{p}/lora_A"], jnp.float32),
+                         jnp.asarray(flat[f"{p}/lora_B"], jnp.float32)) * s
+      new = w.astype(jnp.float32) + delta
+      if f"{p}/lora_magnitude" in flat:
+        n = jnp.linalg.norm(new, axis=-2)
+        out[f"{p}/dora_merge_norm"] = n
+        new = new * (jnp.asarray(flat[f"{p}/lora_magnitude"], jnp.float32) / n)[..., None, :]
+      out[f"{p}/kernel"] = new.astype(w.dtype)
+    return out
+
+  def unmerge(self, cfg, hp, flat):
+    out = dict(flat)
+    s = self.scaling(hp)
+    for p in self._modules(flat):
+      w = jnp.asarray(flat[f"{p}/kernel"])
+      new = w.astype(jnp.float32)
+      if f"{p}/lora_magnitude" in flat:
+        if f"{p}/dora_merge_norm" not in flat:
+          raise PeftConfigError(f"cannot unmerge DoRA at {p}: the weight norm that merge stored "
+                                "(dora_merge_norm) is missing; merge with keep_adapter=True")
+        n = jnp.asarray(out.pop(f"{p}/dora_merge_norm"), jnp.float32)
+        new = new / (jnp.asarray(flat[f"{p}/lora_magnitude"], jnp.float32) / n)[..., None, :]
+      delta = jnp.einsum("...ir,...ro->...io", jnp.asarray(flat[f"{p}/lora_A"], jnp.float32),
+                         jnp.asarray(flat[f"{p}/lora_B"], jnp.float32)) * s
+      out[f"{p}/kernel"] = (new - delta).astype(w.dtype)
+    return out
+
+
+@register
+class Dora(Lora):
+  name = "dora"
+  reference = "HF PEFT 0.21 LoraConfig(use_dora=True)"
+  defaults = dict(Lora.defaults, use_dora=True)
+
+  def validate(self, cfg, hp, flat):
+    if not hp["use_dora"]:
+      raise PeftConfigError("method 'dora' needs use_dora=True; use method 'lora' for plain LoRA")
+    super().validate(cfg, hp, flat)

@@ -1,0 +1,44 @@
+"""Merge / unmerge: fold a method into the base weights and back.
+
+* ``merge(state, params)`` -> a plain base tree (the method's leaves removed)
+  for ``build_model(cfg)`` without sites or ``checkpoint.hf.save_hf``.
+* ``merge(state, params, plain=False)`` -> the merged kernels *plus* the
+  method's leaves and any bookkeeping (DoRA's weight norm), for ``unmerge``.
+  (Build the model without the method's sites to evaluate it.)
+* ``unmerge(state, merged)`` -> the original tree (up to float rounding).
+
+Supported: lora, dora, ia3 fold exactly. bitfit: see ``bitfit.py`` - its
+biases stay linear biases (``plain=False`` returns the tree unchanged; a plain
+bias-free tree is refused). Other methods raise :class:`PeftConfigError`.
+"""
+
+from __future__ import annotations
+
+from peft_jax.peft.base import PeftConfigError, PeftState, flatten, unflatten
+
+
+def merge(state: PeftState, params, plain: bool = True):
+  m = state.method
+  if not m.mergeable:
+    raise PeftConfigError(f"method {m.name!r} cannot be merged into the base weights; mergeable: "
+                          "lora, dora, ia3 (bitfit: keeps its biases, plain=False)")
+  if plain and getattr(m, "plain_merge_error", None):
+    raise PeftConfigError(m.plain_merge_error)
+  flat = flatten(params)
+  merged = m.merge(state.model_cfg, state.hparams, flat)
+  if not plain:
+    return unflatten(merged)
+  added = set(state.added)
+  return unflatten({k: v for k, v in merged.items() if k in flat and k not in added})
+
+
+def unmerge(state: PeftState, merged):
+  m = state.method
+  if not m.mergeable:
+    raise PeftConfigError(f"method {m.name!r} cannot be unmerged")
+  flat = flatten(merged)
+  missing = [k for k in state.added if k not in flat]
+  if missing:
+    raise PeftConfigError(f"unmerge needs the method's leaves (merge with plain=False); missing "
+                          f"{missing[:3]}")
+  return unflatten(m.unmerge(state.model_cfg, state.hparams, flat))

@@ -1,0 +1,228 @@
+"""Prefix tuning [prefix_tuning] (Li & Liang, 2021).
+
+What it adds: per attention layer a key prefix and a value prefix of
+``num_virtual_tokens`` positions, ``<attention>/prefix_key`` and
+``<attention>/prefix_value`` ``[layers, P, kv_heads * head_dim]`` (the
+projected width, so it is right when ``d_kv * heads != d_model``, e.g. T5-3B,
+and uses the KV heads under GQA). With ``prefix_projection=True`` the stored
+leaves are instead HF PEFT's reparameterisation ``prefix_encoder/{embedding
+[P, token_dim], dense_in (token_dim -> encoder_hidden_size), tanh, dense_out
+(-> rows * token_dim)}`` and :meth:`PeftState.prepare` evaluates it into the
+plain per-layer prefixes before every forward (``fold_projection`` folds it
+once, for inference or export). Where it acts: the ``attention_kv`` site
+(prefix keys/values concatenated in front, the mask extended with ``True``,
+a T5 position bias extended) and the ``positions`` site (see below). Defaults
+follow HF PEFT 0.21's ``PrefixTuningConfig``: ``num_virtual_tokens`` required,
+``prefix_projection=False``, ``encoder_hidden_size`` = token_dim,
+``init_weights=None`` (prefixes N(0, 1) like ``nn.Embedding``; ``"zero"``:
+zeros, resp. a zero last projection layer).
+
+Where on T5 (``prefix_attentions``, ours). HF PEFT passes the prefix as
+``past_key_values`` to ``T5ForConditionalGeneration``: transformers drops the
+cache for the encoder stack and PEFT empties the cross-attention cache, so
+**only the decoder self-attention** gets prefixes. Its relative position bias
+treats them as past tokens: the prefix occupies positions ``0..P-1`` and the
+decoder tokens ``P..P+T-1``, so token-token biases are unchanged and a
+prefix key gets the (causal, bucketed) bias of its distance ``p - (t + P)``.
+LLaMA likewise runs the tokens at RoPE positions ``P..P+T-1`` against
+un-rotated prefix keys. Our default is that behaviour
+(``prefix_attentions=["decoder_self_attn"]`` on T5, ``prefix_positions=
+"shift"``), so adapters round-trip with HF PEFT; ``prefix_attentions`` may
+add ``"encoder_self_attn"`` and ``"cross_attn"`` (Li & Liang's placement;
+not exportable to HF), and ``prefix_positions="none"`` keeps the token
+positions and gives prefix keys zero position bias.
+
+HF's T5 prefix layout quirk: PEFT builds the seq2seq cache by duplicating the
+``2L`` prefix rows and splitting into chunks of 4, so decoder layer ``l``
+reads rows ``4l mod 2L`` (key) and ``4l+1 mod 2L`` (value): with an even
+number of decoder layers, layers ``l`` and ``l + L/2`` share one prefix and
+half of HF's rows are unused. Import follows that mapping; export refuses
+per-layer prefixes that the HF layout cannot represent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import FrozenSet, List, Tuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from peft_jax.peft import targets as T
+from peft_jax.peft.base import Method, PeftConfigError, apply_peft, flatten, register, unflatten
+from peft_jax.peft.common import Rand, adapter_dtype
+from peft_jax.peft.prompt_tuning import check_num_virtual_tokens, max_input_length
+
+T5_ATTN = {"encoder_self_attn": "encoder/layers/attn", "decoder_self_attn": "decoder/layers/self_attn",
+           "cross_attn": "decoder/layers/cross_attn"}
+PROJ = "prefix_encoder"
+
+
+def attentions(cfg, hp) -> List[Tuple[str, str, int]]:
+  """``[(kind, attention path, n_layers)]`` in canonical order."""
+  if T.is_t5(cfg):
+    kinds = hp.get("prefix_attentions") or ["decoder_self_attn"]
+    if isinstance(kinds, str):
+      kinds = [kinds]
+    bad = [k for k in kinds if k not in T5_ATTN]
+    if bad:
+      raise PeftConfigError(f"prefix_attentions: unknown {bad}; expected some of {list(T5_ATTN)}")
+    out = []
+    for k in T5_ATTN:
+      if k in kinds:
+        out.append((k, T5_ATTN[k], cfg.num_layers if k == "encoder_self_attn" else cfg.n_decoder_layers))
+    return out
+  kinds = hp.get("prefix_attentions")
+  if kinds not in (None, ["self_attn"], ("self_attn",), "self_attn"):
+    raise PeftConfigError(f"prefix_attentions: LLaMA has only 'self_attn', got {kinds!r}")
+  return [("self_attn", "layers/attn", cfg.num_hidden_layers)]
+
+
+def token_dim(cfg):
+  if T.is_t5(cfg):
+    return cfg.num_heads * cfg.d_kv
+  return cfg.n_kv_heads * cfg.head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixHandler:
+  n: int
+  shift: bool
+  self_stacks: FrozenSet[str]   # T5 stacks whose self-attention has a prefix
+  max_len: int
+
+  def positions(self, module, q_pos, k_pos, deterministic):
+    if not self.shift:
+      return q_pos, k_pos
+    if k_pos is None:   # LLaMA RoPE positions [B, T]
+      if q_pos.shape[1] + self.n > self.max_len:
+        raise PeftConfigError(f"prefix tuning: {self.n} prefix positions + {q_pos.shape[1]} tokens "
+                              f"exceed max_position_embeddings={self.max_len}")
+      return q_pos + self.n, None
+    stack = "decoder" if getattr(module, "is_decoder", False) else "encoder"
+    if stack not in self.self_stacks:
+      return q_pos, k_pos
+    return q_pos + self.n, jnp.concatenate([jnp.arange(self.n, dtype=k_pos.dtype), k_pos + self.n])
+
+  def attention_kv(self, module, k, v, mask, bias, deterministic):
+    if not module.has_variable("params", "prefix_key"):
+      return k, v, mask, bias
+    b, s, nk, h = k.shape
+    pk = module.get_variable("params", "prefix_key").reshape(self.n, nk, h)
+    pv = module.get_variable("params", "prefix_value").reshape(self.n, nk, h)
+    k = jnp.concatenate([jnp.broadcast_to(pk.astype(k.dtype)[None], (b, self.n, nk, h)), k], axis=1)
+    v = jnp.concatenate([jnp.broadcast_to(pv.astype(v.dtype)[None], (b, self.n, nk, h)), v], axis=1)
+    if mask is not None:
+      mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (self.n,), mask.dtype), mask], axis=-1)
+    if bias is not None and bias.shape[-1] == s:
+      bias = jnp.concatenate([jnp.zeros(bias.shape[:-1] + (self.n,), bias.dtype), bias], axis=-1)
+    return k, v, mask, bias
+
+
+@register
+class PrefixTuning(Method):
+  name = "prefix_tuning"
+  reference = "HF PEFT 0.21 PrefixTuningConfig"
+  defaults = {"num_virtual_tokens": None, "prefix_projection": False, "encoder_hidden_size": None,
+              "init_weights": None, "prefix_attentions": None, "prefix_positions": "shift",
+              "max_input_length": None}
+
+  def validate(self, cfg, hp, flat):
+    check_num_virtual_tokens(cfg, hp, "prefix_tuning")
+    attentions(cfg, hp)
+    if hp["prefix_positions"] not in ("shift", "none"):
+      raise PeftConfigError(f"prefix_positions must be 'shift' (HF PEFT) or 'none', got "
+                            f"{hp['prefix_positions']!r}")
+    if hp["init_weights"] not in (None, "zero"):
+      raise PeftConfigError(f"init_weights must be None or 'zero', got {hp['init_weights']!r}")
+    ehs = hp["encoder_hidden_size"]
+    if ehs is not None and (not isinstance(ehs, (int, np.integer)) or ehs < 1):
+      raise PeftConfigError(f"encoder_hidden_size must be a positive int, got {ehs!r}")
+    for _, path, _ in attentions(cfg, hp):
+      if f"{path}/k/kernel" not in flat:
+        raise PeftConfigError(f"prefix tuning: the model has no attention at {path}")
+
+  def hidden(self, cfg, hp):
+    return int(hp["encoder_hidden_size"] or token_dim(cfg))
+
+  def rows(self, cfg, hp):
+    return sum(2 * n for _, _, n in attentions(cfg, hp))
+
+  def init_leaves(self, cfg, hp, flat, rng):
+    n, td = int(hp["num_virtual_tokens"]), token_dim(cfg)
+    dtype = flat[T.linear_modules(flat)[0].leaf].dtype
+    zero = hp["init_weights"] == "zero"
+    out = {}
+    rnd = Rand(rng)
+    if hp["prefix_projection"]:
+      hid, rows = self.hidden(cfg, hp), self.rows(cfg, hp)
+      b_in, b_out = 1.0 / math.sqrt(td), 1.0 / math.sqrt(hid)
+      out[f"{PROJ}/embedding"] = rnd.normal((n, td))
+      out[f"{PROJ}/dense_in/kernel"] = rnd.uniform((td, hid), -b_in, b_in)
+      out[f"{PROJ}/dense_in/bias"] = rnd.uniform((hid,), -b_in, b_in)
+      if zero:
+        out[f"{PROJ}/dense_out/kernel"] = jnp.zeros((hid, rows * td), jnp.float32)
+        out[f"{PROJ}/dense_out/bias"] = jnp.zeros((rows * td,), jnp.float32)
+      else:
+        out[f"{PROJ}/dense_out/kernel"] = rnd.uniform((hid, rows * td), -b_out, b_out)
+        out[f"{PROJ}/dense_out/bias"] = rnd.uniform((rows * td,), -b_out, b_out)
+    else:
+      for _, path, L in attentions(cfg, hp):
+        for nm in ("prefix_key", "prefix_value"):
+          shape = (L, n, td)
+          out[f"{path}/{nm}"] = jnp.zeros(shape) if zero else rnd.normal(shape)
+    return {k: v.astype(adapter_dtype(dtype)) for k, v in out.items()}
+
+  def prepare_params(self, cfg, hp, flat):
+    if not hp["prefix_projection"]:
+      return flat
+    out = dict(flat)
+    out.update(project(cfg, hp, flat))
+    return out
+
+  def handlers(self, cfg, hp):
+    stacks = set()
+    for kind, _, _ in attentions(cfg, hp):
+      if kind == "encoder_self_attn":
+        stacks.add("encoder")
+      if kind == "decoder_self_attn":
+        stacks.add("decoder")
+    mx = max_input_length(cfg, hp) if T.is_t5(cfg) else int(cfg.max_position_embeddings)
+    return (PrefixHandler(n=int(hp["num_virtual_tokens"]), shift=hp["prefix_positions"] == "shift",
+                          self_stacks=frozenset(stacks), max_len=mx),)
+
+
+def project(cfg, hp, flat):
+  """The MLP reparameterisation -> ``{<attention>/prefix_key|value: [L, P, token_dim]}``."""
+  n, td = int(hp["num_virtual_tokens"]), token_dim(cfg)
+  e = flat[f"{PROJ}/embedding"].astype(jnp.float32)
+  h = jnp.tanh(e @ flat[f"{PROJ}/dense_in/kernel"].astype(jnp.float32)
+               + flat[f"{PROJ}/dense_in/bias"].astype(jnp.float32))
+  kv = h @ flat[f"{PROJ}/dense_out/kernel"].astype(jnp.float32) + flat[f"{PROJ}/dense_out/bias"].astype(jnp.float32)
+  kv = kv.reshape(n, -1, td)                      # [P, rows, td]
+  out, off = {}, 0
+  dtype = flat[f"{PROJ}/embedding"].dtype
+  for _, path, L in attentions(cfg, hp):
+    blk = jnp.transpose(kv[:, off:off + 2 * L].reshape(n, L, 2, td), (1, 2, 0, 3))   # [L, 2, P, td]
+    out[f"{path}/prefix_key"] = blk[:, 0].astype(dtype)
+    out[f"{path}/prefix_value"] = blk[:, 1].astype(dtype)
+    off += 2 * L
+  return out
+
+
+def fold_projection(state, params):
+  """A projected prefix-tuning state -> an equivalent plain one (prefixes evaluated once)."""
+  hp = dict(state.hparams)
+  if state.method.name != "prefix_tuning":
+    raise PeftConfigError(f"fold_projection is for prefix_tuning, not {state.method.name!r}")
+  flat = flatten(params)
+  if not hp["prefix_projection"]:
+    return state, params
+  plain = project(state.model_cfg, hp, flat)
+  base = {k: v for k, v in flat.items() if k not in state.added}
+  hp["prefix_projection"] = False
+  new = apply_peft(state.model_cfg, unflatten(base), "prefix_tuning", hp)
+  nf = flatten(new.params)
+  nf.update(plain)
+  return new, unflatten(nf)

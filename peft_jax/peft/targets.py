@@ -1,0 +1,388 @@
+"""Where a method acts: the model's linear modules and norms, target matching,
+layer and sub-layer selection, and the Hugging Face names of each module.
+
+Everything here is pure Python on the flattened parameter paths and shapes, so
+it works on an abstract tree (``abstract_params``) as well as on real weights.
+
+Targets (``target_modules``, names and semantics as in HF PEFT)
+----------------------------------------------------------------
+* ``None``: the method's per-model default (HF PEFT's mapping for ``t5`` /
+  ``llama``).
+* a list of names: a module matches when a name equals its short name
+  (``q``; for LLaMA also the HF name ``q_proj``) or a ``/``-suffix of its
+  layer-agnostic path (``cross_attn/q``); HF's dotted suffixes of the HF name
+  (``EncDecAttention.q``) are accepted too.
+* ``"all-linear"``: every linear module except the output head (as HF PEFT).
+* any other string: a regular expression ``re.fullmatch``-ed against the
+  layer-agnostic path (``decoder/layers/cross_attn/q``, ``lm_head``).
+
+Sub-layers (``target_sublayers``): T5 ``encoder_self_attn``,
+``decoder_self_attn``, ``cross_attn``, ``encoder_mlp``, ``decoder_mlp``; LLaMA
+``self_attn``, ``mlp``; aliases ``self_attn`` (T5: both self-attentions),
+``mlp`` (all FFNs), ``attn`` (every attention).
+
+Layer selection (at most one): ``layers_to_transform`` (HF: an int or a list of
+layer indices, applied to every stack; for T5 also a dict
+``{"encoder": [...], "decoder": [...]}``), ``first_k_layers``,
+``last_k_layers``, ``random_layer_fraction`` (with ``layer_seed``; rounds to
+the nearest count, at least one layer per stack). For T5 the selection is made
+per stack (first/last/random of the encoder and of the decoder). Modules
+outside the layer stack (``lm_head``) are excluded when a selection is given
+(as in HF PEFT, where they carry no layer index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from peft_jax.models.config import LlamaConfig, T5Config
+from peft_jax.peft.base import Flat, PeftConfigError
+
+LAYER_SELECTION_KEYS = ("layers_to_transform", "first_k_layers", "last_k_layers",
+                        "random_layer_fraction")
+SELECTION_DEFAULTS = {"layers_to_transform": None, "first_k_layers": None, "last_k_layers": None,
+                      "random_layer_fraction": None, "layer_seed": 0, "target_sublayers": None}
+
+_LLAMA_HF = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+             "up": "up_proj", "down": "down_proj"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+  """A linear module (kernel ``[in, out]``, stacked ``[layers, in, out]``) or a norm."""
+  path: str                 # layer-agnostic path of the module ('encoder/layers/attn/q')
+  leaf: str                 # its weight leaf ('encoder/layers/attn/q/kernel')
+  name: str                 # short name ('q')
+  stack: Optional[str]      # 'encoder' | 'decoder' | 'layers' (LLaMA) | None (not stacked)
+  sublayer: Optional[str]   # 'encoder_self_attn', ..., 'mlp'; None outside the layers
+  n_layers: Optional[int]   # leading layers axis, None if not stacked
+  d_in: int
+  d_out: int
+  kind: str                 # 'attn' | 'mlp' | 'head' | 'norm'
+
+  @property
+  def stacked(self):
+    return self.n_layers is not None
+
+
+def is_t5(cfg):
+  return isinstance(cfg, T5Config)
+
+
+def model_type(cfg):
+  if isinstance(cfg, T5Config):
+    return "t5"
+  if isinstance(cfg, LlamaConfig):
+    return "llama"
+  raise PeftConfigError(f"unsupported model config {type(cfg).__name__}; expected T5Config or LlamaConfig")
+
+
+def _sublayer(parts):
+  if parts[0] == "layers":          # LLaMA
+    return {"attn": "self_attn", "mlp": "mlp"}.get(parts[1])
+  if len(parts) > 2 and parts[1] == "layers":
+    sub = parts[2]
+    if sub == "attn":
+      return "encoder_self_attn"
+    if sub == "self_attn":
+      return "decoder_self_attn"
+    if sub == "cross_attn":
+      return "cross_attn"
+    if sub == "mlp":
+      return f"{parts[0]}_mlp"
+  return None
+
+
+def linear_modules(flat: Flat) -> List[Module]:
+  """Every linear projection of the tree (leaves named ``kernel``), in path order."""
+  out = []
+  for leaf in sorted(flat):
+    if not leaf.endswith("/kernel") or leaf.startswith("prefix_encoder/"):
+      continue
+    shape = tuple(flat[leaf].shape)
+    path = leaf[: -len("/kernel")]
+    parts = path.split("/")
+    stacked = "layers" in parts and len(shape) == 3
+    sub = _sublayer(parts)
+    stack = None
+    if stacked:
+      stack = "layers" if parts[0] == "layers" else parts[0]
+    kind = "head" if sub is None else ("mlp" if sub.endswith("mlp") else "attn")
+    out.append(Module(path=path, leaf=leaf, name=parts[-1], stack=stack, sublayer=sub,
+                      n_layers=shape[0] if stacked else None, d_in=shape[-2], d_out=shape[-1],
+                      kind=kind))
+  return out
+
+
+def norm_modules(flat: Flat) -> List[Module]:
+  out = []
+  for leaf in sorted(flat):
+    if not leaf.endswith("/scale"):
+      continue
+    shape = tuple(flat[leaf].shape)
+    path = leaf[: -len("/scale")]
+    parts = path.split("/")
+    stacked = "layers" in parts and len(shape) == 2
+    stack = ("layers" if parts[0] == "layers" else parts[0]) if stacked else None
+    out.append(Module(path=path, leaf=leaf, name=parts[-1], stack=stack, sublayer=_sublayer(parts),
+                      n_layers=shape[0] if stacked else None, d_in=shape[-1], d_out=shape[-1],
+                      kind="norm"))
+  return out
+
+
+# ----------------------------------------------------------------------------- HF names
+
+def hf_module_name(cfg, m: Module, layer: Optional[int]) -> str:
+  """The ``transformers`` module name of ``m`` (in layer ``layer``)."""
+  parts = m.path.split("/")
+  if is_t5(cfg):
+    if m.path == "lm_head":
+      return "lm_head"
+    stack = parts[0]
+    if m.kind == "norm":
+      if m.name == "final_norm":
+        return f"{stack}.final_layer_norm"
+      j = {"attn_norm": 0, "self_attn_norm": 0, "cross_attn_norm": 1,
+           "mlp_norm": 1 if stack == "encoder" else 2}[m.name]
+      return f"{stack}.block.{layer}.layer.{j}.layer_norm"
+    sub = parts[2]
+    if sub == "mlp":
+      j = 1 if stack == "encoder" else 2
+      return f"{stack}.block.{layer}.layer.{j}.DenseReluDense.{m.name}"
+    j, att = {"attn": (0, "SelfAttention"), "self_attn": (0, "SelfAttention"),
+              "cross_attn": (1, "EncDecAttention")}[sub]
+    return f"{stack}.block.{layer}.layer.{j}.{att}.{m.name}"
+  if m.path == "lm_head":
+    return "lm_head"
+  if m.kind == "norm":
+    if m.name == "final_norm":
+      return "model.norm"
+    return f"model.layers.{layer}." + {"attn_norm": "input_layernorm",
+                                        "mlp_norm": "post_attention_layernorm"}[m.name]
+  sub = "self_attn" if parts[1] == "attn" else "mlp"
+  return f"model.layers.{layer}.{sub}.{_LLAMA_HF[m.name]}"
+
+
+def hf_short_name(cfg, m: Module) -> str:
+  full = hf_module_name(cfg, m, 0)
+  return full.split(".")[-1]
+
+
+def hf_layer_agnostic(cfg, m: Module) -> str:
+  full = hf_module_name(cfg, m, 0)
+  return re.sub(r"\.(block|layers)\.0\.", ".", full)
+
+
+# ----------------------------------------------------------------------------- matching
+
+def _suffix_match(t: str, path: str, sep: str) -> bool:
+  return path == t or path.endswith(sep + t)
+
+
+def match_targets(cfg, modules: Sequence[Module], targets, what="target_modules",
+                  all_linear_ok=True) -> List[Module]:
+  """The modules ``targets`` selects; :class:`PeftConfigError` when a target selects none."""
+  mods = list(modules)
+  if isinstance(targets, str):
+    if targets == "all-linear" and all_linear_ok:
+      sel = [m for m in mods if m.kind != "head"]
+    else:
+      try:
+        rx = re.compile(targets)
+      except re.error as e:
+        raise PeftConfigError(f"{what}={targets!r} is not a valid regular expression: {e}") from None
+      sel = [m for m in mods if rx.fullmatch(m.path)]
+    if not sel:
+      raise PeftConfigError(_no_match_msg(cfg, mods, targets, what))
+    return sel
+  if isinstance(targets, (list, tuple, set, frozenset)):
+    if not targets:
+      raise PeftConfigError(f"{what} is empty; expected module names, e.g. {_names(cfg, mods)[:4]}")
+    sel = []
+    for t in targets:
+      if not isinstance(t, str):
+        raise PeftConfigError(f"{what} entries must be strings, got {t!r}")
+      hit = [m for m in mods
+             if t in (m.name, hf_short_name(cfg, m)) or _suffix_match(t, m.path, "/")
+             or _suffix_match(t, hf_layer_agnostic(cfg, m), ".")]
+      if not hit:
+        raise PeftConfigError(_no_match_msg(cfg, mods, t, what))
+      sel.extend(h for h in hit if h not in sel)
+    return [m for m in mods if m in sel]
+  raise PeftConfigError(f"{what} must be a list of module names or a regex string, got {targets!r}")
+
+
+def _names(cfg, mods):
+  names = []
+  for m in mods:
+    for n in (m.name, hf_short_name(cfg, m)):
+      if n not in names:
+        names.append(n)
+  return names
+
+
+def _no_match_msg(cfg, mods, t, what):
+  paths = sorted({m.path for m in mods})
+  return (f"{what}: {t!r} matches no module of this {model_type(cfg)} model; modules that exist: "
+          f"{', '.join(_names(cfg, mods))} (layer-agnostic paths: {', '.join(paths)})")
+
+
+_SUBLAYER_ALIASES = {
+    "t5": {"encoder_self_attn": {"encoder_self_attn"}, "decoder_self_attn": {"decoder_self_attn"},
+           "cross_attn": {"cross_attn"}, "encoder_mlp": {"encoder_mlp"},
+           "decoder_mlp": {"decoder_mlp"},
+           "self_attn": {"encoder_self_attn", "decoder_self_attn"},
+           "attn": {"encoder_self_attn", "decoder_self_attn", "cross_attn"},
+           "mlp": {"encoder_mlp", "decoder_mlp"}},
+    "llama": {"self_attn": {"self_attn"}, "attn": {"self_attn"}, "mlp": {"mlp"}},
+}
+
+
+def filter_sublayers(cfg, mods: List[Module], sublayers) -> List[Module]:
+  if sublayers is None:
+    return mods
+  if isinstance(sublayers, str):
+    sublayers = [sublayers]
+  al = _SUBLAYER_ALIASES[model_type(cfg)]
+  want = set()
+  for s in sublayers:
+    if s not in al:
+      raise PeftConfigError(f"target_sublayers: unknown sub-layer {s!r} for {model_type(cfg)}; "
+                            f"expected some of {sorted(al)}")
+    want |= al[s]
+  sel = [m for m in mods if m.sublayer in want]
+  if not sel:
+    raise PeftConfigError(f"target_sublayers={list(sublayers)} leaves no targeted module; the "
+                          f"targets are in sub-layers {sorted({m.sublayer for m in mods if m.sublayer})}")
+  return sel
+
+
+# ----------------------------------------------------------------------------- layers
+
+def _stack_sizes(mods):
+  return {m.stack: m.n_layers for m in mods if m.stacked}
+
+
+def layer_selection(cfg, hp, mods: List[Module]) -> Optional[Dict[str, np.ndarray]]:
+  """``{stack: bool[n_layers]}`` or None (all layers, unstacked modules included)."""
+  given = [k for k in LAYER_SELECTION_KEYS if hp.get(k) is not None]
+  if not given:
+    return None
+  if len(given) > 1:
+    raise PeftConfigError(f"give at most one layer selection; got {given}")
+  key, val = given[0], hp[given[0]]
+  sizes = _stack_sizes(mods)
+  if not sizes:
+    raise PeftConfigError(f"{key} is set but no targeted module lies in the layer stack")
+  out = {}
+  if key == "layers_to_transform":
+    if isinstance(val, dict):
+      unknown = sorted(set(val) - set(sizes))
+      if unknown:
+        raise PeftConfigError(f"layers_to_transform names stacks {unknown}; expected some of {sorted(sizes)}")
+      per = {s: val.get(s, []) for s in sizes}
+    else:
+      per = {s: val for s in sizes}
+    for s, n in sizes.items():
+      idx = [per[s]] if isinstance(per[s], (int, np.integer)) else list(per[s])
+      for i in idx:
+        if not isinstance(i, (int, np.integer)) or isinstance(i, bool):
+          raise PeftConfigError(f"layers_to_transform entries must be ints, got {i!r}")
+        ok = (-n <= i < n) if isinstance(val, dict) else any(-m <= i < m for m in sizes.values())
+        if not ok:
+          raise PeftConfigError(f"layers_to_transform={val!r}: layer {i} is out of range; the "
+                                f"stacks have {dict(sizes)} layers")
+      sel = np.zeros(n, bool)
+      for i in idx:
+        if -n <= i < n:
+          sel[i] = True
+      out[s] = sel
+  else:
+    for s, n in sizes.items():
+      sel = np.zeros(n, bool)
+      if key in ("first_k_layers", "last_k_layers"):
+        k = int(val)
+        if k < 1:
+          raise PeftConfigError(f"{key} must be >= 1, got {val!r}")
+        k = min(k, n)
+        if key == "first_k_layers":
+          sel[:k] = True
+        else:
+          sel[n - k:] = True
+      else:
+        f = float(val)
+        if not 0.0 < f <= 1.0:
+          raise PeftConfigError(f"random_layer_fraction must be in (0, 1], got {val!r}")
+        k = max(1, int(round(f * n)))
+        rng = np.random.default_rng([int(hp.get("layer_seed") or 0), sorted(sizes).index(s)])
+        sel[rng.choice(n, size=k, replace=False)] = True
+      out[s] = sel
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Targeted modules with, for stacked ones, the selected layers."""
+  modules: Tuple[Module, ...]
+  layers: Dict[str, Optional[np.ndarray]]   # path -> bool[n_layers] (None: all / unstacked)
+
+  def selected(self, m: Module) -> List[Optional[int]]:
+    if not m.stacked:
+      return [None]
+    sel = self.layers.get(m.path)
+    return list(range(m.n_layers)) if sel is None else [int(i) for i in np.nonzero(sel)[0]]
+
+  def partial(self, m: Module) -> bool:
+    sel = self.layers.get(m.path)
+    return sel is not None and not bool(sel.all())
+
+
+def place(cfg, hp, flat: Flat, default_targets, *, modules=None, what="target_modules") -> Placement:
+  """Targets, sub-layer filter and layer selection -> :class:`Placement`."""
+  mods = linear_modules(flat) if modules is None else modules
+  targets = hp.get("target_modules")
+  if targets is None:
+    targets = default_targets
+  sel = match_targets(cfg, mods, targets, what)
+  sel = filter_sublayers(cfg, sel, hp.get("target_sublayers"))
+  layers = layer_selection(cfg, hp, sel)
+  if layers is None:
+    return Placement(tuple(sel), {m.path: None for m in sel})
+  kept, lay = [], {}
+  for m in sel:
+    if not m.stacked or m.stack not in layers:
+      continue
+    if layers[m.stack].any():
+      kept.append(m)
+      lay[m.path] = layers[m.stack]
+  if not kept:
+    raise PeftConfigError("the layer selection leaves no targeted module")
+  return Placement(tuple(kept), lay)
+
+
+def layer_mask(m: Module, sel: Optional[np.ndarray], leaf_ndim: int) -> Optional[np.ndarray]:
+  """Bool array ``[n_layers, 1, ...]`` broadcastable to a stacked leaf, None when all layers."""
+  if sel is None or bool(sel.all()):
+    return None
+  return np.asarray(sel, bool).reshape((-1,) + (1,) * (leaf_ndim - 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_flat(cfg):
+  from peft_jax.models import abstract_params
+  from peft_jax.peft.base import flatten
+  return flatten(abstract_params(cfg))
+
+
+def abstract_flat(cfg) -> Flat:
+  """The base model's flattened abstract tree (shapes only; cached per config)."""
+  return dict(_abstract_flat(cfg))
+
+
+def t5_dims(cfg):
+  return cfg.num_heads, cfg.d_kv

@@ -1,0 +1,116 @@
+"""Optimizer and gradient helpers that train only what a method makes trainable.
+
+* :func:`make_optimizer`: ``optax.multi_transform`` with the given transform on
+  trainable leaves and ``optax.set_to_zero()`` (no state) on frozen ones; leaves
+  a method trains only in part (selected layers) get their updates masked.
+* :func:`value_and_grad`: differentiates the loss w.r.t. the trainable subtree
+  only (the frozen subtree is a constant), returns a full-structure gradient
+  tree whose frozen leaves are zeros (``jnp.zeros`` constants under jit) so it
+  feeds the multi-transform optimizer.
+* :func:`make_train_step`: ``(params, opt_state, *batch) -> (params, opt_state,
+  loss)``; frozen leaves are passed through untouched (bitwise).
+* :func:`apply_fn`: the model forward on the stored tree (applies the method's
+  ``prepare`` reparameterisation, e.g. prefix tuning's MLP).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from peft_jax.peft.base import PeftState, flatten, join, split_trainable, unflatten
+
+
+def labels(state: PeftState):
+  return jax.tree_util.tree_map(lambda t: "trainable" if t else "frozen", state.trainable)
+
+
+def _mask_tree(state: PeftState, params):
+  """Per-leaf element masks (None where the whole leaf trains)."""
+  fl = flatten(params)
+  return unflatten({k: state.update_masks.get(k) for k in fl})
+
+
+def masked_updates(state: PeftState) -> optax.GradientTransformation:
+  """Zeroes the updates of the untrained parts of partly trained leaves (stateless)."""
+  masks = dict(state.update_masks)
+
+  def init(params):
+    return optax.EmptyState()
+
+  def update(updates, st, params=None):
+    if not masks:
+      return updates, st
+    fl = flatten(updates)
+    for k, m in masks.items():
+      if k in fl and not isinstance(fl[k], optax.MaskedNode):
+        fl[k] = jnp.where(jnp.asarray(m), fl[k], jnp.zeros_like(fl[k]))
+    return unflatten(fl), st
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(state: PeftState, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  return optax.multi_transform({"trainable": optax.chain(tx, masked_updates(state)),
+                                "frozen": optax.set_to_zero()}, labels(state))
+
+
+def apply_fn(state: PeftState, model=None) -> Callable:
+  """``f(params, *args, **kw) = model.apply({'params': state.prepare(params)}, *args, **kw)``."""
+  if model is None:
+    from peft_jax.models import build_model
+    model = build_model(state.model_cfg, state.sites)
+
+  def f(params, *args, **kw):
+    return model.apply({"params": state.prepare(params)}, *args, **kw)
+
+  return f
+
+
+def value_and_grad(loss_fn: Callable, state: PeftState, has_aux: bool = False) -> Callable:
+  """``loss_fn(params, *batch)`` -> ``f(params, *batch) -> (value, grads)``.
+
+  Only the trainable subtree is differentiated; ``grads`` has the structure of
+  ``params`` with exact zeros on frozen leaves and on untrained slices.
+  """
+  mask = state.trainable
+  masks = dict(state.update_masks)
+
+  def f(params, *batch):
+    tr, fr = split_trainable(params, mask)
+
+    def inner(t):
+      return loss_fn(join(t, fr), *batch)
+
+    val, g = jax.value_and_grad(inner, has_aux=has_aux)(tr)
+    for k, m in masks.items():
+      if k in g:
+        g[k] = jnp.where(jnp.asarray(m), g[k], jnp.zeros_like(g[k]))
+    full = {k: jnp.zeros(v.shape, v.dtype) for k, v in fr.items()}
+    full.update(g)
+    return val, unflatten(full)
+
+  return f
+
+
+def make_train_step(state: PeftState, loss_fn: Callable, tx: optax.GradientTransformation,
+                    has_aux: bool = False):
+  """Returns ``(opt, step)``; ``step(params, opt_state, *batch) -> (params, opt_state, loss)``.
+
+  Frozen leaves of the returned params are the input leaves themselves.
+  """
+  opt = make_optimizer(state, tx)
+  vg = value_and_grad(loss_fn, state, has_aux)
+  mask = state.trainable
+
+  def step(params, opt_state, *batch):
+    val, grads = vg(params, *batch)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    new = optax.apply_updates(params, updates)
+    new = jax.tree_util.tree_map(lambda m, n, o: n if m else o, mask, new, params)
+    return new, opt_state, val
+
+  return opt, step

@@ -1,0 +1,113 @@
+"""Pieces shared by ``train.py`` and ``eval.py``: config -> model, tokenizer, data."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peft_jax.models import LlamaConfig, T5Config, build_model, get_preset, init_params
+
+
+class ConfigError(ValueError):
+  """A bad value in the experiment config (named in the message)."""
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def resolve_path(p: str) -> str:
+  """Paths in configs are relative to the repository root unless absolute."""
+  if not p or os.path.isabs(p) or os.path.exists(p):
+    return p
+  cand = os.path.join(REPO, p)
+  return cand if os.path.exists(cand) else p
+
+
+def model_config(cfg):
+  """The model config from ``model.name`` (a preset) or ``model.checkpoint`` (HF dir/id)."""
+  m = cfg.model
+  if m.get("checkpoint"):
+    from peft_jax.checkpoint.hf import config_from_hf, read_hf_config, resolve_checkpoint_dir
+    mc = config_from_hf(read_hf_config(resolve_checkpoint_dir(resolve_path(m.checkpoint))))
+  elif m.get("name"):
+    try:
+      mc = get_preset(m.name)
+    except ValueError as e:
+      raise ConfigError(f"config.model.name: {e}") from None
+  else:
+    raise ConfigError("config.model needs `name` (a preset) or `checkpoint` (a local directory "
+                     "or hub id)")
+  kw = {k: m[k] for k in ("dtype", "param_dtype", "remat") if m.get(k)}
+  if isinstance(mc, T5Config) and m.get("dropout_rate") is not None:
+    kw["dropout_rate"] = m.dropout_rate
+  return mc.replace(**kw)
+
+
+def base_params(cfg, mc, rng):
+  """Pretrained weights from ``model.checkpoint``, else a random init (presets)."""
+  if cfg.model.get("checkpoint"):
+    from peft_jax.checkpoint.hf import load_hf
+    _, params = load_hf(resolve_path(cfg.model.checkpoint), cfg=mc)
+    return jax.tree_util.tree_map(jnp.asarray, params)
+  return init_params(mc, rng)
+
+
+def tokenizer(cfg):
+  from transformers import AutoTokenizer
+  path = cfg.get("tokenizer") or cfg.model.get("checkpoint")
+  if not path:
+    raise ConfigError("config.tokenizer (or model.checkpoint) must name a tokenizer directory")
+  return AutoTokenizer.from_pretrained(resolve_path(path))
+
+
+def read_jsonl(path) -> List[Dict[str, Any]]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def dataset(cfg) -> Tuple[List[dict], List[dict]]:
+  d = cfg.data
+  if d.name == "quickstart":
+    root = resolve_path(d.get("path") or "data/quickstart")
+    train, val = read_jsonl(os.path.join(root, "train.jsonl")), read_jsonl(os.path.join(root, "validation.jsonl"))
+  elif d.name == "jsonl":
+    train, val = read_jsonl(resolve_path(d.train_file)), read_jsonl(resolve_path(d.validation_file))
+  else:
+    raise ConfigError(f"config.data.name: unknown data set {d.name!r}; expected 'quickstart' or 'jsonl'")
+  if d.get("max_train_examples"):
+    train = train[: d.max_train_examples]
+  if d.get("max_eval_examples"):
+    val = val[: d.max_eval_examples]
+  return train, val
+
+
+def layout(mc) -> str:
+  return "seq2seq" if isinstance(mc, T5Config) else "causal"
+
+
+def start_and_pad(mc, tok):
+  pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+  start = mc.decoder_start_token_id if isinstance(mc, T5Config) else pad
+  return pad, start
+
+
+def run_cli(main_fn):
+  """Runs ``main_fn`` under absl; configuration and checkpoint errors print one line
+  (``error: ...``) and exit with status 2, before any compute."""
+  import sys
+  from absl import app
+  from peft_jax.checkpoint.hf import CheckpointError
+  from peft_jax.peft.base import PeftConfigError
+
+  def wrapped(argv):
+    try:
+      return main_fn(argv)
+    except (PeftConfigError, CheckpointError, ConfigError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(wrapped)

@@ -1,0 +1,69 @@
+"""End to end: the README's main job (shortened), eval.py on its checkpoint, dry runs, errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def _last_json(out):
+  return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("quickstart")
+  r = _run("train.py", "--config=configs/quickstart.py", f"--workdir={wd}",
+           "--config.train.num_steps=150")
+  assert r.returncode == 0, r.stderr[-3000:]
+  return wd, _last_json(r.stdout), r.stdout
+
+
+def test_quickstart_tuned_far_above_untuned(quickstart_run):
+  wd, res, out = quickstart_run
+  assert res["untuned"] < 0.2, res
+  assert res["tuned"] > 0.8, res
+  assert "trainable params" in out  # the accounting table is printed at start
+  lines = [json.loads(l) for l in open(wd / "metrics.jsonl")]
+  losses = [l["train/loss"] for l in lines if "train/loss" in l]
+  assert losses[-1] < losses[0]
+  assert any("train/tokens_per_s" in l for l in lines)
+  assert os.listdir(wd / "tb")  # TensorBoard event file
+
+
+def test_eval_reproduces_the_logged_metric(quickstart_run):
+  wd, res, _ = quickstart_run
+  r = _run("eval.py", "--config=configs/quickstart.py", f"--checkpoint={wd / 'adapter'}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert _last_json(r.stdout)["exact_match"] == res["tuned"]
+  assert (wd / "eval.json").exists() and (wd / "eval.md").exists()
+
+
+def test_dry_run_last_line_is_json():
+  r = _run("train.py", "--config=configs/quickstart.py", "--dry_run",
+           "--config.model.name=t5-large", "--config.peft.target_modules=q,v")
+  assert r.returncode == 0, r.stderr[-3000:]
+  info = _last_json(r.stdout)
+  assert info["trainable_params"] == 2_359_296
+  assert set(info) >= {"total_params", "trainable_params", "changed_params", "trainable_percent"}
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config.peft.method=nope"], "unknown PEFT method 'nope'"),
+    (["--config.model.name=t5-huge"], "unknown model preset 't5-huge'"),
+    (["--config.model.name=", "--config.model.checkpoint=/nonexistent/dir"], "does not exist"),
+])
+def test_bad_config_one_clear_line(args, expected):
+  r = _run("train.py", "--config=configs/quickstart.py", "--dry_run", *args)
+  assert r.returncode == 2
+  assert expected in r.stderr and "Traceback" not in r.stderr
