@@ -23,9 +23,14 @@ def get_config(variant: str = ""):
   c.peft = ml_collections.ConfigDict({"method": "lora", "r": 8, "lora_alpha": 16,
                                       "target_modules": "all-linear"})
   c.train = ml_collections.ConfigDict({
-      "batch_size": 32, "num_steps": 300, "num_epochs": 0, "learning_rate": 3e-3,
+      "batch_size": 32,             # effective batch
+      "micro_batch_size": 0,        # > 0: gradient accumulation over batch_size // micro_batch_size
+      "num_steps": 300, "num_epochs": 0, "learning_rate": 3e-3,
       "schedule": "linear", "warmup_ratio": 0.03, "weight_decay": 0.0, "grad_clip": 1.0,
-      "seed": 0, "log_every": 25, "eval_every": 0})
+      "seed": 0, "log_every": 25,
+      "eval_every": 0,              # > 0: evaluate (and checkpoint) every N steps
+      "save_every": 0, "keep_last": 2, "early_stopping_patience": 0, "eval_at_start": True,
+      "stop_at_step": 0})            # > 0: stop there as if interrupted (resume drills)
   c.eval = ml_collections.ConfigDict({"batch_size": 100, "max_new_tokens": 4, "num_beams": 1,
                                       "metric": "exact_match"})
   if variant == "full":

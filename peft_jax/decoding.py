@@ -74,10 +74,6 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
     raise ValueError("do_sample=True needs a PRNG key: rng=jax.random.PRNGKey(...)")
   if do_sample and not float(temperature) > 0:
     raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-  if isinstance(cfg, LlamaConfig) and any(hasattr(h, "embed") for h in model.sites.handlers):
-    # Llama's cached forward skips the ``embed`` site: the soft prompt would be ignored.
-    raise NotImplementedError("generate does not support methods acting on the LLaMA input "
-                              "embeddings (e.g. prompt tuning) yet")
   input_ids = jnp.asarray(input_ids, jnp.int32)
   if attention_mask is None:
     attention_mask = jnp.ones(input_ids.shape, bool)
@@ -145,15 +141,18 @@ def _llama_start(model, params, ids, mask, max_new_tokens, repeat):
   ids = jnp.take_along_axis(ids, order, 1)
   mask = jnp.take_along_axis(mask, order, 1)
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-  n_valid = jnp.sum(mask, axis=1).astype(jnp.int32)
+  # Tokens a method prepends at the input (prompt tuning) take the first cache slots.
+  n_pre = jax.eval_shape(lambda: model.apply(v, ids, mask)).shape[1] - p
+  n_valid = jnp.sum(mask, axis=1).astype(jnp.int32) + n_pre
   slots = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), bool)], axis=1)
-  cache = llama_lib.init_cache(cfg, b, p + max_new_tokens)
-  logits, cache = model.apply(v, ids, slots, positions, True, cache, 0)
+  cache = llama_lib.init_cache(cfg, b, n_pre + p + max_new_tokens)
+  logits, cache = model.apply(v, ids, slots, positions, True, cache, 0, use_embed_site=True)
+  slots = jnp.concatenate([jnp.ones((b, n_pre), bool), slots], axis=1)
   slots, n_valid = jnp.repeat(slots, repeat, 0), jnp.repeat(n_valid, repeat, 0)
 
   def step(cache, tokens, t):
     logits, cache = model.apply(v, tokens[:, None], slots, (n_valid + t)[:, None], True, cache,
-                                p + t)
+                                n_pre + p + t, use_embed_site=False)
     return logits[:, -1], cache
 
   return logits[:, -1], cache, step

@@ -85,6 +85,22 @@ def dataset(cfg) -> Tuple[List[dict], List[dict]]:
   return train, val
 
 
+def peft_overrides(cfg):
+  """Method hyperparameters from ``config.peft``; ``target_modules="q,v"`` (the command
+  line form) becomes the list ``["q", "v"]``."""
+  out = {}
+  for k, v in cfg.peft.items():
+    if k == "method":
+      continue
+    if hasattr(v, "to_dict"):
+      v = v.to_dict()
+    if k in ("target_modules", "feedforward_modules", "layers_to_transform") and isinstance(v, str) \
+        and "," in v:
+      v = [x.strip() for x in v.split(",") if x.strip()]
+    out[k] = v
+  return out
+
+
 def layout(mc) -> str:
   return "seq2seq" if isinstance(mc, T5Config) else "causal"
 
@@ -102,11 +118,12 @@ def run_cli(main_fn):
   from absl import app
   from peft_jax.checkpoint.hf import CheckpointError
   from peft_jax.peft.base import PeftConfigError
+  from peft_jax.data.common import DataError
 
   def wrapped(argv):
     try:
       return main_fn(argv)
-    except (PeftConfigError, CheckpointError, ConfigError) as e:
+    except (PeftConfigError, CheckpointError, ConfigError, DataError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
 

@@ -67,24 +67,74 @@ def loss_fn(model, params, batch, rng, deterministic: bool):
   return (nll * m).sum() / n, m.sum()
 
 
-def make_train_step(state, model, tx, deterministic=False):
-  """``step(params, opt_state, batch, rng) -> (params, opt_state, metrics)``, jitted, donated."""
-  from peft_jax.peft.training import make_train_step as peft_step
+def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool = False):
+  """Returns ``(opt, step)``; ``step(params, opt_state, batch, rng) -> (params, opt_state, metrics)``.
 
-  def loss(params, batch, rng):
-    return loss_fn(model, state.prepare(params), batch, rng, deterministic)
+  * Only the trainable subtree is differentiated; partly trained leaves (layer
+    selection) have their gradients masked; the optimizer is the method-masked
+    ``multi_transform`` of :func:`peft_jax.peft.make_optimizer`.
+  * ``accum_steps > 1``: the batch's leading axis is split into that many
+    micro-batches, scanned; gradients and loss are token-weighted, so the update
+    equals the one for the whole batch at once. Only trainable gradients are carried.
+  * A non-finite loss or gradient leaves params and optimizer state unchanged and
+    reports ``finite = False`` (the loop stops; the last good state is kept).
+  * Jitted with the parameter and optimizer buffers donated.
+  """
+  from peft_jax.peft.base import flatten, join, split_trainable, unflatten
+  from peft_jax.peft.training import make_optimizer
 
-  opt, step = peft_step(state, loss, tx, has_aux=True)
+  opt = make_optimizer(state, tx)
+  masks = {k: jnp.asarray(m) for k, m in state.update_masks.items()}
+  trainable_mask = state.trainable
 
-  def wrapped(params, opt_state, batch, rng):
-    new, opt_state, (l, ntok) = step(params, opt_state, batch, rng)
-    return new, opt_state, {"loss": l, "tokens": ntok}
+  def grads_of(params, batch, rng):
+    tr, fr = split_trainable(params, trainable_mask)
 
-  return opt, jax.jit(wrapped, donate_argnums=(0, 1))
+    def f(t):
+      loss, ntok = loss_fn(model, state.prepare(join(t, fr)), batch, rng, deterministic)
+      return loss * ntok, ntok       # summed NLL: micro-batches add up exactly
+
+    (tot, ntok), g = jax.value_and_grad(f, has_aux=True)(tr)
+    g = {k: (jnp.where(masks[k], v, 0) if k in masks else v) for k, v in g.items()}
+    return tot, ntok, g, fr
+
+  def step(params, opt_state, batch, rng):
+    if accum_steps == 1:
+      tot, ntok, g, fr = grads_of(params, batch, rng)
+    else:
+      micro = jax.tree_util.tree_map(
+          lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
+      tr0, fr = split_trainable(params, trainable_mask)
+      zero = {k: jnp.zeros(v.shape, jnp.float32) for k, v in tr0.items()}
+
+      def body(carry, xs):
+        gs, ts, ns = carry
+        b, i = xs
+        t, n, g, _ = grads_of(params, b, jax.random.fold_in(rng, i))
+        return ({k: gs[k] + g[k].astype(jnp.float32) for k in gs}, ts + t, ns + n), None
+
+      (g, tot, ntok), _ = jax.lax.scan(body, (zero, 0.0, 0.0), (micro, jnp.arange(accum_steps)))
+      g = {k: v.astype(tr0[k].dtype) for k, v in g.items()}
+    denom = jnp.maximum(ntok, 1.0)
+    g = {k: v / denom.astype(v.dtype) for k, v in g.items()}
+    loss = tot / denom
+    full = dict({k: jnp.zeros(v.shape, v.dtype) for k, v in fr.items()}, **g)  # frozen: DCE'd
+    updates, new_opt = opt.update(unflatten(full), opt_state, params)
+    new = optax.apply_updates(params, updates)
+    gnorm = optax.global_norm(g)
+    finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+    keep = lambda n, o: jnp.where(finite, n, o)
+    new = jax.tree_util.tree_map(lambda m, n, o: keep(n, o) if m else o, trainable_mask, new, params)
+    new_opt = jax.tree_util.tree_map(keep, new_opt, opt_state)
+    return new, new_opt, {"loss": loss, "tokens": ntok, "grad_norm": gnorm, "finite": finite}
+
+  return opt, jax.jit(step, donate_argnums=(0, 1))
 
 
 def make_eval_loss(state, model):
+  """``f(params, batch) -> (summed NLL, n target tokens)`` for a validation pass."""
   @jax.jit
   def f(params, batch):
-    return loss_fn(model, state.prepare(params), batch, None, True)
+    loss, n = loss_fn(model, state.prepare(params), batch, None, True)
+    return loss * n, n
   return f

@@ -143,12 +143,17 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, positions=None, deterministic=True,
-               cache=None, cache_index=None, use_embed_site=True):
+               cache=None, cache_index=None, use_embed_site=None):
     """Logits ``[B,T,V]`` (fp32); with a cache also the new cache.
 
     ``attention_mask`` marks valid keys: ``[B,T]`` without a cache, ``[B,S]`` over
     the cache slots with one (query ``t`` sits in slot ``cache_index + t``).
     ``positions`` ``[B,T]`` default to the slot index.
+    ``use_embed_site`` (default: only without a cache) runs the ``embed`` site; with a
+    cache that is the prefill call. Tokens the site prepends take positions
+    ``0..n-1`` and shift the given positions by ``n``; with a cache they occupy
+    the first ``n`` slots, so the cache (and the mask of later calls) is ``n``
+    slots longer than the mask given here.
     """
     cfg = self.cfg
     dtype, pdtype = as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)
@@ -159,9 +164,16 @@ class Llama(nn.Module):
       s = t if cache is None else cache["k"].shape[2]
       attention_mask = jnp.ones((b, s), bool)
     attention_mask = attention_mask.astype(bool)
-    if use_embed_site and cache is None:
+    if use_embed_site is None:
+      use_embed_site = cache is None
+    if use_embed_site:
       x, attention_mask = self.sites.embed(self, x, attention_mask, deterministic)
+      n_new = x.shape[1] - t
       t = x.shape[1]
+      if positions is not None and n_new:
+        positions = jnp.concatenate(
+            [jnp.broadcast_to(jnp.arange(n_new, dtype=positions.dtype)[None], (b, n_new)),
+             positions + n_new], axis=1)
     start = 0 if cache_index is None else cache_index
     slots = start + jnp.arange(t)
     if positions is None:
