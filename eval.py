@@ -46,7 +46,8 @@ def main(argv):
   res = evaluate_generation(model, state.prepare(params), tok, mc, val_rows,
                             max_source_len=cfg.data.max_source_len,
                             max_new_tokens=cfg.eval.max_new_tokens,
-                            batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams)
+                            batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams,
+                            metric=cfg.eval.metric)
   out = FLAGS.output or os.path.dirname(os.path.abspath(FLAGS.checkpoint))
   os.makedirs(out, exist_ok=True)
   metrics = {k: v for k, v in res.items() if isinstance(v, (int, float))}

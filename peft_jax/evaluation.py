@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import re
-import string
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import numpy as np
 
 from peft_jax.data.batching import bucket_length
-
-
-def normalize(s: str) -> str:
-  s = s.lower().strip()
-  s = "".join(ch for ch in s if ch not in set(string.punctuation))
-  return " ".join(s.split())
-
-
-def exact_match(preds: Sequence[str], refs: Sequence) -> float:
-  """Fraction of predictions equal (after normalisation) to a reference (or any of a list)."""
-  hits = 0
-  for p, r in zip(preds, refs):
-    refs_i = r if isinstance(r, (list, tuple)) else [r]
-    hits += any(normalize(p) == normalize(x) for x in refs_i)
-  return hits / max(len(preds), 1)
 
 
 def generate_texts(model, params, tok, mc, rows, *, max_source_len: int, max_new_tokens: int,
@@ -50,8 +33,16 @@ def generate_texts(model, params, tok, mc, rows, *, max_source_len: int, max_new
   return out
 
 
-def evaluate_generation(model, params, tok, mc, rows, *, target_key="target", **kw) -> Dict:
+def evaluate_generation(model, params, tok, mc, rows, *, metric: str = "exact_match",
+                        **kw) -> Dict:
+  """Greedy/beam generation on ``rows`` scored against their ``references`` (all of
+  them, best match counts) or ``target``: exact match and ROUGE-L always, plus
+  ``metric`` (any name of :func:`peft_jax.metrics.compute_metrics`)."""
+  from peft_jax.metrics import compute_metrics
   preds = generate_texts(model, params, tok, mc, rows, **kw)
-  refs = [r[target_key] for r in rows]
-  return {"exact_match": exact_match(preds, refs), "n": len(rows),
-          "examples": [{"pred": p, "ref": r} for p, r in list(zip(preds, refs))[:5]]}
+  refs = [r.get("references") or r["target"] for r in rows]
+  names = tuple(dict.fromkeys(("exact_match", "rougeL", metric)))
+  out = compute_metrics(preds, refs, names)
+  out["n"] = len(rows)
+  out["examples"] = [{"pred": p, "ref": r} for p, r in list(zip(preds, refs))[:5]]
+  return out

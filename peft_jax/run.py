@@ -41,7 +41,7 @@ def model_config(cfg):
   else:
     raise ConfigError("config.model needs `name` (a preset) or `checkpoint` (a local directory "
                      "or hub id)")
-  kw = {k: m[k] for k in ("dtype", "param_dtype", "remat") if m.get(k)}
+  kw = {k: m[k] for k in ("dtype", "param_dtype", "remat", "vocab_size") if m.get(k)}
   if isinstance(mc, T5Config) and m.get("dropout_rate") is not None:
     kw["dropout_rate"] = m.dropout_rate
   return mc.replace(**kw)
@@ -70,6 +70,7 @@ def read_jsonl(path) -> List[Dict[str, Any]]:
 
 
 def dataset(cfg) -> Tuple[List[dict], List[dict]]:
+  """(train rows, evaluation rows) for ``config.data``."""
   d = cfg.data
   if d.name == "quickstart":
     root = resolve_path(d.get("path") or "data/quickstart")
@@ -77,26 +78,41 @@ def dataset(cfg) -> Tuple[List[dict], List[dict]]:
   elif d.name == "jsonl":
     train, val = read_jsonl(resolve_path(d.train_file)), read_jsonl(resolve_path(d.validation_file))
   else:
-    raise ConfigError(f"config.data.name: unknown data set {d.name!r}; expected 'quickstart' or 'jsonl'")
+    from peft_jax.data.sources import load_dataset_rows
+    kw = {"path": resolve_path(d.path) if d.get("path") else None, "seed": d.get("seed", 0)}
+    size = d.get("size") or None
+    train = list(load_dataset_rows(d.name, "train", size=size, **kw))
+    val = list(load_dataset_rows(d.name, d.get("eval_split") or "validation", **kw))
   if d.get("max_train_examples"):
     train = train[: d.max_train_examples]
   if d.get("max_eval_examples"):
     val = val[: d.max_eval_examples]
+  if not train:
+    raise ConfigError(f"config.data: data set {d.name!r} gave no training rows")
   return train, val
 
 
+_LIST_KEYS = ("target_modules", "feedforward_modules", "target_sublayers", "layers_to_transform")
+_REGEX_CHARS = set(".*+?()[]{}|^$\\/")
+
+
 def peft_overrides(cfg):
-  """Method hyperparameters from ``config.peft``; ``target_modules="q,v"`` (the command
-  line form) becomes the list ``["q", "v"]``."""
+  """Method hyperparameters from ``config.peft`` (all fields but ``method``).
+
+  Command-line friendly lists: for ``target_modules`` and the like, a plain string
+  of names (``"q,v"``, ``"wo"``, ``""``) becomes a list; ``"all-linear"`` and strings
+  with regex characters stay strings (HF PEFT: a regex over module paths);
+  ``encoder_hidden_size=0`` means none."""
   out = {}
   for k, v in cfg.peft.items():
     if k == "method":
       continue
     if hasattr(v, "to_dict"):
       v = v.to_dict()
-    if k in ("target_modules", "feedforward_modules", "layers_to_transform") and isinstance(v, str) \
-        and "," in v:
+    if k in _LIST_KEYS and isinstance(v, str) and v != "all-linear" and not (_REGEX_CHARS & set(v)):
       v = [x.strip() for x in v.split(",") if x.strip()]
+      if k == "layers_to_transform":
+        v = [int(x) for x in v]
     out[k] = v
   return out
 

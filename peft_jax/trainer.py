@@ -77,6 +77,10 @@ class Trainer:
                           source_eos=self.layout == "seq2seq")
     self.steps_per_epoch = max(len(self.enc.source) // tc.batch_size, 1)
     self.total = tc.num_steps if tc.num_steps > 0 else max(1, tc.num_epochs) * self.steps_per_epoch
+    self.total = max(self.total, int(tc.get("min_steps") or 0))
+    if not cfg.model.get("checkpoint"):
+      print(f"note: no model.checkpoint given: {self.mc.model_type} preset "
+            f"{cfg.model.get('name')!r} starts from random weights")
     self.rng = jax.random.PRNGKey(tc.seed)
 
     base = run.base_params(cfg, self.mc, jax.random.fold_in(self.rng, 0))
@@ -107,7 +111,8 @@ class Trainer:
     prepared = self.state.prepare(params)
     out = evaluate_generation(self.model, prepared, self.tok, self.mc, self.val_rows,
                               max_source_len=d.max_source_len, max_new_tokens=ec.max_new_tokens,
-                              batch_size=ec.batch_size, num_beams=ec.num_beams)
+                              batch_size=ec.batch_size, num_beams=ec.num_beams,
+                              metric=ec.metric)
     tot = n = 0.0
     for i in range(0, len(self.val_enc.source), ec.batch_size):
       idx = list(range(i, min(i + ec.batch_size, len(self.val_enc.source))))

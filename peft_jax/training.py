@@ -83,9 +83,25 @@ def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool 
   from peft_jax.peft.base import flatten, join, split_trainable, unflatten
   from peft_jax.peft.training import make_optimizer
 
-  opt = make_optimizer(state, tx)
+  base_opt = make_optimizer(state, tx)
   masks = {k: jnp.asarray(m) for k, m in state.update_masks.items()}
   trainable_mask = state.trainable
+  hooked = state.has_step_hooks       # methods with per-step hooks (AdaLoRA); the loop never
+  if hooked:                          # names them: regulariser + after-step update
+    from peft_jax.peft.training import HookedOptState
+
+    def _init(p):
+      st = HookedOptState(base_opt.init(p), state.init_hook_state(p), jnp.zeros((), jnp.int32))
+      # own buffers: the step donates the state, and no two leaves may share one
+      return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), st)
+
+    opt = optax.GradientTransformation(_init, base_opt.update)
+  else:
+    opt = base_opt
+
+  def extra_loss(t, fr):
+    r = state.loss_terms(join(t, fr))
+    return jnp.zeros((), jnp.float32) if r is None else r
 
   def grads_of(params, batch, rng):
     tr, fr = split_trainable(params, trainable_mask)
@@ -99,6 +115,7 @@ def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool 
     return tot, ntok, g, fr
 
   def step(params, opt_state, batch, rng):
+    inner = opt_state.inner if hooked else opt_state
     if accum_steps == 1:
       tot, ntok, g, fr = grads_of(params, batch, rng)
     else:
@@ -118,10 +135,18 @@ def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool 
     denom = jnp.maximum(ntok, 1.0)
     g = {k: v / denom.astype(v.dtype) for k, v in g.items()}
     loss = tot / denom
+    if hooked:   # once per step (not per micro-batch): e.g. AdaLoRA's orthogonality term
+      tr_now, _ = split_trainable(params, trainable_mask)
+      reg, rg = jax.value_and_grad(extra_loss)(tr_now, fr)
+      g = {k: v + rg[k].astype(v.dtype) for k, v in g.items()}
+      loss = loss + reg
     full = dict({k: jnp.zeros(v.shape, v.dtype) for k, v in fr.items()}, **g)  # frozen: DCE'd
-    updates, new_opt = opt.update(unflatten(full), opt_state, params)
+    updates, new_opt = base_opt.update(unflatten(full), inner, params)
     new = optax.apply_updates(params, updates)
-    gnorm = optax.global_norm(g)
+    if hooked:
+      new, hs = state.after_step(opt_state.count, new, unflatten(full), opt_state.hook)
+      new_opt = HookedOptState(new_opt, hs, opt_state.count + 1)
+    gnorm = optax.tree.norm(g)
     finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
     keep = lambda n, o: jnp.where(finite, n, o)
     new = jax.tree_util.tree_map(lambda m, n, o: keep(n, o) if m else o, trainable_mask, new, params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Tuple
 
 import flax.linen as nn
@@ -36,9 +37,15 @@ def init_boxed(cfg, rng):
   return model.init(rng, *_dummy_inputs(cfg))["params"]
 
 
-def abstract_params(cfg):
-  """``ShapeDtypeStruct`` tree of the parameters: no memory is allocated."""
+@functools.lru_cache(maxsize=32)
+def _abstract_params(cfg):
   return nn.unbox(jax.eval_shape(lambda: init_boxed(cfg, jax.random.PRNGKey(0))))
+
+
+def abstract_params(cfg):
+  """``ShapeDtypeStruct`` tree of the parameters: no memory is allocated (memoised per
+  config; a fresh dict structure is returned each time)."""
+  return jax.tree_util.tree_map(lambda x: x, _abstract_params(cfg))
 
 
 def logical_axes(cfg):

@@ -85,6 +85,31 @@ class Method:
     evaluated before the forward, e.g. prefix tuning's MLP). Default: unchanged."""
     return flat
 
+  # per-step training hooks (methods whose training needs more than the masked optimizer
+  # step, e.g. AdaLoRA). ``make_train_step`` calls them only for methods that override them
+  # (``has_step_hooks``), so the default methods train exactly as before.
+  def loss_terms(self, model_cfg, hp, flat: Flat):
+    """A scalar added to the training loss (differentiated with it), e.g. a regulariser;
+    ``flat`` is the stored tree (trainable and frozen leaves). None: nothing is added."""
+    return None
+
+  def init_hook_state(self, model_cfg, hp, flat: Flat) -> Any:
+    """A pytree carried between steps for :meth:`after_step` (e.g. importance averages)."""
+    return None
+
+  def after_step(self, model_cfg, hp, step, flat: Flat, grads: Flat, hook_state) -> Tuple[Flat, Any]:
+    """Runs (jit-traced) after each optimizer update: ``step`` is the 0-based index of the
+    update just applied (an int32 scalar), ``flat`` the updated tree, ``grads`` this step's
+    gradients (zeros on frozen leaves). Returns ``(flat, hook_state)``; it may only change
+    trainable leaves."""
+    return flat, hook_state
+
+  @property
+  def has_step_hooks(self) -> bool:
+    cls = type(self)
+    return any(getattr(cls, n) is not getattr(Method, n)
+               for n in ("loss_terms", "init_hook_state", "after_step"))
+
   # reparameterisations
   def merge(self, model_cfg, hp, flat: Flat) -> Flat:
     raise PeftConfigError(f"method {self.name!r} cannot be merged into the base weights")
@@ -135,6 +160,24 @@ class PeftState:
   made_trainable: Tuple[str, ...]  # existing paths made trainable
   model_cfg: Any = None
   update_masks: Dict[str, Any] = dataclasses.field(default_factory=dict)  # path -> bool array
+
+  # per-step hooks on nested trees (see Method.loss_terms / init_hook_state / after_step)
+  @property
+  def has_step_hooks(self) -> bool:
+    return self.method.has_step_hooks
+
+  def loss_terms(self, params):
+    """The method's extra loss (a scalar) or None."""
+    return self.method.loss_terms(self.model_cfg, self.hparams, flatten(params))
+
+  def init_hook_state(self, params):
+    return self.method.init_hook_state(self.model_cfg, self.hparams, flatten(params))
+
+  def after_step(self, step, params, grads, hook_state):
+    """``(params, hook_state)`` after the method's per-step hook (trees as given)."""
+    fl, hs = self.method.after_step(self.model_cfg, self.hparams, step, flatten(params),
+                                    flatten(grads), hook_state)
+    return unflatten(fl), hs
 
   def prepare(self, params):
     """The tree the model reads: ``build_model(cfg, state.sites).apply({'params': state.prepare(p)}, ...)``."""

@@ -1,0 +1,53 @@
+"""Seed 000, TULU: LLaMA-2-7B instruction-tuned on a TULU mixture.
+
+  python train.py --config=configs/tulu.py:lora --config.model.checkpoint=/ckpt/llama-2-7b \
+      --config.data.path=/data/tulu_v1_mix.jsonl --workdir=runs/tulu_lora
+
+Variant parts: method in {lora, adapter, full} (default lora); model in {7b (default), tiny}.
+Fixed (Appendix C): bf16, 3 epochs, lr 1e-4, linear schedule with 3% warmup, weight
+decay 0, max length 4096, effective batch 128; LoRA r=512, alpha=512, dropout 0.1 on
+all query and key layers; adapter size 512. Rendered in open-instruct's chat format,
+loss on the assistant turn.
+"""
+
+from peft_jax.config_lib import base_config, parse_variant, tiny_model
+
+METHODS = ("lora", "adapter", "full")
+MODELS = {"7b": "llama-2-7b", "tiny": "tiny"}
+PEFT = {
+    "lora": {"method": "lora", "r": 512, "lora_alpha": 512, "lora_dropout": 0.1,
+             "target_modules": "q,k"},
+    "adapter": {"method": "houlsby", "bottleneck_size": 512},
+    "full": {"method": "full"},
+}
+
+
+def get_config(variant: str = ""):
+  v = parse_variant(variant, {"method": METHODS, "model": tuple(MODELS)},
+                    {"method": "lora", "model": "7b"})
+  c = base_config()
+  c.model.name = MODELS[v["model"]]
+  c.model.dtype = "bfloat16"
+  c.model.param_dtype = "bfloat16"
+  c.model.remat = "full"
+  c.data.name = "tulu"
+  c.data.max_source_len = 3072
+  c.data.max_target_len = 1024
+  c.peft = dict(PEFT[v["method"]])
+  c.train.learning_rate = 1e-4
+  c.train.num_epochs = 3
+  c.train.batch_size = 128
+  c.train.micro_batch_size = 4
+  c.eval.metric = "rougeL"
+  c.eval.max_new_tokens = 256
+  if v["model"] == "tiny":
+    tiny_model(c, "llama")
+    c.tokenizer = "../shared/data/tokenizers/llama"
+    c.model.dtype = c.model.param_dtype = "float32"
+    c.model.remat = "none"
+    c.train.micro_batch_size = 2
+    if v["method"] == "lora":
+      c.peft.update({"r": 4, "lora_alpha": 4})
+    if v["method"] == "adapter":
+      c.peft.bottleneck_size = 4
+  return c

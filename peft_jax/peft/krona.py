@@ -1,0 +1,310 @@
+"""KronA [krona]: a Kronecker-product update ``dW = s * (W1 (x) W2)`` on chosen projections.
+
+Names, defaults, factorisation and initialisation follow Hugging Face PEFT's LoKr
+(``LoKrConfig``, PEFT 0.21), as the survey's code did:
+
+* ``r=8``, ``alpha=8`` (scale ``s = alpha / r``), ``rank_dropout=0``,
+  ``module_dropout=0``, ``rank_dropout_scale=False``, ``decompose_both=False``,
+  ``decompose_factor=-1``, ``init_weights=True`` (``"lycoris"`` and ``False`` too),
+  ``target_modules=None`` -> HF's LoKr mapping (= LoRA's): ``q, v`` on T5 and LLaMA.
+  Layer / sub-layer selection as for LoRA (:mod:`peft_jax.peft.targets`).
+* A kernel ``[in, out]`` is split as ``in = c * d``, ``out = a * b`` with
+  ``(c, d) = factorization(in, decompose_factor)``, ``(a, b) =
+  factorization(out, decompose_factor)`` (HF's ``factorization``: the pair of
+  divisors closest to the square root, or ``(f, n/f)`` for a factor ``f``).
+  ``W1 [c, a]`` is a full matrix (leaf ``lokr_w1``) unless ``decompose_both`` and
+  ``r < max(a, c) / 2``, then ``W1 = lokr_w1_b @ lokr_w1_a`` (``[c, r] @ [r, a]``);
+  ``W2 [d, b]`` is ``lokr_w2`` unless ``r < max(b, d) / 2``, then
+  ``lokr_w2_b @ lokr_w2_a``.
+* Our leaves are HF's tensors transposed (our kernels are ``[in, out]``, torch's
+  ``[out, in]``); ``kron(W1, W2) = kron(w1, w2)^T``.
+* Init (``True``): the ``W1`` leaf (``lokr_w1`` / ``lokr_w1_a``) is zero, the others
+  torch's ``kaiming_uniform(a=sqrt(5))`` (``U(+-1/sqrt(fan_in))`` on the torch shape),
+  so the model starts as the base model. ``"lycoris"``: ``W2``'s (second) factor is
+  zero instead; ``False``: everything random.
+
+Forward (``linear`` site): the Kronecker-vector product, never forming ``dW``:
+``x [.., c*d] -> X [.., c, d]``, ``Y = W1^T X W2 [.., a, b] -> [.., a*b]``, added to the
+frozen output times ``s``. In training, ``rank_dropout`` drops output features of the
+update (one mask per call, divided by its mean with ``rank_dropout_scale``) and
+``module_dropout`` skips the whole update with that probability (as HF).
+
+Merge: ``W' = W + s * kron(W1, W2)`` (per layer for stacked kernels); exact up to
+float rounding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peft_jax.peft import targets as T
+from peft_jax.peft.base import Method, PeftConfigError, register
+from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype
+
+DEFAULT_TARGETS = {"t5": ["q", "v"], "llama": ["q", "v"]}
+LEAVES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+
+def factorization(dimension: int, factor: int = -1) -> Tuple[int, int]:
+  """``(m, n)`` with ``m * n == dimension`` and ``m <= n`` (HF PEFT's LoKr rule): ``(factor,
+  dimension // factor)`` when ``factor`` divides; otherwise the divisor pair closest to the
+  square root with ``m <= factor`` (``factor=-1``: no bound)."""
+  if factor > 0 and dimension % factor == 0:
+    return factor, dimension // factor
+  if factor == -1:
+    factor = dimension
+  m, n = 1, dimension
+  length = m + n
+  while m < n:
+    new_m = m + 1
+    while dimension % new_m != 0:
+      new_m += 1
+    new_n = dimension // new_m
+    if new_m + new_n > length or new_m > factor:
+      break
+    m, n = new_m, new_n
+  if m > n:
+    m, n = n, m
+  return m, n
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Factor shapes of one kernel ``[in=c*d, out=a*b]``."""
+  a: int
+  b: int
+  c: int
+  d: int
+  full_w1: bool
+  full_w2: bool
+
+  def shapes(self, r) -> Dict[str, Tuple[int, ...]]:
+    """Our leaf shapes (HF's transposed)."""
+    out = {}
+    if self.full_w1:
+      out["lokr_w1"] = (self.c, self.a)
+    else:
+      out["lokr_w1_a"] = (r, self.a)
+      out["lokr_w1_b"] = (self.c, r)
+    if self.full_w2:
+      out["lokr_w2"] = (self.d, self.b)
+    else:
+      out["lokr_w2_a"] = (r, self.b)
+      out["lokr_w2_b"] = (self.d, r)
+    return out
+
+
+def layout(d_in: int, d_out: int, r: int, decompose_both: bool, decompose_factor: int) -> Layout:
+  c, d = factorization(d_in, decompose_factor)
+  a, b = factorization(d_out, decompose_factor)
+  full_w1 = not (decompose_both and r < max(a, c) / 2)
+  full_w2 = not (r < max(b, d) / 2)
+  return Layout(a=a, b=b, c=c, d=d, full_w1=full_w1, full_w2=full_w2)
+
+
+def _factor(get, which):
+  """``W1 [.., c, a]`` / ``W2 [.., d, b]`` from the leaves ``get(name)`` returns (None if absent)."""
+  full = get(f"lokr_{which}")
+  if full is not None:
+    return full
+  return jnp.matmul(get(f"lokr_{which}_b"), get(f"lokr_{which}_a"))
+
+
+def kron_delta(w1, w2):
+  """``kron(W1, W2)`` per leading index: ``[.., c, a] x [.., d, b] -> [.., c*d, a*b]``."""
+  c, a = w1.shape[-2:]
+  d, b = w2.shape[-2:]
+  out = jnp.einsum("...ca,...db->...cdab", w1, w2)
+  return out.reshape(out.shape[:-4] + (c * d, a * b))
+
+
+def kron_vec(x, w1, w2):
+  """``x @ kron(W1, W2)`` without forming the Kronecker product."""
+  c, a = w1.shape
+  d, b = w2.shape
+  xs = x.reshape(x.shape[:-1] + (c, d))
+  t = jnp.einsum("...cd,db->...cb", xs, w2)
+  y = jnp.einsum("...cb,ca->...ab", t, w1)
+  return y.reshape(x.shape[:-1] + (a * b,))
+
+
+@dataclasses.dataclass(frozen=True)
+class KronaHandler:
+  scale: float
+  rank_dropout: float
+  module_dropout: float
+  rank_dropout_scale: bool
+
+  def linear(self, module, x, call_next, deterministic):
+    y = call_next(x)
+    if not (module.has_variable("params", "lokr_w1") or module.has_variable("params", "lokr_w1_a")):
+      return y
+    dt = compute_dtype(module)
+
+    def get(name):
+      if not module.has_variable("params", name):
+        return None
+      return module.get_variable("params", name).astype(dt)
+
+    w1, w2 = _factor(get, "w1"), _factor(get, "w2")
+    delta = kron_vec(x.astype(dt), w1, w2) * self.scale
+    if not deterministic and self.rank_dropout > 0.0:
+      keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - self.rank_dropout,
+                                  (delta.shape[-1],)).astype(dt)
+      if self.rank_dropout_scale:
+        keep = keep / jnp.maximum(keep.mean(), jnp.finfo(dt).tiny)   # HF: drop /= drop.mean()
+      delta = delta * keep
+    if not deterministic and self.module_dropout > 0.0:
+      on = jax.random.uniform(module.make_rng("dropout"), ()) > self.module_dropout
+      delta = jnp.where(on, delta, jnp.zeros_like(delta))
+    return y + delta.astype(y.dtype)
+
+
+@register
+class Krona(Method):
+  name = "krona"
+  reference = "HF PEFT 0.21 LoKrConfig"
+  mergeable = True
+  defaults = {"r": 8, "alpha": 8, "rank_dropout": 0.0, "module_dropout": 0.0,
+              "rank_dropout_scale": False, "decompose_both": False, "decompose_factor": -1,
+              "init_weights": True, "target_modules": None, **T.SELECTION_DEFAULTS}
+
+  def placement(self, cfg, hp, flat) -> T.Placement:
+    return T.place(cfg, hp, flat, DEFAULT_TARGETS[T.model_type(cfg)])
+
+  def scaling(self, hp):
+    return hp["alpha"] / hp["r"]
+
+  def layout(self, hp, m: T.Module) -> Layout:
+    return layout(m.d_in, m.d_out, int(hp["r"]), bool(hp["decompose_both"]),
+                  int(hp["decompose_factor"]))
+
+  def validate(self, cfg, hp, flat):
+    r = hp["r"]
+    if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1:
+      raise PeftConfigError(f"r must be a positive int, got {r!r}")
+    if not isinstance(hp["alpha"], (int, float)) or isinstance(hp["alpha"], bool):
+      raise PeftConfigError(f"alpha must be a number, got {hp['alpha']!r}")
+    for k in ("rank_dropout", "module_dropout"):
+      if not 0.0 <= float(hp[k]) < 1.0:
+        raise PeftConfigError(f"{k} must be in [0, 1), got {hp[k]!r}")
+    f = hp["decompose_factor"]
+    if not isinstance(f, (int, np.integer)) or isinstance(f, bool) or not (f == -1 or f > 0):
+      raise PeftConfigError(f"decompose_factor must be -1 or a positive int, got {f!r}")
+    if hp["init_weights"] not in (True, False, "lycoris"):
+      raise PeftConfigError(f"init_weights must be True, False or 'lycoris', got {hp['init_weights']!r}")
+    self.placement(cfg, hp, flat)
+
+  def init_leaves(self, cfg, hp, flat, rng):
+    pl = self.placement(cfg, hp, flat)
+    r, init = int(hp["r"]), hp["init_weights"]
+    rnd = Rand(rng)
+    out = {}
+    for m in pl.modules:
+      w = flat[m.leaf]
+      lead = (m.n_layers,) if m.stacked else ()
+      lm = T.layer_mask(m, pl.layers.get(m.path), 3)
+      zero = {"lokr_w1", "lokr_w1_a"} if init is True else (
+          {"lokr_w2", "lokr_w2_b"} if init == "lycoris" else set())
+      for leaf, shape in self.layout(hp, m).shapes(r).items():
+        if leaf in zero:
+          v = jnp.zeros(lead + shape, jnp.float32)
+        else:   # torch draws on its [out, in]-style shape = ours transposed; fan_in = our dim 0
+          v = jnp.swapaxes(rnd.kaiming_uniform_a5(lead + shape[::-1]), -1, -2)
+        if lm is not None:
+          v = jnp.where(lm, v, 0.0)
+        out[f"{m.path}/{leaf}"] = v.astype(adapter_dtype(w.dtype))
+    return out
+
+  def update_masks(self, cfg, hp, flat):
+    pl = self.placement(cfg, hp, flat)
+    out = {}
+    for m in pl.modules:
+      lm = T.layer_mask(m, pl.layers.get(m.path), 3)
+      if lm is None:
+        continue
+      for leaf in LEAVES:
+        if f"{m.path}/{leaf}" in flat:
+          out[f"{m.path}/{leaf}"] = lm
+    return out
+
+  def changed_params(self, cfg, hp, flat):
+    pl = self.placement(cfg, hp, flat)
+    return int(sum(m.d_in * m.d_out * len(pl.selected(m)) for m in pl.modules))
+
+  def handlers(self, cfg, hp):
+    return (KronaHandler(scale=float(self.scaling(hp)), rank_dropout=float(hp["rank_dropout"]),
+                         module_dropout=float(hp["module_dropout"]),
+                         rank_dropout_scale=bool(hp["rank_dropout_scale"])),)
+
+  # ------------------------------------------------------------------ merge
+  def _modules(self, flat):
+    return sorted({k.rsplit("/", 1)[0] for k in flat
+                   if k.endswith(("/lokr_w1", "/lokr_w1_a"))})
+
+  def delta(self, hp, flat, p):
+    """``s * kron(W1, W2)`` of module ``p`` (``[.., in, out]``, float32)."""
+    def get(name):
+      k = f"{p}/{name}"
+      return jnp.asarray(flat[k], jnp.float32) if k in flat else None
+    return kron_delta(_factor(get, "w1"), _factor(get, "w2")) * self.scaling(hp)
+
+  def merge(self, cfg, hp, flat):
+    out = dict(flat)
+    for p in self._modules(flat):
+      w = jnp.asarray(flat[f"{p}/kernel"])
+      out[f"{p}/kernel"] = (w.astype(jnp.float32) + self.delta(hp, flat, p)).astype(w.dtype)
+    return out
+
+  def unmerge(self, cfg, hp, flat):
+    out = dict(flat)
+    for p in self._modules(flat):
+      w = jnp.asarray(flat[f"{p}/kernel"])
+      out[f"{p}/kernel"] = (w.astype(jnp.float32) - self.delta(hp, flat, p)).astype(w.dtype)
+    return out
+
+
+def hf_tensors(state, params) -> Dict[str, np.ndarray]:
+  """Our adapter leaves as HF PEFT LoKr tensors: ``{"<hf module>.<leaf>": array}`` (torch
+  layout, one entry per layer), e.g. ``encoder.block.0.layer.0.SelfAttention.q.lokr_w1``."""
+  from peft_jax.peft.base import flatten
+  fl = flatten(params)
+  cfg = state.model_cfg
+  pl = state.method.placement(cfg, state.hparams, fl)
+  out = {}
+  for m in pl.modules:
+    for leaf in LEAVES:
+      k = f"{m.path}/{leaf}"
+      if k not in fl:
+        continue
+      v = np.asarray(fl[k])
+      for i in pl.selected(m):
+        out[f"{T.hf_module_name(cfg, m, i)}.{leaf}"] = (v if i is None else v[i]).T
+  return out
+
+
+def set_hf_tensors(state, params, tensors: Dict[str, np.ndarray]):
+  """Inverse of :func:`hf_tensors`: copies HF LoKr tensors into our leaves."""
+  from peft_jax.peft.base import flatten, unflatten
+  fl = flatten(params)
+  cfg = state.model_cfg
+  pl = state.method.placement(cfg, state.hparams, fl)
+  for m in pl.modules:
+    for leaf in LEAVES:
+      k = f"{m.path}/{leaf}"
+      if k not in fl:
+        continue
+      v = np.array(fl[k])
+      for i in pl.selected(m):
+        t = np.asarray(tensors[f"{T.hf_module_name(cfg, m, i)}.{leaf}"]).T
+        if i is None:
+          v = t.astype(v.dtype)
+        else:
+          v[i] = t
+      fl[k] = jnp.asarray(v)
+  return unflatten(fl)
