@@ -38,7 +38,7 @@ def main(argv):
   if not os.path.isdir(FLAGS.checkpoint):
     raise run.ConfigError(f"--checkpoint {FLAGS.checkpoint} is not a directory; expected "
                           "<workdir>/adapter written by train.py")
-  tok = run.tokenizer(cfg)
+  tok = run.tokenizer(cfg, mc)
   _, val_rows = run.dataset(cfg)
   base = run.base_params(cfg, mc, jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 0))
   state, params = load_adapter(FLAGS.checkpoint, mc, base)

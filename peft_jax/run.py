@@ -56,12 +56,26 @@ def base_params(cfg, mc, rng):
   return init_params(mc, rng)
 
 
-def tokenizer(cfg):
+def tokenizer(cfg, mc=None):
+  """``AutoTokenizer`` from ``config.tokenizer`` or the checkpoint directory. A bare
+  vocabulary (e.g. only ``tokenizer.json``) gets its EOS/pad tokens from the model config."""
   from transformers import AutoTokenizer
   path = cfg.get("tokenizer") or cfg.model.get("checkpoint")
   if not path:
     raise ConfigError("config.tokenizer (or model.checkpoint) must name a tokenizer directory")
-  return AutoTokenizer.from_pretrained(resolve_path(path))
+  path = resolve_path(path)
+  if not os.path.isdir(path):
+    raise ConfigError(f"config.tokenizer: {path} is not a directory; expected a tokenizer "
+                      "saved in the Hugging Face layout")
+  tok = AutoTokenizer.from_pretrained(path)
+  if mc is not None:
+    if tok.eos_token_id is None and mc.eos_token_id is not None:
+      tok.eos_token = tok.convert_ids_to_tokens(int(mc.eos_token_id))
+    if tok.pad_token_id is None:
+      pad = mc.pad_token_id if mc.pad_token_id is not None else tok.eos_token_id
+      if pad is not None:
+        tok.pad_token = tok.convert_ids_to_tokens(int(pad))
+  return tok
 
 
 def read_jsonl(path) -> List[Dict[str, Any]]:

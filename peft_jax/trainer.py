@@ -42,8 +42,12 @@ def _prefetch(it: Iterator, size: int = 2) -> Iterator:
   done = object()
 
   def worker():
-    for x in it:
-      q.put(x)
+    try:
+      for x in it:
+        q.put(x)
+    except BaseException as e:  # re-raised in the consumer, never a silent hang
+      q.put(_Failed(e))
+      return
     q.put(done)
 
   threading.Thread(target=worker, daemon=True).start()
@@ -51,7 +55,14 @@ def _prefetch(it: Iterator, size: int = 2) -> Iterator:
     x = q.get()
     if x is done:
       return
+    if isinstance(x, _Failed):
+      raise x.error
     yield x
+
+
+class _Failed:
+  def __init__(self, error):
+    self.error = error
 
 
 class Trainer:
@@ -67,7 +78,7 @@ class Trainer:
       raise run.ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of "
                             f"train.micro_batch_size={tc.micro_batch_size}")
     self.accum = tc.batch_size // (tc.get("micro_batch_size") or tc.batch_size)
-    self.tok = run.tokenizer(cfg)
+    self.tok = run.tokenizer(cfg, self.mc)
     self.train_rows, self.val_rows = run.dataset(cfg)
     self.layout = run.layout(self.mc)
     self.pad, self.start = run.start_and_pad(self.mc, self.tok)
