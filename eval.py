@@ -55,6 +55,13 @@ def main(argv):
     json.dump(res | {"checkpoint": FLAGS.checkpoint, "method": state.method.name}, f, indent=2)
   lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" if isinstance(v, float)
                                               else f"| {k} | {v} |" for k, v in metrics.items()]
+  for group in ("per_category", "per_task"):
+    if group in res:   # SuperNI breakdowns
+      names = sorted(next(iter(res[group].values()), {}))
+      lines += ["", f"| {group[4:]} | " + " | ".join(names) + " |",
+                "|---|" + "---|" * len(names)]
+      lines += [f"| {k} | " + " | ".join(f"{v.get(n, 0):.4f}" for n in names) + " |"
+                for k, v in sorted(res[group].items())]
   with open(os.path.join(out, "eval.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

@@ -44,5 +44,10 @@ def evaluate_generation(model, params, tok, mc, rows, *, metric: str = "exact_ma
   names = tuple(dict.fromkeys(("exact_match", "rougeL", metric)))
   out = compute_metrics(preds, refs, names)
   out["n"] = len(rows)
+  if rows and all(isinstance(r.get("meta"), dict) and r["meta"].get("task") for r in rows):
+    from peft_jax.metrics import per_task_and_category   # SuperNI: per task and category
+    br = per_task_and_category(preds, rows, names)
+    out.update(per_task=br["per_task"], per_category=br["per_category"],
+               task_macro=br["task_macro"])
   out["examples"] = [{"pred": p, "ref": r} for p, r in list(zip(preds, refs))[:5]]
   return out

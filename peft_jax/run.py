@@ -156,5 +156,10 @@ def run_cli(main_fn):
     except (PeftConfigError, CheckpointError, ConfigError, DataError) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
+    except RuntimeError as e:
+      if type(e).__name__ != "TrainingDiverged":
+        raise
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(3)
 
   app.run(wrapped)

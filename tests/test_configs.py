@@ -72,19 +72,24 @@ def _tiny_train(family, variant, tmp_path, monkeypatch, data_dir, **data):
   c = load(family).get_config(variant)
   for k, v in data.items():
     c.data[k] = v
-  res = Trainer(c, str(tmp_path / "wd")).train()
+  t = Trainer(c, str(tmp_path / "wd"))
+  res = t.train()
   assert res["steps"] == 3 and res["tuned"] is not None
   lines = [json.loads(l) for l in open(tmp_path / "wd" / "metrics.jsonl")]
   assert any("train/loss" in l for l in lines)
   assert (tmp_path / "wd" / "adapter").exists()
-  return res
+  return t, res
 
 
 @pytest.mark.shared_data
 @pytest.mark.parametrize("family,variant", [("superni", "lora,tiny"), ("flan_t5", "cola,low,ia3,tiny"),
                                             ("survey", "tiny,rte,houlsby")])
 def test_tiny_variant_trains_and_evaluates(family, variant, shared_data, tmp_path, monkeypatch):
-  _tiny_train(family, variant, tmp_path, monkeypatch, shared_data)
+  t, res = _tiny_train(family, variant, tmp_path, monkeypatch, shared_data)
+  if family == "superni":   # per-task and per-category breakdowns (seed 000)
+    ev = t.evaluate(t.params)
+    tasks = {r["meta"]["task"] for r in t.val_rows}
+    assert set(ev["per_task"]) == tasks and ev["per_category"] and "rougeL" in ev["task_macro"]
 
 
 @pytest.mark.shared_data

@@ -124,3 +124,33 @@ def test_trainer_runs_method_hooks_adalora(tmp_path):
   assert adalora.count_nonzero_ranks(t.state, t.params) == 2 * n_mats
   trained = flatten(t.params)
   assert any(np.any(np.asarray(trained[k]) != 0) for k in es)
+
+
+def test_divergence_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path):
+  """An absurd learning rate: the run stops with a message naming the step; the
+  checkpoints saved before stay, and the non-finite update was never applied."""
+  import importlib.util
+  import numpy as np
+  from peft_jax.trainer import Trainer, TrainingDiverged
+  spec = importlib.util.spec_from_file_location("qs", os.path.join(REPO, "configs", "quickstart.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.train.num_steps = 200
+  c.train.learning_rate = 1e30
+  c.train.grad_clip = 0.0
+  c.train.warmup_ratio = 0.0
+  c.train.schedule = "constant"
+  c.train.save_every = 1
+  c.train.log_every = 1000
+  c.train.eval_at_start = False
+  t = Trainer(c, str(tmp_path / "wd"))
+  with pytest.raises(TrainingDiverged, match=r"non-finite loss at step \d+"):
+    t.train()
+  saved = sorted(int(p.name) for p in (tmp_path / "wd" / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved, "the last good checkpoint is kept"
+  params, _, meta = t.ckpt.restore(t.state, t.state.params, t.opt.init(t.state.params))
+  assert meta["step"] == saved[-1]
+  from peft_jax.peft import flatten
+  for k in t.state.added:
+    assert np.isfinite(np.asarray(flatten(params)[k])).all(), k

@@ -1,0 +1,589 @@
+"""Hyper-parameter sweeps over ``train.py`` and their aggregation (seed 000's Figure 1b / Table 1).
+
+Running (see ``sweep.py`` at the repository root for the command line)::
+
+  from peft_jax import sweep
+  sweep.run_sweep("configs/quickstart.py", "runs/sweep1",
+                  grid={"train.learning_rate": ["1e-3", "3e-3"], "peft.r": ["4", "8"]},
+                  seeds=[0, 1, 2])
+
+Each grid point x seed runs ``train.py`` in a subprocess with its own workdir
+``<workdir>/<point-name>/seed<k>``. On success the last stdout line of train.py (a
+JSON object) is written, with the point's overrides and seed, to ``result.json``;
+a point whose ``result.json`` exists is skipped on the next run (resumable). A
+failed point (non-zero exit, no JSON last line, or an interrupted run) leaves
+``failed.json`` with the stderr tail instead and is rerun next time (train.py
+itself resumes from the point's checkpoints).
+
+Aggregating (also on an existing sweep dir)::
+
+  summary = sweep.aggregate("runs/sweep1")   # summary.json, summary.md, metric_vs_<x>.png
+
+groups results by grid point over seeds and reports mean and 2 sample standard
+deviations (ddof=1; a single seed has std 0, ``n`` says how many seeds).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_SCRIPT_ENV = "PEFT_JAX_SWEEP_TRAIN"
+SEED_KEY = "train.seed"
+STDERR_TAIL = 4000
+
+
+class SweepError(ValueError):
+  """A bad sweep specification or an empty sweep directory (one clear line)."""
+
+
+# ----------------------------------------------------------------------------- grid
+
+
+def _strip_config_prefix(key: str) -> str:
+  key = key.strip()
+  return key[len("config."):] if key.startswith("config.") else key
+
+
+def parse_grid_arg(arg: str) -> Tuple[str, List[str]]:
+  """``"train.learning_rate=1e-3,3e-3"`` -> ``("train.learning_rate", ["1e-3", "3e-3"])``."""
+  if "=" not in arg:
+    raise SweepError(f"--grid {arg!r}: expected KEY=V1,V2,... (e.g. train.learning_rate=1e-3,3e-3)")
+  key, _, vals = arg.partition("=")
+  key = _strip_config_prefix(key)
+  if not key:
+    raise SweepError(f"--grid {arg!r}: empty key")
+  values = [v.strip() for v in vals.split(",") if v.strip()]
+  if not values:
+    raise SweepError(f"--grid {arg!r}: empty value list for {key!r}")
+  if len(set(values)) != len(values):
+    raise SweepError(f"--grid {arg!r}: repeated values")
+  return key, values
+
+
+def parse_set_arg(arg: str) -> Tuple[str, str]:
+  """``"config.train.num_steps=20"`` -> ``("train.num_steps", "20")``."""
+  if "=" not in arg:
+    raise SweepError(f"--set {arg!r}: expected config.FIELD=VALUE")
+  key, _, val = arg.partition("=")
+  key = _strip_config_prefix(key)
+  if not key:
+    raise SweepError(f"--set {arg!r}: empty key")
+  return key, val
+
+
+def parse_seeds(arg) -> List[int]:
+  if isinstance(arg, (list, tuple)):
+    return [int(s) for s in arg]
+  try:
+    seeds = [int(s) for s in str(arg).split(",") if s.strip()]
+  except ValueError:
+    raise SweepError(f"--seeds {arg!r}: expected comma separated integers, e.g. 0,1,2") from None
+  if not seeds:
+    raise SweepError("--seeds: no seeds given")
+  if len(set(seeds)) != len(seeds):
+    raise SweepError(f"--seeds {arg!r}: repeated seeds")
+  return seeds
+
+
+def format_value(v) -> str:
+  """The command-line / name form of a grid value (strings are kept as typed)."""
+  if isinstance(v, str):
+    return v
+  if isinstance(v, bool):
+    return "true" if v else "false"
+  return repr(v) if isinstance(v, float) else str(v)
+
+
+def parse_value(s: str):
+  """Best-effort typed value of a command-line string: int, float, bool or the string."""
+  if not isinstance(s, str):
+    return s
+  t = s.strip()
+  if t.lower() in ("true", "false"):
+    return t.lower() == "true"
+  try:
+    return int(t)
+  except ValueError:
+    pass
+  try:
+    return float(t)
+  except ValueError:
+    return s
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]")
+
+
+def point_name(overrides: Dict[str, Any]) -> str:
+  """Filesystem-safe directory name of a grid point: ``train.learning_rate=1e-3__peft.r=4``."""
+  if not overrides:
+    return "base"
+  parts = [f"{k}={format_value(v)}" for k, v in overrides.items()]
+  return _UNSAFE.sub("_", "__".join(parts))
+
+
+def expand_grid(grid: Dict[str, Sequence], seeds: Sequence[int]) -> List[Dict[str, Any]]:
+  """Cartesian product of the grid (in key order) x seeds: ``[{name, overrides, seed}, ...]``."""
+  keys = list(grid)
+  for k in keys:
+    if not list(grid[k]):
+      raise SweepError(f"grid key {k!r} has an empty value list")
+  if SEED_KEY in keys:
+    raise SweepError(f"{SEED_KEY} is set by --seeds; do not put it in the grid")
+  points, names = [], set()
+  for combo in itertools.product(*[list(grid[k]) for k in keys]):
+    ov = {k: format_value(v) for k, v in zip(keys, combo)}
+    name = point_name(ov)
+    if name in names:
+      raise SweepError(f"two grid points share the directory name {name!r}")
+    names.add(name)
+    for s in seeds:
+      points.append({"name": name, "overrides": ov, "seed": int(s)})
+  return points
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def split_config_arg(config: str) -> Tuple[str, str]:
+  path, _, variant = config.partition(":")
+  return path, variant
+
+
+def load_config_module(config: str):
+  """Imports the config file of ``path[:variant]``; returns ``(module, abs_path, variant)``."""
+  path, variant = split_config_arg(config)
+  if not path or not os.path.isfile(path):
+    raise SweepError(f"config file {path!r} does not exist")
+  apath = os.path.abspath(path)
+  spec = importlib.util.spec_from_file_location("_sweep_config", apath)
+  mod = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(mod)
+  except Exception as e:  # a broken config file: say which one
+    raise SweepError(f"config file {path!r} failed to import: {type(e).__name__}: {e}") from None
+  if not hasattr(mod, "get_config"):
+    raise SweepError(f"config file {path!r} has no get_config()")
+  return mod, apath, variant
+
+
+def build_config(mod, variant: str, path: str = ""):
+  try:
+    return mod.get_config(variant) if variant else mod.get_config()
+  except Exception as e:
+    raise SweepError(f"config {path}:{variant}: {e}") from None
+
+
+def _has_field(cfg, key: str) -> bool:
+  node = cfg
+  for part in key.split("."):
+    try:
+      if part not in node:
+        return False
+      node = node[part]
+    except TypeError:
+      return False
+  return True
+
+
+def config_grid(mod, variant: str, cfg=None) -> Dict[str, list]:
+  """The config module's ``GRID`` for the variant's method (or the flat ``GRID``)."""
+  grid = getattr(mod, "GRID", None)
+  if not grid:
+    raise SweepError("--use_config_grid: the config file defines no GRID")
+  if all(isinstance(v, dict) for v in grid.values()):
+    parts = [p.strip() for p in (variant or "").split(",") if p.strip()]
+    hits = [p for p in parts if p in grid]
+    if not hits and cfg is not None:
+      m = cfg.peft.method if _has_field(cfg, "peft.method") else None
+      hits = [m] if m in grid else []
+    if not hits:
+      raise SweepError(f"--use_config_grid: GRID has no entry for variant {variant!r} "
+                       f"(methods with a grid: {', '.join(grid)})")
+    return {k: list(v) for k, v in grid[hits[0]].items()}
+  return {k: list(v) for k, v in grid.items()}
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _default_runner(cmd: List[str], workdir: str):
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  env.setdefault("PYTHONUNBUFFERED", "1")
+  return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+def train_command(config: str, workdir: str, overrides: Dict[str, str], seed: int,
+                  sets: Dict[str, str], train_script: Optional[str] = None) -> List[str]:
+  path, variant = split_config_arg(config)
+  cfg_arg = os.path.abspath(path) + (f":{variant}" if variant else "")
+  script = train_script or os.environ.get(TRAIN_SCRIPT_ENV) or os.path.join(REPO, "train.py")
+  cmd = [sys.executable, script, f"--config={cfg_arg}", f"--workdir={os.path.abspath(workdir)}"]
+  for k, v in {**sets, **overrides, SEED_KEY: str(seed)}.items():
+    cmd.append(f"--config.{k}={v}")
+  return cmd
+
+
+def _last_json(stdout: str):
+  for line in reversed((stdout or "").strip().splitlines()):
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      obj = json.loads(line)
+    except ValueError:
+      return None
+    return obj if isinstance(obj, dict) else None
+  return None
+
+
+def _write_json(path: str, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=False)
+  os.replace(tmp, path)
+
+
+def run_sweep(config: str, workdir: str, grid: Dict[str, Sequence], seeds: Sequence[int] = (0,),
+              sets: Optional[Dict[str, str]] = None,
+              runner: Optional[Callable[[List[str], str], Any]] = None,
+              train_script: Optional[str] = None, validate: bool = True,
+              log: Callable[[str], None] = print) -> Dict[str, list]:
+  """Runs every grid point x seed not already finished; returns ``{done, skipped, failed}``.
+
+  ``runner(cmd, workdir)`` runs one command and returns an object with ``returncode``,
+  ``stdout`` and ``stderr`` (default: ``subprocess.run``); ``train_script`` (or the
+  ``PEFT_JAX_SWEEP_TRAIN`` environment variable) replaces ``train.py``.
+  """
+  sets = dict(sets or {})
+  if validate:
+    mod, _, variant = load_config_module(config)
+    cfg = build_config(mod, variant, config)
+    for k in list(grid) + list(sets):
+      if not _has_field(cfg, k):
+        raise SweepError(f"unknown config field {k!r} for {config}")
+  else:
+    split_config_arg(config)
+  both = set(grid) & set(sets)
+  if both:
+    raise SweepError(f"keys both swept and set: {', '.join(sorted(both))}")
+  if SEED_KEY in sets:
+    raise SweepError(f"{SEED_KEY} is set by --seeds; do not --set it")
+  points = expand_grid(grid, seeds)
+  os.makedirs(workdir, exist_ok=True)
+  _write_json(os.path.join(workdir, "sweep.json"),
+              {"config": config, "grid": {k: [format_value(v) for v in vs] for k, vs in grid.items()},
+               "seeds": list(seeds), "set": sets})
+  runner = runner or _default_runner
+  status = {"done": [], "skipped": [], "failed": []}
+  total = len(points)
+  for i, p in enumerate(points, 1):
+    tag = f"[{i}/{total}] {p['name']}/seed{p['seed']}"
+    pdir = os.path.join(workdir, p["name"], f"seed{p['seed']}")
+    rpath, fpath = os.path.join(pdir, "result.json"), os.path.join(pdir, "failed.json")
+    if os.path.exists(rpath):
+      log(f"{tag}: done already, skipped")
+      status["skipped"].append(pdir)
+      continue
+    os.makedirs(pdir, exist_ok=True)
+    cmd = train_command(config, pdir, p["overrides"], p["seed"], sets, train_script)
+    log(f"{tag}: running")
+    t0 = time.time()
+    try:
+      r = runner(cmd, pdir)
+      rc, out, err = r.returncode, r.stdout or "", r.stderr or ""
+    except Exception as e:  # the runner itself broke: record, continue
+      rc, out, err = -1, "", f"{type(e).__name__}: {e}"
+    dt = time.time() - t0
+    with open(os.path.join(pdir, "stdout.log"), "w") as f:
+      f.write(out)
+    with open(os.path.join(pdir, "stderr.log"), "w") as f:
+      f.write(err)
+    res = _last_json(out) if rc == 0 else None
+    reason = None
+    if rc != 0:
+      reason = f"exit status {rc}"
+    elif res is None:
+      reason = "the last stdout line is not a JSON object"
+    elif res.get("interrupted_at"):
+      reason = f"interrupted at step {res['interrupted_at']}"
+    elif "tuned" not in res:
+      reason = "the result has no 'tuned' value"
+    if reason:
+      _write_json(fpath, {"point": p["overrides"], "seed": p["seed"], "reason": reason,
+                          "returncode": rc, "stderr_tail": err[-STDERR_TAIL:], "cmd": cmd,
+                          "seconds": round(dt, 2)})
+      last = next((l for l in reversed(err.strip().splitlines()) if l.strip()), "")
+      log(f"{tag}: FAILED ({reason}; {dt:.1f}s){': ' + last if last else ''}")
+      status["failed"].append(pdir)
+      continue
+    res = dict(res)
+    res.update({"point": p["overrides"], "seed": p["seed"], "config": config,
+                "seconds": round(dt, 2)})
+    _write_json(rpath, res)
+    if os.path.exists(fpath):
+      os.remove(fpath)
+    tuned = res.get("tuned")
+    tuned_s = f"{tuned:.4f}" if isinstance(tuned, (int, float)) else str(tuned)
+    log(f"{tag}: {res.get('metric', 'metric')} {tuned_s} ({dt:.1f}s)")
+    status["done"].append(pdir)
+  log(f"sweep: {len(status['done'])} run, {len(status['skipped'])} skipped, "
+      f"{len(status['failed'])} failed of {total}")
+  return status
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, float]:
+  """Mean and sample standard deviation (ddof=1); one value: std 0."""
+  n = len(values)
+  m = sum(values) / n
+  if n < 2:
+    return m, 0.0
+  return m, math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+
+
+def short_names(keys: Sequence[str]) -> Dict[str, str]:
+  """Column names: the last component of each key, the full key where that is ambiguous."""
+  last = [k.split(".")[-1] for k in keys]
+  return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
+
+
+def _sort_key(v):
+  pv = parse_value(v)
+  return (0, pv, "") if isinstance(pv, (int, float)) else (1, 0, str(v))
+
+
+def collect(workdir: str) -> Tuple[List[dict], List[dict]]:
+  """All ``result.json`` and ``failed.json`` records under a sweep directory."""
+  results, failed = [], []
+  for path in sorted(glob.glob(os.path.join(workdir, "*", "seed*", "result.json"))):
+    with open(path) as f:
+      r = json.load(f)
+    r.setdefault("point", {})
+    r.setdefault("seed", int(os.path.basename(os.path.dirname(path))[4:] or 0))
+    r["_dir"] = os.path.dirname(path)
+    results.append(r)
+  for path in sorted(glob.glob(os.path.join(workdir, "*", "seed*", "failed.json"))):
+    if os.path.exists(os.path.join(os.path.dirname(path), "result.json")):
+      continue
+    with open(path) as f:
+      failed.append(json.load(f))
+  return results, failed
+
+
+def _fmt(x: float) -> str:
+  return f"{x:.4f}"
+
+
+def aggregate(workdir: str, x: Optional[str] = None, lines: Optional[str] = None,
+              logx: Optional[bool] = None, plot: bool = True) -> dict:
+  """Writes ``summary.json``, ``summary.md`` and ``metric_vs_<x>.png``; returns the summary."""
+  if not os.path.isdir(workdir):
+    raise SweepError(f"sweep directory {workdir!r} does not exist")
+  results, failed = collect(workdir)
+  if not results:
+    raise SweepError(f"no results to aggregate in {workdir!r} (no */seed*/result.json)")
+  keys: List[str] = []
+  spec_path = os.path.join(workdir, "sweep.json")
+  if os.path.exists(spec_path):
+    with open(spec_path) as f:
+      keys = [k for k in json.load(f).get("grid", {})]
+  for r in results:
+    for k in r["point"]:
+      if k not in keys:
+        keys.append(k)
+  metrics = sorted({str(r.get("metric", "metric")) for r in results})
+  metric = metrics[0] if len(metrics) == 1 else "/".join(metrics)
+
+  groups: Dict[tuple, List[dict]] = {}
+  for r in results:
+    groups.setdefault(tuple(format_value(r["point"].get(k, "")) for k in keys), []).append(r)
+  rows = []
+  for pt in sorted(groups, key=lambda t: tuple(_sort_key(v) for v in t)):
+    rs = sorted(groups[pt], key=lambda r: r["seed"])
+    vals = [float(r["tuned"]) for r in rs]
+    m, s = mean_std(vals)
+    row = {"point": {k: parse_value(v) for k, v in zip(keys, pt)},
+           "name": point_name(dict(zip(keys, pt))), "n": len(vals), "mean": m, "std": s,
+           "two_std": 2 * s, "values": vals, "seeds": [r["seed"] for r in rs]}
+    losses = [float(r["eval_loss"]) for r in rs if isinstance(r.get("eval_loss"), (int, float))]
+    if losses:
+      row["eval_loss_mean"] = mean_std(losses)[0]
+    untuned = [float(r["untuned"]) for r in rs if isinstance(r.get("untuned"), (int, float))]
+    if untuned:
+      row["untuned_mean"] = mean_std(untuned)[0]
+    rows.append(row)
+  best = max(range(len(rows)), key=lambda i: rows[i]["mean"])
+  summary = {"metric": metric, "keys": keys, "rows": rows, "best": rows[best]["point"],
+             "best_mean": rows[best]["mean"], "num_results": len(results),
+             "failed": [{"point": f.get("point"), "seed": f.get("seed"),
+                         "reason": f.get("reason")} for f in failed]}
+  md = markdown_table(summary)
+  with open(os.path.join(workdir, "summary.md"), "w") as f:
+    f.write(md)
+  if plot and keys:
+    summary["plot"] = plot_summary(summary, workdir, x=x, lines=lines, logx=logx)
+  _write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
+
+
+def markdown_table(summary: dict) -> str:
+  """One row per grid point: the swept values, ``n``, the metric as ``mean ± 2std``."""
+  keys, metric = summary["keys"], summary["metric"]
+  names = short_names(keys)
+  head = [names[k] for k in keys] + ["n", f"{metric} (mean ± 2std)"]
+  out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
+  best = summary.get("best")
+  for row in summary["rows"]:
+    cell = f"{_fmt(row['mean'])} ± {_fmt(row['two_std'])}"
+    if row["point"] == best and len(summary["rows"]) > 1:
+      cell = f"**{cell}**"
+    out.append("| " + " | ".join([format_value(row["point"][k]) for k in keys]
+                                 + [str(row["n"]), cell]) + " |")
+  text = "\n".join(out) + "\n"
+  if summary.get("failed"):
+    text += f"\n{len(summary['failed'])} failed run(s) not included:\n"
+    for f in summary["failed"]:
+      text += f"- {point_name(f.get('point') or {})} seed {f.get('seed')}: {f.get('reason')}\n"
+  return text
+
+
+def plot_summary(summary: dict, workdir: str, x: Optional[str] = None,
+                 lines: Optional[str] = None, logx: Optional[bool] = None) -> str:
+  """The metric against one swept axis, one line per value of the others, error bars 2 std."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  keys = summary["keys"]
+  if x is not None:
+    x = _strip_config_prefix(x)
+    if x not in keys:
+      raise SweepError(f"plot axis {x!r} is not a swept key ({', '.join(keys)})")
+  else:
+    lr = [k for k in keys if k.split(".")[-1] == "learning_rate"]
+    x = lr[0] if lr else keys[0]
+  if lines is not None:
+    lines = _strip_config_prefix(lines)
+    if lines not in keys or lines == x:
+      raise SweepError(f"line axis {lines!r} must be a swept key other than {x!r}")
+    line_keys = [lines] + [k for k in keys if k not in (x, lines)]
+  else:
+    line_keys = [k for k in keys if k != x]
+  names = short_names(keys)
+  xs_all = [row["point"][x] for row in summary["rows"]]
+  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in xs_all)
+  if logx is None:
+    logx = numeric and x.split(".")[-1] == "learning_rate" and all(v > 0 for v in xs_all)
+  if logx and not (numeric and all(v > 0 for v in xs_all)):
+    raise SweepError(f"log x-axis needs positive numeric values of {x!r}")
+  cats = sorted({format_value(v) for v in xs_all}, key=_sort_key)
+
+  series: Dict[tuple, list] = {}
+  for row in summary["rows"]:
+    series.setdefault(tuple(row["point"][k] for k in line_keys), []).append(row)
+  fig, ax = plt.subplots(figsize=(6, 4.2))
+  for lk in sorted(series, key=lambda t: tuple(_sort_key(format_value(v)) for v in t)):
+    rs = sorted(series[lk], key=lambda r: _sort_key(format_value(r["point"][x])))
+    xv = [r["point"][x] if numeric else cats.index(format_value(r["point"][x])) for r in rs]
+    label = ", ".join(f"{names[k]}={format_value(v)}" for k, v in zip(line_keys, lk)) or None
+    ax.errorbar(xv, [r["mean"] for r in rs], yerr=[r["two_std"] for r in rs], marker="o",
+                capsize=3, label=label)
+  if logx:
+    ax.set_xscale("log")
+  if not numeric:
+    ax.set_xticks(range(len(cats)))
+    ax.set_xticklabels(cats)
+  ax.set_xlabel(names[x])
+  ax.set_ylabel(summary["metric"])
+  ns = sorted({r["n"] for r in summary["rows"]})
+  ax.set_title(f"{summary['metric']} vs {names[x]} (mean ± 2 std, n={'/'.join(map(str, ns))})")
+  if line_keys:
+    ax.legend(fontsize=8)
+  ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  path = os.path.join(workdir, f"metric_vs_{_UNSAFE.sub('_', names[x])}.png")
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser():
+  import argparse
+  p = argparse.ArgumentParser(
+      prog="sweep.py", description="Run train.py over a grid x seeds (resumable) and aggregate.")
+  p.add_argument("--config", help="configs/<file>.py[:<variant>]")
+  p.add_argument("--workdir", required=True, help="sweep directory (one subdir per point/seed)")
+  p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                 help="a swept config field and its values (repeatable)")
+  p.add_argument("--seeds", default="0", help="comma separated seeds (train.seed), default 0")
+  p.add_argument("--set", action="append", default=[], metavar="config.FIELD=VALUE",
+                 help="a fixed override for every run (repeatable)")
+  p.add_argument("--use_config_grid", action="store_true",
+                 help="take the grid from the config file's GRID (for the variant's method)")
+  p.add_argument("--aggregate_only", action="store_true",
+                 help="do not run; aggregate the results already in --workdir")
+  p.add_argument("--dry_run", action="store_true", help="print the points and commands only")
+  p.add_argument("--x", default=None, help="plot x axis (default: the learning rate)")
+  p.add_argument("--lines", default=None, help="plot: one line per value of this key")
+  p.add_argument("--no_plot", action="store_true")
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    if not args.aggregate_only:
+      if not args.config:
+        raise SweepError("--config is required (configs/<file>.py[:<variant>])")
+      mod, _, variant = load_config_module(args.config)
+      cfg = build_config(mod, variant, args.config)
+      grid: Dict[str, list] = {}
+      if args.use_config_grid:
+        grid.update(config_grid(mod, variant, cfg))
+      for g in args.grid:
+        k, vs = parse_grid_arg(g)
+        grid[k] = vs
+      sets = dict(parse_set_arg(s) for s in args.set)
+      seeds = parse_seeds(args.seeds)
+      for k in list(grid) + list(sets):
+        if not _has_field(cfg, k):
+          raise SweepError(f"unknown config field {k!r} for {args.config}")
+      if args.dry_run:
+        for p in expand_grid(grid, seeds):
+          pdir = os.path.join(args.workdir, p["name"], f"seed{p['seed']}")
+          print(" ".join(train_command(args.config, pdir, p["overrides"], p["seed"], sets)))
+        return 0
+      status = run_sweep(args.config, args.workdir, grid, seeds, sets)
+      if not status["done"] and not status["skipped"]:
+        print(f"error: every run failed; see {args.workdir}/*/seed*/failed.json", file=sys.stderr)
+        return 1
+    summary = aggregate(args.workdir, x=args.x, lines=args.lines, plot=not args.no_plot)
+  except SweepError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(open(os.path.join(args.workdir, "summary.md")).read().rstrip())
+  if summary.get("plot"):
+    print(f"plot: {summary['plot']}")
+  out = {"metric": summary["metric"], "best": summary["best"], "best_mean": summary["best_mean"],
+         "num_results": summary["num_results"], "failed": len(summary["failed"]),
+         "summary": os.path.join(args.workdir, "summary.json")}
+  print(json.dumps(out))
+  return 1 if summary["failed"] else 0

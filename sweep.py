@@ -1,0 +1,19 @@
+"""Hyper-parameter sweep over train.py: grid x seeds, resumable, then mean ± 2 std per point.
+
+  python sweep.py --config=configs/quickstart.py --workdir=runs/sweep1 \
+      --grid train.learning_rate=1e-3,3e-3 --grid peft.r=4,8 --seeds=0,1,2 \
+      --set config.train.num_steps=100
+  python sweep.py --config=configs/superni.py:lora --workdir=runs/superni --use_config_grid
+  python sweep.py --workdir=runs/sweep1 --aggregate_only      # summary.md/json + plot again
+
+Each point runs in <workdir>/<point-name>/seed<k>; a point with result.json is skipped,
+a failed one leaves failed.json (stderr tail) and is rerun next time. Writes
+summary.json, summary.md and metric_vs_<x>.png (see peft_jax/sweep.py).
+"""
+
+import sys
+
+from peft_jax.sweep import main
+
+if __name__ == "__main__":
+  sys.exit(main())
