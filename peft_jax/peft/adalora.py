@@ -61,7 +61,7 @@ import numpy as np
 
 from peft_jax.peft import targets as T
 from peft_jax.peft.base import Method, PeftConfigError, register
-from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, dropout
+from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, dropout, AdditiveMerge
 
 DEFAULT_TARGETS = {"t5": ["q", "k", "v", "o", "wi", "wo"], "llama": ["q_proj", "v_proj"]}
 LEAVES = ("adalora_A", "adalora_B", "adalora_E")
@@ -96,7 +96,7 @@ def budget_schedule(hp, init_bgt: int, target_bgt: int, step: int):
 
 
 @register
-class AdaLora(Method):
+class AdaLora(AdditiveMerge, Method):
   name = "adalora"
   reference = "HF PEFT 0.21 AdaLoraConfig"
   mergeable = True
@@ -305,19 +305,6 @@ class AdaLora(Method):
     e = jnp.asarray(flat[f"{p}/adalora_E"], jnp.float32)
     return jnp.einsum("...ir,...ro->...io", a * e[..., None, :], b) * self.scaling(hp)
 
-  def merge(self, cfg, hp, flat):
-    out = dict(flat)
-    for p in self._modules(flat):
-      w = jnp.asarray(flat[f"{p}/kernel"])
-      out[f"{p}/kernel"] = (w.astype(jnp.float32) + self.delta(hp, flat, p)).astype(w.dtype)
-    return out
-
-  def unmerge(self, cfg, hp, flat):
-    out = dict(flat)
-    for p in self._modules(flat):
-      w = jnp.asarray(flat[f"{p}/kernel"])
-      out[f"{p}/kernel"] = (w.astype(jnp.float32) - self.delta(hp, flat, p)).astype(w.dtype)
-    return out
 
 
 def count_nonzero_ranks(state, params) -> int:

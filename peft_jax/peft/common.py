@@ -81,3 +81,23 @@ class Rand:
     """torch's ``kaiming_uniform_(w, a=sqrt(5))`` on a ``[out, in]`` weight: U(+-1/sqrt(in))."""
     b = 1.0 / math.sqrt(shape_out_in[-1])
     return self.uniform(shape_out_in, -b, b)
+
+
+
+class AdditiveMerge:
+  """Mixin for reparameterisations ``W' = W + delta``: the method provides
+  ``_modules(flat)`` (the adapted module paths) and ``delta(hp, flat, path)``
+  (float32, the kernel's shape); merge adds it, unmerge subtracts it."""
+
+  def _fold(self, hp, flat, sign):
+    out = dict(flat)
+    for p in self._modules(flat):
+      w = jnp.asarray(flat[f"{p}/kernel"])
+      out[f"{p}/kernel"] = (w.astype(jnp.float32) + sign * self.delta(hp, flat, p)).astype(w.dtype)
+    return out
+
+  def merge(self, cfg, hp, flat):
+    return self._fold(hp, flat, 1.0)
+
+  def unmerge(self, cfg, hp, flat):
+    return self._fold(hp, flat, -1.0)

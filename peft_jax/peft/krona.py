@@ -44,7 +44,7 @@ import numpy as np
 
 from peft_jax.peft import targets as T
 from peft_jax.peft.base import Method, PeftConfigError, register
-from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype
+from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, AdditiveMerge
 
 DEFAULT_TARGETS = {"t5": ["q", "v"], "llama": ["q", "v"]}
 LEAVES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
@@ -166,7 +166,7 @@ class KronaHandler:
 
 
 @register
-class Krona(Method):
+class Krona(AdditiveMerge, Method):
   name = "krona"
   reference = "HF PEFT 0.21 LoKrConfig"
   mergeable = True
@@ -254,19 +254,6 @@ class Krona(Method):
       return jnp.asarray(flat[k], jnp.float32) if k in flat else None
     return kron_delta(_factor(get, "w1"), _factor(get, "w2")) * self.scaling(hp)
 
-  def merge(self, cfg, hp, flat):
-    out = dict(flat)
-    for p in self._modules(flat):
-      w = jnp.asarray(flat[f"{p}/kernel"])
-      out[f"{p}/kernel"] = (w.astype(jnp.float32) + self.delta(hp, flat, p)).astype(w.dtype)
-    return out
-
-  def unmerge(self, cfg, hp, flat):
-    out = dict(flat)
-    for p in self._modules(flat):
-      w = jnp.asarray(flat[f"{p}/kernel"])
-      out[f"{p}/kernel"] = (w.astype(jnp.float32) - self.delta(hp, flat, p)).astype(w.dtype)
-    return out
 
 
 def hf_tensors(state, params) -> Dict[str, np.ndarray]:
