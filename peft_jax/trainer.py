@@ -84,9 +84,16 @@ class Trainer:
     self.pad, self.start = run.start_and_pad(self.mc, self.tok)
     self.enc = encode(self.tok, self.train_rows, d.max_source_len, d.max_target_len,
                       source_eos=self.layout == "seq2seq")
+    # conversations (TULU): the whole chat, loss on every assistant turn (open-instruct)
+    self.chat = None
+    if self.layout == "causal" and all("messages" in r for r in self.train_rows):
+      from peft_jax.data.tulu import tokenize_rows
+      self.chat = list(tokenize_rows(self.tok, self.train_rows,
+                                     max_length=d.max_source_len + d.max_target_len))
     self.val_enc = encode(self.tok, self.val_rows, d.max_source_len, d.max_target_len,
                           source_eos=self.layout == "seq2seq")
-    self.steps_per_epoch = max(len(self.enc.source) // tc.batch_size, 1)
+    self.n_train = len(self.chat) if self.chat is not None else len(self.enc.source)
+    self.steps_per_epoch = max(self.n_train // tc.batch_size, 1)
     self.total = tc.num_steps if tc.num_steps > 0 else max(1, tc.num_epochs) * self.steps_per_epoch
     self.total = max(self.total, int(tc.get("min_steps") or 0))
     if not cfg.model.get("checkpoint"):
@@ -109,11 +116,16 @@ class Trainer:
   def batches(self, epoch: int, start: int) -> Iterator[Dict[str, np.ndarray]]:
     tc, d = self.cfg.train, self.cfg.data
     while True:
-      order = epoch_order(len(self.enc.source), tc.seed, epoch)
+      order = epoch_order(self.n_train, tc.seed, epoch)
       for i in range(start, self.steps_per_epoch):
         idx = order[i * tc.batch_size:(i + 1) * tc.batch_size]
-        yield epoch, i, make_batch(self.enc, idx, self.layout, self.pad, self.start,
-                                   d.max_source_len, d.max_target_len, batch_size=tc.batch_size)
+        if self.chat is not None:
+          from peft_jax.data.tulu import chat_batch
+          yield epoch, i, chat_batch(self.chat, idx, self.pad, d.max_source_len + d.max_target_len,
+                                     batch_size=tc.batch_size)
+        else:
+          yield epoch, i, make_batch(self.enc, idx, self.layout, self.pad, self.start,
+                                     d.max_source_len, d.max_target_len, batch_size=tc.batch_size)
       epoch, start = epoch + 1, 0
 
   # ------------------------------------------------------------------ evaluation
@@ -152,7 +164,7 @@ class Trainer:
       print(f"untuned {metric}: {untuned[metric]:.4f}")
       self.writer.write(0, _scalars("eval", untuned))
     best = {"step": None, metric: -math.inf, "eval_loss": math.inf}
-    patience, bad_evals = tc.get("early_stopping_patience") or 0, 0
+    patience, bad_evals, best_loss = tc.get("early_stopping_patience") or 0, 0, math.inf
     t0, tokens = time.time(), 0
     bar = tqdm(total=self.total, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0)
     it = _prefetch(self.batches(epoch, pos))
@@ -185,8 +197,8 @@ class Trainer:
       if evaluate_now:
         res = self.evaluate(params)
         self.writer.write(step, _scalars("eval", res))
-        if res["eval_loss"] < best["eval_loss"]:
-          bad_evals = 0
+        if res["eval_loss"] < best_loss:       # early stopping watches the validation loss
+          best_loss, bad_evals = res["eval_loss"], 0
         else:
           bad_evals += 1
         if res[metric] > best[metric]:

@@ -99,5 +99,14 @@ def test_tulu_tiny_trains_and_evaluates(shared_data, tmp_path, monkeypatch):
       {"role": "user", "content": f"Say the number {i}."},
       {"role": "assistant", "content": f"The number is {i}."}]} for i in range(20)]
   f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-  _tiny_train("tulu", "lora,tiny", tmp_path, monkeypatch, shared_data, path=str(f),
-              eval_split="train")
+  for i, r in enumerate(rows):
+    r["messages"] += [{"role": "user", "content": "And the next one?"},
+                      {"role": "assistant", "content": f"It is {i + 1}."}]
+  f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  t, _ = _tiny_train("tulu", "lora,tiny", tmp_path, monkeypatch, shared_data, path=str(f),
+                     eval_split="train")
+  # the whole conversation is trained on, with loss on every assistant turn
+  assert t.chat is not None and len(t.chat) == 16     # tiny variant: 16 training rows
+  for e in t.chat:   # two assistant turns -> two separate runs of loss tokens
+    m = e["loss_mask"]
+    assert sum(1 for a, b in zip([0] + m, m) if a == 0 and b == 1) == 2

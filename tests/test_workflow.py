@@ -154,3 +154,24 @@ def test_divergence_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path)
   from peft_jax.peft import flatten
   for k in t.state.added:
     assert np.isfinite(np.asarray(flatten(params)[k])).all(), k
+
+
+def test_early_stopping_on_validation_loss(tmp_path):
+  """With a zero learning rate the validation loss never improves: patience 2 stops the
+  run at the third evaluation; the best checkpoint by the metric is selected."""
+  import importlib.util
+  from peft_jax.trainer import Trainer
+  spec = importlib.util.spec_from_file_location("qs", os.path.join(REPO, "configs", "quickstart.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.train.num_steps = 100
+  c.train.learning_rate = 0.0
+  c.train.eval_every = 5
+  c.train.early_stopping_patience = 2
+  c.train.eval_at_start = False
+  c.data.max_eval_examples = 20
+  c.eval.batch_size = 20
+  res = Trainer(c, str(tmp_path / "wd")).train()
+  assert res["steps"] == 15, res
+  assert res["best_step"] == 5
