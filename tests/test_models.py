@@ -199,3 +199,32 @@ def test_tokenizer_from_checkpoint_dir_with_real_t5_vocab(shared_data, tmp_path)
   out = build_model(mc).apply({"params": params}, jnp.asarray(ids["input_ids"] % 128),
                               jnp.asarray(ids["attention_mask"]), jnp.zeros((1, 2), jnp.int32))
   assert out.shape == (1, 2, 128) and np.isfinite(np.asarray(out)).all()
+
+
+def test_untied_t5_head_matches_transformers(tmp_path):
+  """transformers 5 ties T5's head unless the checkpoint says otherwise: a FLAN-T5-style
+  checkpoint (``tie_word_embeddings: false``, its own ``lm_head.weight``, no rescale) loads
+  untied on both sides with the same logits, and exports back the same way."""
+  import transformers
+  from safetensors.numpy import load_file, save_file
+  _, d = saved_hf_model("t5_v11")
+  ck = tmp_path / "flan_like"
+  shutil.copytree(d, ck)
+  sd = load_file(str(ck / "model.safetensors"))
+  sd["lm_head.weight"] = np.random.RandomState(0).randn(128, 32).astype(np.float32)
+  save_file(sd, str(ck / "model.safetensors"), metadata={"format": "pt"})
+  c = json.load(open(ck / "config.json"))
+  c["tie_word_embeddings"] = False
+  c.pop("scale_decoder_outputs", None)
+  json.dump(c, open(ck / "config.json", "w"))
+  m = transformers.T5ForConditionalGeneration.from_pretrained(str(ck)).eval()
+  assert m.lm_head.weight.data_ptr() != m.shared.weight.data_ptr()
+  cfg, params = load_hf(str(ck))
+  assert not cfg.tie_word_embeddings and not cfg.scales_decoder_outputs and "lm_head" in params
+  ids, mask, dec = _inputs("t5_v11")
+  np.testing.assert_allclose(_ours(build_model(cfg), params, "t5_v11", ids, mask, dec),
+                             _theirs(m, "t5_v11", ids, mask, dec), atol=1e-4, rtol=0)
+  out = save_hf(cfg, params, str(tmp_path / "export"))
+  m2 = transformers.T5ForConditionalGeneration.from_pretrained(out).eval()
+  np.testing.assert_allclose(_theirs(m2, "t5_v11", ids, mask, dec), _theirs(m, "t5_v11", ids, mask, dec),
+                             atol=1e-5, rtol=0)
