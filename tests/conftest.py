@@ -23,3 +23,13 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real data samples not found at {SHARED_DATA} (../shared/data is absent)")
   return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+  """torch's intra-op threads fight XLA's on 2 cores (a tiny forward then takes ~1 s)."""
+  import torch
+  n = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(n)

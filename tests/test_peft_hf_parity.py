@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_hf import saved_hf_model
+from tiny_hf import loaded
 
 hfpeft = pytest.importorskip("peft")
 
 from peft_jax import peft  # noqa: E402
-from peft_jax.checkpoint.hf import load_hf  # noqa: E402
 from peft_jax.models import build_model  # noqa: E402
 from peft_jax.peft.base import flatten, unflatten  # noqa: E402
 
@@ -31,20 +30,9 @@ TOL = 1e-4
 KINDS = ("t5_v10", "t5_v11", "llama_mha", "llama_gqa")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-  # torch's intra-op threads fight XLA's on 2 cores (a tiny forward then takes ~1 s)
-  n = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@functools.lru_cache(maxsize=None)
-def loaded(kind):
-  m, d = saved_hf_model(kind)
-  cfg, base = load_hf(d)
-  return m, d, cfg, base
 
 
 def fresh_torch(kind):

@@ -24,12 +24,7 @@ from peft_jax.peft.base import flatten, unflatten  # noqa: E402
 warnings.filterwarnings("ignore", module="peft")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-  n = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def t5_large_meta():

@@ -10,27 +10,17 @@ import pytest
 import torch
 import transformers
 
-from tiny_hf import saved_hf_model
+from tiny_hf import loaded
 
 from peft_jax import peft
-from peft_jax.checkpoint.hf import load_hf, save_hf
+from peft_jax.checkpoint.hf import save_hf
 from peft_jax.models import build_model
 from peft_jax.peft.base import flatten, unflatten
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-  n = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@functools.lru_cache(maxsize=None)
-def loaded(kind):
-  m, d = saved_hf_model(kind)
-  cfg, base = load_hf(d)
-  return m, d, cfg, base
 
 
 @functools.lru_cache(maxsize=None)

@@ -46,3 +46,12 @@ def saved_hf_model(kind: str, seed: int = 0):
   d = tempfile.mkdtemp(prefix=f"peftjax_{kind}_")
   m.save_pretrained(d)
   return m, d
+
+
+@functools.lru_cache(maxsize=None)
+def loaded(kind: str):
+  """(torch model, directory, our config, our params) — imported once per test session."""
+  from peft_jax.checkpoint.hf import load_hf
+  m, d = saved_hf_model(kind)
+  cfg, base = load_hf(d)
+  return m, d, cfg, base
