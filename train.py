@@ -3,6 +3,8 @@
   python train.py --config=configs/quickstart.py --workdir=/tmp/quickstart
   python train.py --config=configs/quickstart.py --config.peft.r=4 --config.train.num_steps=100
   python train.py --config=configs/quickstart.py --dry_run      # counts only, no weights, no data
+  python train.py --config=configs/survey.py:t5-11b,lora --plan --cpu_devices=8  # memory plan
+  python train.py --config=... --distributed    # one process per host (jax.distributed)
 """
 
 from __future__ import annotations
@@ -17,7 +19,36 @@ config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:<variant>]",
 flags.DEFINE_string("workdir", None, "where metrics, TensorBoard logs and adapters are written")
 flags.DEFINE_bool("dry_run", False, "build the parameter tree abstractly, print the parameter "
                   "table and, as the last line, a JSON object with the counts; no weights, no data")
+flags.DEFINE_bool("plan", False, "compile the training step ahead of time on the configured "
+                  "mesh for abstract inputs and print per-device memory (arguments, "
+                  "temporaries, outputs) and FLOPs; no weights, no data (last line: JSON)")
+flags.DEFINE_string("plan_topology", "", "plan on a real topology, e.g. v5e:2x4 (needs that "
+                    "platform's compiler, e.g. libtpu); default: CPU devices")
+flags.DEFINE_integer("cpu_devices", 0, "simulate this many CPU devices (a mesh on one machine)")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "jax.distributed.initialize() before anything else: on, off, or auto (on "
+                  "when JAX_COORDINATOR_ADDRESS is set or on a multi-host TPU slice)")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (else detected)")
+flags.DEFINE_integer("num_processes", None, "number of processes (else detected)")
+flags.DEFINE_integer("process_id", None, "this process's index (else detected)")
 flags.mark_flag_as_required("config")
+
+
+def _setup_jax():
+  """Device simulation and the distributed runtime, before any JAX computation."""
+  import os
+  import jax
+  if FLAGS.cpu_devices:
+    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+  on = FLAGS.distributed == "on"
+  if FLAGS.distributed == "auto":
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    on = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or "," in hosts
+  if on and not FLAGS.plan:
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or FLAGS.cpu_devices:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
 
 
 def main(argv):
@@ -28,7 +59,15 @@ def main(argv):
   from peft_jax.peft import describe
   from peft_jax.trainer import Trainer
 
+  _setup_jax()
   cfg = FLAGS.config
+  if FLAGS.plan:
+    from peft_jax.plan import format_plan, plan, topology_devices
+    devices = topology_devices(FLAGS.plan_topology) if FLAGS.plan_topology else None
+    res = plan(cfg, devices)
+    print(format_plan(res))
+    print(json.dumps(res))
+    return
   if FLAGS.dry_run:
     mc = run.model_config(cfg)
     info = describe(mc, cfg.peft.method, run.peft_overrides(cfg))

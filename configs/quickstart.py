@@ -33,6 +33,9 @@ def get_config(variant: str = ""):
       "stop_at_step": 0})            # > 0: stop there as if interrupted (resume drills)
   c.eval = ml_collections.ConfigDict({"batch_size": 100, "max_new_tokens": 4, "num_beams": 1,
                                       "metric": "exact_match"})
+  # all visible devices, weights split FSDP-style; see peft_jax/sharding.py and docs/scaling.md
+  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "num_devices": 0,
+                                      "rules": "", "param_rules": ""})
   if variant == "full":
     c.peft = ml_collections.ConfigDict({"method": "full"})
     c.train.learning_rate = 1e-3

@@ -37,7 +37,7 @@ def get_config(variant: str = ""):
   c.train.learning_rate = 1e-4
   c.train.num_epochs = 3
   c.train.batch_size = 128
-  c.train.micro_batch_size = 4
+  c.train.micro_batch_size = 8     # one 4096-token sequence per device on 8 devices
   c.eval.metric = "rougeL"
   c.eval.max_new_tokens = 256
   if v["model"] == "tiny":

@@ -31,6 +31,11 @@ def base_config() -> ml_collections.ConfigDict:
       "keep_last": 2, "early_stopping_patience": 0, "eval_at_start": False, "stop_at_step": 0})
   c.eval = ml_collections.ConfigDict({"batch_size": 32, "max_new_tokens": 128, "num_beams": 1,
                                       "metric": "rougeL"})
+  # device mesh (peft_jax.sharding): -1 = the rest of the devices; the batch is split over
+  # data x fsdp, base weights over fsdp (and tensor); rules: "logical=axes, ..." over the
+  # defaults; param_rules: "regex -> dims; ..." over flattened paths (first match wins)
+  c.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "num_devices": 0,
+                                      "rules": "", "param_rules": ""})
   return c
 
 
@@ -63,4 +68,5 @@ def tiny_model(c: ml_collections.ConfigDict, family: str):
   c.data.max_eval_examples = 4
   c.eval.batch_size = 4
   c.eval.max_new_tokens = 4
+  c.mesh.num_devices = 1      # a smoke test: one device (micro-batches of 2 split no further)
   return c

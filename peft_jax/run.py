@@ -47,13 +47,35 @@ def model_config(cfg):
   return mc.replace(**kw)
 
 
-def base_params(cfg, mc, rng):
-  """Pretrained weights from ``model.checkpoint``, else a random init (presets)."""
+def base_params(cfg, mc, rng, shardings=None):
+  """Pretrained weights from ``model.checkpoint``, else a random init (presets).
+
+  With ``shardings`` (a tree matching the base parameters) each leaf is created or
+  read straight into its shards (see :mod:`peft_jax.sharding`)."""
   if cfg.model.get("checkpoint"):
     from peft_jax.checkpoint.hf import load_hf
-    _, params = load_hf(resolve_path(cfg.model.checkpoint), cfg=mc)
+    _, params = load_hf(resolve_path(cfg.model.checkpoint), cfg=mc, shardings=shardings)
+    if shardings is not None:
+      return params
     return jax.tree_util.tree_map(jnp.asarray, params)
+  if shardings is not None:
+    from peft_jax.sharding import init_sharded
+    return init_sharded(mc, rng, shardings)
   return init_params(mc, rng)
+
+
+def make_mesh(cfg):
+  """The device mesh of ``config.mesh`` (``num_devices``: use the first n; 0 = all)."""
+  from peft_jax.sharding import ShardingError, make_mesh as _make
+  m = cfg.get("mesh")
+  n = int(m.get("num_devices") or 0) if m is not None else 0
+  devices = jax.devices()
+  if n > len(devices):
+    raise ConfigError(f"config.mesh.num_devices={n} but only {len(devices)} devices are visible")
+  try:
+    return _make(m, devices[:n] if n else devices)
+  except ShardingError as e:
+    raise ConfigError(f"config.mesh: {e}") from None
 
 
 def tokenizer(cfg, mc=None):

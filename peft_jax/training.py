@@ -67,7 +67,8 @@ def loss_fn(model, params, batch, rng, deterministic: bool):
   return (nll * m).sum() / n, m.sum()
 
 
-def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool = False):
+def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool = False,
+                    mesh=None, param_shardings=None, rules=None):
   """Returns ``(opt, step)``; ``step(params, opt_state, batch, rng) -> (params, opt_state, metrics)``.
 
   * Only the trainable subtree is differentiated; partly trained leaves (layer
@@ -79,6 +80,11 @@ def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool 
   * A non-finite loss or gradient leaves params and optimizer state unchanged and
     reports ``finite = False`` (the loop stops; the last good state is kept).
   * Jitted with the parameter and optimizer buffers donated.
+  * With a ``mesh`` (and ``param_shardings``, see :mod:`peft_jax.sharding`): jitted with
+    in/out shardings for parameters, optimizer state (mirroring the parameters) and
+    the batch (split over ``data x fsdp``); activations are constrained by the
+    models' logical names; micro-batches are taken strided (rows ``a, a+A, ...``)
+    so that each stays split over the same devices as the whole batch.
   """
   from peft_jax.peft.base import flatten, join, split_trainable, unflatten
   from peft_jax.peft.training import make_optimizer
@@ -112,23 +118,47 @@ def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool 
 
     (tot, ntok), g = jax.value_and_grad(f, has_aux=True)(tr)
     g = {k: (jnp.where(masks[k], v, 0) if k in masks else v) for k, v in g.items()}
-    return tot, ntok, g, fr
+    return tot, ntok, _constrain_flat(g), fr
+
+  flat_sh = None
+  if mesh is not None:
+    if param_shardings is None:
+      raise ValueError("make_train_step: a mesh needs param_shardings")
+    flat_sh = flatten(param_shardings)
+
+  def _constrain_flat(d):
+    if flat_sh is None:
+      return d
+    return {k: jax.lax.with_sharding_constraint(v, flat_sh[k]) for k, v in d.items()}
 
   def step(params, opt_state, batch, rng):
+    from peft_jax.sharding import activation_sharding
+    with activation_sharding(mesh, rules):
+      return _step(params, opt_state, batch, rng)
+
+  def _step(params, opt_state, batch, rng):
     inner = opt_state.inner if hooked else opt_state
     if accum_steps == 1:
       tot, ntok, g, fr = grads_of(params, batch, rng)
     else:
+      # strided: micro-batch a = rows a, a+A, a+2A, ... (stays on the batch's devices)
       micro = jax.tree_util.tree_map(
-          lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
+          lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum_steps, accum_steps)
+                                           + x.shape[1:]), 0, 1), batch)
+      if mesh is not None:
+        from peft_jax.sharding import BATCH
+        from jax.sharding import NamedSharding, PartitionSpec
+        micro = jax.lax.with_sharding_constraint(
+            micro, NamedSharding(mesh, PartitionSpec(None, BATCH)))
       tr0, fr = split_trainable(params, trainable_mask)
-      zero = {k: jnp.zeros(v.shape, jnp.float32) for k, v in tr0.items()}
+      zero = _constrain_flat({k: jnp.zeros(v.shape, jnp.float32) for k, v in tr0.items()})
 
       def body(carry, xs):
         gs, ts, ns = carry
         b, i = xs
         t, n, g, _ = grads_of(params, b, jax.random.fold_in(rng, i))
-        return ({k: gs[k] + g[k].astype(jnp.float32) for k in gs}, ts + t, ns + n), None
+        return (_constrain_flat({k: gs[k] + g[k].astype(jnp.float32) for k in gs}), ts + t,
+                ns + n), None
 
       (g, tot, ntok), _ = jax.lax.scan(body, (zero, 0.0, 0.0), (micro, jnp.arange(accum_steps)))
       g = {k: v.astype(tr0[k].dtype) for k, v in g.items()}
@@ -153,13 +183,32 @@ def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool 
     new_opt = jax.tree_util.tree_map(keep, new_opt, opt_state)
     return new, new_opt, {"loss": loss, "tokens": ntok, "grad_norm": gnorm, "finite": finite}
 
-  return opt, jax.jit(step, donate_argnums=(0, 1))
+  if mesh is None:
+    return opt, jax.jit(step, donate_argnums=(0, 1))
+  from peft_jax.sharding import batch_sharding, replicated
+  opt_sh = opt_state_shardings(opt, state.params, param_shardings, mesh)
+  repl = replicated(mesh)
+  return opt, jax.jit(step, donate_argnums=(0, 1),
+                      in_shardings=(param_shardings, opt_sh, batch_sharding(mesh), repl),
+                      out_shardings=(param_shardings, opt_sh, repl))
 
 
-def make_eval_loss(state, model):
-  """``f(params, batch) -> (summed NLL, n target tokens)`` for a validation pass."""
-  @jax.jit
+def opt_state_shardings(opt, params, param_shardings, mesh):
+  """Shardings of ``opt.init(params)``: moments follow their parameters, the rest is
+  replicated (computed from shapes only)."""
+  from peft_jax.sharding import like_params
+  abstract = jax.eval_shape(opt.init, params)
+  return like_params(abstract, params, param_shardings, mesh)
+
+
+def make_eval_loss(state, model, mesh=None, param_shardings=None):
+  """``f(params, batch) -> (summed NLL, n target tokens)`` for a validation pass (with a
+  mesh: parameters in their shardings, the batch replicated)."""
   def f(params, batch):
     loss, n = loss_fn(model, state.prepare(params), batch, None, True)
     return loss * n, n
-  return f
+  if mesh is None:
+    return jax.jit(f)
+  from peft_jax.sharding import replicated
+  return jax.jit(f, in_shardings=(param_shardings, replicated(mesh)),
+                 out_shardings=replicated(mesh))

@@ -149,7 +149,8 @@ def test_divergence_stops_with_the_step_and_keeps_last_good_checkpoint(tmp_path)
     t.train()
   saved = sorted(int(p.name) for p in (tmp_path / "wd" / "checkpoints").iterdir() if p.name.isdigit())
   assert saved, "the last good checkpoint is kept"
-  params, _, meta = t.ckpt.restore(t.state, t.state.params, t.opt.init(t.state.params))
+  params, _, meta = t.ckpt.restore(t.state, t.state.params, t.opt.init(t.state.params),
+                                   t.param_sh, t.opt_sh)
   assert meta["step"] == saved[-1]
   from peft_jax.peft import flatten
   for k in t.state.added:

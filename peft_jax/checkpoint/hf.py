@@ -225,16 +225,34 @@ class _TensorSource:
   def names(self):
     return set(self._files)
 
+  def _st(self, f):
+    from safetensors import safe_open
+    if f not in self._open:
+      try:
+        self._open[f] = safe_open(f, framework="numpy")
+      except Exception as e:
+        raise CheckpointError(f"cannot read safetensors file {f}: {e}") from None
+    return self._open[f]
+
+  def shape(self, name: str) -> Tuple[int, ...]:
+    """The stored shape, from the file header only (safetensors)."""
+    f = self._files[name]
+    if f.endswith(".safetensors"):
+      return tuple(self._st(f).get_slice(name).get_shape())
+    return tuple(self._torch(f)[name].shape)
+
+  def read(self, name: str, index: Tuple[slice, ...]) -> np.ndarray:
+    """Only the block ``index`` of a tensor (safetensors reads just those bytes)."""
+    f = self._files[name]
+    if f.endswith(".safetensors"):
+      t = self._st(f).get_slice(name)[tuple(index)]
+      return np.asarray(t)
+    return self.get(name)[tuple(index)]
+
   def get(self, name: str) -> np.ndarray:
     f = self._files[name]
     if f.endswith(".safetensors"):
-      from safetensors import safe_open
-      if f not in self._open:
-        try:
-          self._open[f] = safe_open(f, framework="numpy")
-        except Exception as e:
-          raise CheckpointError(f"cannot read safetensors file {f}: {e}") from None
-      t = self._open[f].get_tensor(name)
+      t = self._st(f).get_tensor(name)
     else:
       import torch
       t = self._torch(f)[name]
@@ -270,8 +288,16 @@ def read_hf_config(path: str) -> Dict[str, Any]:
     raise CheckpointError(f"corrupt config.json in {path}: {e}") from None
 
 
-def load_hf(path_or_id: str, dtype=np.float32, cfg=None):
-  """Returns ``(config, params)`` with params a nested dict of numpy arrays."""
+def load_hf(path_or_id: str, dtype=np.float32, cfg=None, shardings=None):
+  """Returns ``(config, params)`` with params a nested dict of numpy arrays.
+
+  With ``shardings`` (a tree of ``jax.sharding.Sharding`` matching the model's
+  parameters), returns ``jax.Array`` leaves in those shardings instead, each
+  device's block read from the files on its own (safetensors: only those bytes);
+  no host or device ever holds a whole stacked leaf. Leaves take the model's
+  ``param_dtype``."""
+  if shardings is not None:
+    return _load_sharded(path_or_id, cfg, shardings)
   path = resolve_checkpoint_dir(path_or_id)
   hf_cfg = read_hf_config(path)
   src = _TensorSource(path)
@@ -282,12 +308,29 @@ def load_hf(path_or_id: str, dtype=np.float32, cfg=None):
   from flax.traverse_util import flatten_dict, unflatten_dict
   shapes = flatten_dict(abstract_params(cfg), sep="/")
   out = {}
-  used = set()
+  for ours, found, n, transpose in _resolve_names(src, names, path, cfg, shapes):
+    arr = np.empty(shapes[ours].shape, dtype)
+    for i, name in enumerate(found):
+      t = src.get(name)
+      t = t.T if transpose else t
+      if n is None:
+        arr[...] = t
+      else:
+        arr[i] = t
+    out[ours] = arr
+  return cfg, unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
+
+
+def _resolve_names(src, names, path, cfg, shapes):
+  """(ours, [hf names per layer or one], layer count, transpose) with every shape checked
+  from the file headers before anything is read."""
+  out = []
   for ours, theirs, n, transpose in name_map(cfg):
     if ours not in shapes:
       raise CheckpointError(f"internal name map names {ours}, which the model does not have")
-    want = shapes[ours].shape
-    arr = np.empty(want, dtype)
+    want = tuple(shapes[ours].shape)
+    target = want[1:] if n is not None else want
+    found = []
     for i in (range(n) if n is not None else [None]):
       name = theirs.format(i=i)
       if name not in names:
@@ -295,21 +338,45 @@ def load_hf(path_or_id: str, dtype=np.float32, cfg=None):
         if not alt:
           raise CheckpointError(f"checkpoint {path} lacks tensor {name!r} (for {ours})")
         name = alt[0]
-      t = src.get(name)
-      if transpose:
-        t = t.T
-      target = want[1:] if n is not None else want
-      if tuple(t.shape) != tuple(target):
+      got = src.shape(name)
+      got = got[::-1] if transpose else got
+      if tuple(got) != tuple(target):
         raise CheckpointError(
-            f"tensor {name!r} has shape {tuple(t.shape)}{' (transposed)' if transpose else ''} "
+            f"tensor {name!r} has shape {tuple(got)}{' (transposed)' if transpose else ''} "
             f"but {ours} expects {tuple(target)} (config.json in {path} and the weights disagree)")
+      found.append(name)
+    out.append((ours, found, n, transpose))
+  return out
+
+
+def _load_sharded(path_or_id, cfg, shardings):
+  import jax
+  from flax.traverse_util import flatten_dict, unflatten_dict
+  from peft_jax.models import abstract_params
+  path = resolve_checkpoint_dir(path_or_id)
+  hf_cfg = read_hf_config(path)
+  src = _TensorSource(path)
+  if cfg is None:
+    cfg = config_from_hf(hf_cfg, src.names())
+  shapes = flatten_dict(abstract_params(cfg), sep="/")
+  sh = flatten_dict(shardings, sep="/")
+  out = {}
+  for ours, found, n, transpose in _resolve_names(src, src.names(), path, cfg, shapes):
+    want, dt = tuple(shapes[ours].shape), shapes[ours].dtype
+
+    def block(name, idx, transpose=transpose):
+      if transpose:   # ours [in, out] = theirs[out, in].T
+        return src.read(name, tuple(reversed(idx))).T
+      return src.read(name, idx)
+
+    def cb(index, found=found, n=n, want=want, dt=dt, block=block):
+      index = tuple(index) + (slice(None),) * (len(want) - len(index))
       if n is None:
-        arr[...] = t
-      else:
-        arr[i] = t
-      used.add(name)
-    out[ours] = arr
-  del shapes
+        return np.asarray(block(found[0], index), dt)
+      rows = range(*index[0].indices(n))
+      return np.stack([np.asarray(block(found[i], index[1:]), dt) for i in rows])
+
+    out[ours] = jax.make_array_from_callback(want, sh[ours], cb)
   return cfg, unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
 
 

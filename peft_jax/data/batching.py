@@ -54,17 +54,26 @@ def _pad(seqs, length, pad):
 
 
 def make_batch(enc: Encoded, idx: Sequence[int], layout: str, pad_id: int, start_id: int,
-               max_source_len: int, max_target_len: int, batch_size: Optional[int] = None
-               ) -> Dict[str, np.ndarray]:
-  """A padded batch; rows beyond ``len(idx)`` (to reach ``batch_size``) have zero masks."""
+               max_source_len: int, max_target_len: int, batch_size: Optional[int] = None,
+               lengths_from: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
+  """A padded batch; rows beyond ``len(idx)`` (to reach ``batch_size``) have zero masks.
+
+  ``lengths_from``: the examples whose lengths choose the buckets (default ``idx``); a
+  host that builds only its rows of a global batch passes the whole batch here, so
+  every host pads to the same shape."""
   idx = list(idx)
+  ref = list(idx if lengths_from is None else lengths_from) or [None]
+  src_len = max((len(enc.source[i]) if i is not None else 1) for i in ref)
+  tgt_len = max((len(enc.target[i]) if i is not None else 1) for i in ref)
+  full_len = max((len(enc.source[i]) + len(enc.target[i]) if i is not None else 2)
+                 for i in ref)
   bs = batch_size or len(idx)
   src = [enc.source[i] for i in idx] + [[pad_id]] * (bs - len(idx))
   tgt = [enc.target[i] for i in idx] + [[pad_id]] * (bs - len(idx))
   valid = np.array([1] * len(idx) + [0] * (bs - len(idx)), np.int32)
   if layout == "seq2seq":
-    s_len = bucket_length(max(len(s) for s in src), max_source_len)
-    t_len = bucket_length(max(len(t) for t in tgt), max_target_len)
+    s_len = bucket_length(src_len, max_source_len)
+    t_len = bucket_length(tgt_len, max_target_len)
     inputs = _pad(src, s_len, pad_id)
     input_mask = (_pad([[1] * len(s) for s in src], s_len, 0) * valid[:, None]).astype(np.int32)
     targets = _pad(tgt, t_len, pad_id)
@@ -74,7 +83,7 @@ def make_batch(enc: Encoded, idx: Sequence[int], layout: str, pad_id: int, start
             "targets": targets, "target_mask": target_mask.astype(np.int32)}
   if layout == "causal":
     full = [s + t for s, t in zip(src, tgt)]
-    n = bucket_length(max(len(f) for f in full) + 1, max_source_len + max_target_len)
+    n = bucket_length(full_len + 1, max_source_len + max_target_len)
     inputs = _pad(full, n, pad_id)
     input_mask = _pad([[1] * len(f) for f in full], n, 0) * valid[:, None]
     tmask = _pad([[0] * (len(s) - 1) + [1] * len(t) for s, t in zip(src, tgt)], n, 0) * valid[:, None]

@@ -148,18 +148,22 @@ def tokenize_rows(tokenizer, rows: Sequence[dict], *, max_length: int = 2048, ad
 
 
 def chat_batch(encoded: Sequence[dict], idx: Sequence[int], pad_id: int, max_len: int,
-               batch_size: Optional[int] = None, min_len: int = 8) -> Dict[str, np.ndarray]:
+               batch_size: Optional[int] = None, min_len: int = 8,
+               lengths_from: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
   """A causal-LM batch in the layout of ``batching.make_batch(..., 'causal')``:
   ``inputs``/``input_mask``, ``targets`` = inputs shifted left, ``target_mask`` = the
   loss mask of the predicted token (so 1 only where an assistant token is predicted).
   Lengths are padded up to a power-of-two bucket (capped at ``max_len``); rows
-  beyond ``len(idx)`` (to reach ``batch_size``) are all-zero masks."""
+  beyond ``len(idx)`` (to reach ``batch_size``) are all-zero masks. ``lengths_from``: the
+  examples whose lengths choose the bucket (a host building its rows of a global batch)."""
   from peft_jax.data.batching import bucket_length
   idx = list(idx)
   bs = batch_size or len(idx)
   seqs = [list(encoded[i]["input_ids"])[:max_len] for i in idx]
   masks = [list(encoded[i]["loss_mask"])[:max_len] for i in idx]
-  n = bucket_length(max([len(s) for s in seqs] + [1]), max_len, min_len)
+  ref = idx if lengths_from is None else list(lengths_from)
+  n = bucket_length(max([min(len(encoded[i]["input_ids"]), max_len) for i in ref] + [1]),
+                    max_len, min_len)
   inputs = np.full((bs, n), pad_id, np.int32)
   input_mask = np.zeros((bs, n), np.int32)
   loss = np.zeros((bs, n), np.int32)

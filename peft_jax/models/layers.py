@@ -7,6 +7,7 @@ onto a mesh by rules. Kernels are stored ``[in, out]``.
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -23,6 +24,18 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+#: set by :func:`peft_jax.sharding.activation_sharding` while a step is traced
+ACTIVATION_CONSTRAINT: contextvars.ContextVar = contextvars.ContextVar("activation_constraint",
+                                                                       default=None)
+
+
+def constrain(x, names: Sequence[Optional[str]]):
+  """Sharding constraint on an activation by logical names (``batch``, ``act_len``,
+  ``act_embed``, ``act_vocab``, ...); a no-op outside a sharded step."""
+  fn = ACTIVATION_CONSTRAINT.get()
+  return x if fn is None else fn(x, tuple(names))
 
 
 def param_with_axes(module, name, init, shape, axes, dtype):

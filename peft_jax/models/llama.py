@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.models.config import LlamaConfig, as_dtype
-from peft_jax.models.layers import Embed, Linear, RMSNorm, attention, scanned
+from peft_jax.models.layers import Embed, Linear, RMSNorm, attention, constrain, scanned
 from peft_jax.sites import NO_SITES, Sites
 
 
@@ -116,6 +116,10 @@ class LlamaMLP(nn.Module):
     return dense(cfg.hidden_size, ("mlp", "embed"), "down")(hid)
 
 
+RESIDUAL = ("batch", "act_len", "act_embed")
+LOGITS = ("batch", "act_len", "act_vocab")
+
+
 class LlamaBlock(nn.Module):
   cfg: LlamaConfig
   sites: Sites = NO_SITES
@@ -124,6 +128,7 @@ class LlamaBlock(nn.Module):
   @nn.compact
   def __call__(self, x, positions, mask, cache_index, cache):
     cfg, det = self.cfg, self.deterministic
+    x = constrain(x, RESIDUAL)
     norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, dtype=as_dtype(cfg.dtype),
                              param_dtype=as_dtype(cfg.param_dtype), cast_before_scale=True)
     h = norm(name="attn_norm")(x)
@@ -132,7 +137,7 @@ class LlamaBlock(nn.Module):
     x = x + self.sites.sublayer(self, "attn", h, y, det, x=x)
     h = norm(name="mlp_norm")(x)
     y = LlamaMLP(cfg, self.sites, det, name="mlp")(h)
-    x = x + self.sites.sublayer(self, "mlp", h, y, det, x=x)
+    x = constrain(x + self.sites.sublayer(self, "mlp", h, y, det, x=x), RESIDUAL)
     return x, new_cache
 
 
@@ -192,7 +197,7 @@ class Llama(nn.Module):
     else:
       logits = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=dtype, param_dtype=pdtype,
                       sites=self.sites, deterministic=deterministic, name="lm_head")(x)
-    logits = logits.astype(jnp.float32)
+    logits = constrain(logits.astype(jnp.float32), LOGITS)
     return logits if cache is None else (logits, new_cache)
 
 

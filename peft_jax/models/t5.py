@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from peft_jax.models.config import T5Config, as_dtype
-from peft_jax.models.layers import Embed, Linear, RMSNorm, attention, param_with_axes, scanned
+from peft_jax.models.layers import (Embed, Linear, RMSNorm, attention, constrain, param_with_axes,
+                                    scanned)
 from peft_jax.sites import NO_SITES, Sites
 
 _ACTS = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=False),
@@ -143,6 +144,10 @@ class T5MLP(nn.Module):
     return dense(cfg.d_model, ("mlp", "embed"), "wo")(hid)
 
 
+RESIDUAL = ("batch", "act_len", "act_embed")
+LOGITS = ("batch", "act_len", "act_vocab")
+
+
 class T5Block(nn.Module):
   """One encoder or decoder layer, the body of the layer scan."""
   cfg: T5Config
@@ -154,6 +159,7 @@ class T5Block(nn.Module):
   @nn.compact
   def __call__(self, x, mask, bias, enc, enc_mask, cache_index, cache):
     cfg, det = self.cfg, self.deterministic
+    x = constrain(x, RESIDUAL)
     norm = functools.partial(RMSNorm, eps=cfg.layer_norm_epsilon, dtype=as_dtype(cfg.dtype),
                              param_dtype=as_dtype(cfg.param_dtype))
     drop = nn.Dropout(cfg.dropout_rate)
@@ -180,7 +186,7 @@ class T5Block(nn.Module):
     h = norm(name="mlp_norm")(x)
     y = T5MLP(cfg, self.sites, det, name="mlp")(h)
     y = self.sites.sublayer(self, "mlp", h, drop(y, deterministic=det), det, x=x)
-    x = x + y
+    x = constrain(x + y, RESIDUAL)
     return x, (new_cache if new_cache else None)
 
 
@@ -267,7 +273,7 @@ class T5(nn.Module):
       logits = self.shared.attend(h)
     else:
       logits = self.lm_head(h)
-    logits = logits.astype(jnp.float32)
+    logits = constrain(logits.astype(jnp.float32), LOGITS)
     return logits if cache is None else (logits, new_cache)
 
   def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None,
