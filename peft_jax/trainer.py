@@ -103,6 +103,8 @@ class Trainer:
     self.rows = S.local_rows(self.batch_sh, tc.batch_size)
     if self.main:
       print(S.describe(self.mesh, specs, dropped, flatten(abstract_state.params)))
+      print(f"process {jax.process_index()} of {jax.process_count()} builds rows "
+            f"{self.rows[0]}:{self.rows[1]} of each batch of {tc.batch_size}")
     self.tok = run.tokenizer(cfg, self.mc)
     self.train_rows, self.val_rows = run.dataset(cfg)
     self.layout = run.layout(self.mc)
