@@ -40,7 +40,14 @@ def main(argv):
                           "<workdir>/adapter written by train.py")
   tok = run.tokenizer(cfg, mc)
   _, val_rows = run.dataset(cfg)
-  base = run.base_params(cfg, mc, jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 0))
+  # the base model straight into its shards on the config's mesh (peft_jax.sharding)
+  from peft_jax import sharding as S
+  from peft_jax.models import abstract_params
+  mesh = run.make_mesh(cfg)
+  m = cfg.get("mesh") or {}
+  base_sh = S.param_shardings(mc, abstract_params(mc), mesh, m.get("rules"))
+  base = run.base_params(cfg, mc, jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 0),
+                         shardings=base_sh)
   state, params = load_adapter(FLAGS.checkpoint, mc, base)
   model = build_model(mc, state.sites)
   res = evaluate_generation(model, state.prepare(params), tok, mc, val_rows,
