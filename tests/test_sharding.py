@@ -214,24 +214,35 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_agree_with_one(tmp_path):
-  """jax.distributed over localhost (gloo CPU collectives): 2 processes x 4 devices,
-  mesh data=2 x fsdp=4, each process building only its half of every batch; the
-  same losses and adapter as one process with 8 devices and with 1 device."""
-  common = ["train.py", "--config=configs/quickstart.py", "--config.train.num_steps=6",
-            "--config.train.log_every=1", "--config.train.eval_at_start=False",
-            "--config.data.max_eval_examples=16", "--config.eval.batch_size=16"]
+def _two_processes(common, workdir, *extra):
   port = _free_port()
-  two = tmp_path / "two"
   procs = [subprocess.Popen(
-      [sys.executable, *common, f"--workdir={two}", "--cpu_devices=4", "--config.mesh.data=2",
-       "--config.mesh.fsdp=4", "--distributed=on", f"--coordinator_address=localhost:{port}",
-       "--num_processes=2", f"--process_id={i}"],
+      [sys.executable, *common, f"--workdir={workdir}", "--cpu_devices=4",
+       "--config.mesh.data=2", "--config.mesh.fsdp=4", "--distributed=on",
+       f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}",
+       *extra],
       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1"),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=900) for p in procs]
   for p, (o, e) in zip(procs, outs):
     assert p.returncode == 0, e[-3000:]
+  return outs
+
+
+def test_two_processes_agree_with_one(tmp_path):
+  """jax.distributed over localhost (gloo CPU collectives): 2 processes x 4 devices,
+  mesh data=2 x fsdp=4, each process building only its half of every batch. The two
+  processes save a checkpoint at step 3 and stop, restart and restore it together, and
+  finish: the same losses and adapter as one process with 8 devices and with 1 device."""
+  common = ["train.py", "--config=configs/quickstart.py", "--config.train.num_steps=6",
+            "--config.train.log_every=1", "--config.train.eval_at_start=False",
+            "--config.train.save_every=3",
+            "--config.data.max_eval_examples=16", "--config.eval.batch_size=16"]
+  two = tmp_path / "two"
+  first = _two_processes(common, two, "--config.train.stop_at_step=3")
+  assert _last_json(first[0][0])["interrupted_at"] == 3
+  outs = _two_processes(common, two)
+  assert "resumed from" in outs[0][0] and "at step 3" in outs[0][0]
   one8, one1 = tmp_path / "one8", tmp_path / "one1"
   r = _run(*common, f"--workdir={one8}", "--cpu_devices=8", "--config.mesh.data=2",
            "--config.mesh.fsdp=4")
