@@ -24,7 +24,10 @@ METHODS = {
     "ia3": {"method": "ia3"},
     "prefix_tuning": {"method": "prefix_tuning", "num_virtual_tokens": 30,
                       "prefix_projection": True, "encoder_hidden_size": 512},
-    "prompt_tuning": {"method": "prompt_tuning", "num_virtual_tokens": 20},
+    # 20 prompt vectors before a 512-token input (T5's positions are relative; HF PEFT
+    # prepends them to the truncated input the same way)
+    "prompt_tuning": {"method": "prompt_tuning", "num_virtual_tokens": 20,
+                      "max_input_length": 532},
     "ln_tuning": {"method": "ln_tuning"},
     "lora_qv": {"method": "lora", "r": 8, "lora_alpha": 8, "target_modules": "q,v"},
     "lora_all": {"method": "lora", "r": 8, "lora_alpha": 8, "target_modules": "all-linear"},

@@ -7,12 +7,13 @@ micro-batch x mesh, in one process on 8 simulated CPU devices, and writes
 ``docs/scaling_plans.json`` (every raw result dict, or the error of a plan that
 failed).
 
-  python scripts/scaling_plans.py                       # full grid, ~20-30 min on 2 cores
+  python scripts/scaling_plans.py                       # full grid (114 plans), ~30 min on 2 cores
   python scripts/scaling_plans.py --only=t5             # one model (the other's rows are kept)
   python scripts/scaling_plans.py --quick               # smoke check -> /tmp/scaling_quick.*
   python scripts/scaling_plans.py --render_only         # rewrite the doc from the JSON
 
-The JSON is rewritten after every plan; ``--resume`` skips plans already in it.
+The JSON is rewritten after every plan; ``--resume`` skips plans that already have a
+result in it (failed plans are tried again).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 8
@@ -143,7 +144,7 @@ def save_json(path, meta, records):
   os.replace(tmp, path)
 
 
-def load_json(path) -> (Dict[str, Any], Dict[str, Dict[str, Any]]):
+def load_json(path) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
   if not os.path.exists(path):
     return {}, {}
   with open(path) as f:
@@ -172,6 +173,19 @@ def mesh_str(m):
 
 def shards(m):
   return m["data"] * m["fsdp"]
+
+
+def per_device(j):
+  """``8, 1/device``, or for a mesh with tensor parallelism ``8, 2/shard on fsdp=4,tensor=2``."""
+  n = j["micro_batch_size"] // shards(j["mesh"])
+  if j["mesh"] == FSDP8:
+    return f"{j['micro_batch_size']}, {n}/device"
+  return f"{j['micro_batch_size']}, {n}/shard on {mesh_str(j['mesh'])}"
+
+
+def describe(j):
+  return (f"{j['label']}, {dt(j['param_dtype'])} params, remat {j['remat']}, micro "
+          f"{per_device(j)}")
 
 
 def micro_str(j):
@@ -224,85 +238,160 @@ def fits_summary(recs, methods):
       cap = HEADROOM * HARDWARE[hw]
       good = [r for r in ok if r["result"]["fits"][hw]]
       if good:
-        best = max(good, key=lambda r: (r["micro_batch_size"] // shards(r["mesh"]),
-                                        -REMAT_ORDER.index(r["remat"]),
-                                        r["mesh"]["tensor"] == 1))
-        txt = (f"micro {best['micro_batch_size']} ({best['micro_batch_size'] // shards(best['mesh'])}"
-               f"/device), remat {best['remat']}, peak {gib(best['result']['peak_bytes'])}")
-        if best["mesh"] != FSDP8:
-          txt += f", mesh {mesh_str(best['mesh'])}"
-        row.append(txt)
+        best = max(good, key=lambda r: (r["micro_batch_size"], -REMAT_ORDER.index(r["remat"]),
+                                        r["mesh"] == FSDP8))
+        row.append(f"micro {per_device(best)}, remat {best['remat']}, peak "
+                   f"{gib(best['result']['peak_bytes'])} GiB")
       elif ok:
         low = min(ok, key=lambda r: r["result"]["peak_bytes"])
         r = low["result"]
         state = r["param_bytes_per_device"] + r["opt_bytes_per_device"]
-        txt = (f"does not fit on 8 devices: smallest peak {gib(r['peak_bytes'])} "
-               f"(micro {low['micro_batch_size']}, "
-               f"{low['micro_batch_size'] // shards(low['mesh'])}/device, remat {low['remat']}"
-               + (f", mesh {mesh_str(low['mesh'])}" if low["mesh"] != FSDP8 else "")
-               + f") > {gib(cap)}")
+        txt = (f"does not fit on 8 devices: smallest peak {gib(r['peak_bytes'])} (micro "
+               f"{per_device(low)}, remat {low['remat']}) > {gib(cap)} GiB (90%)")
         if state > cap:
-          txt += f"; params + optimizer alone {gib(state)}: needs more devices"
+          txt += f"; params + optimizer alone {gib(state)} GiB: needs more devices"
+        elif state > 0.25 * cap:
+          txt += (f"; params + optimizer {gib(state)} GiB: needs more devices or less memory per "
+                  "row")
         else:
-          txt += "; needs more devices, tensor parallelism or a shorter sequence"
+          txt += "; needs more devices or less activation memory per row"
+        base = min(x["result"]["param_bytes_per_device"] for x in recs if "result" in x
+                   and x["param_dtype"] == pd)
+        if r["param_bytes_per_device"] - base > 0.25 * GIB:
+          txt += "; or shard the method's replicated parameters (`mesh.param_rules`)"
         if pd == "float32":
           txt += "; or bf16 params"
         row.append(txt)
       else:
-        row.append("error")
+        row.append("error (see Errors)")
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
 
 
-def observations(recs, methods) -> List[str]:
-  """Generated remarks: outliers in temporaries, remat that does not shrink the peak,
-  FLOPs that change with the micro-batch."""
+#: why a method stands out, appended to a generated remark that names it (T5 only where said)
+EXPLAIN = {
+    ("t5", "prefix_tuning"): "on T5 the prefixes sit only in the decoder self-attention (HF "
+                             "PEFT's placement, `peft_jax/peft/prefix_tuning.py`), so no gradient "
+                             "flows back through the encoder",
+}
+
+
+def _setting(r, *drop):
+  keys = ("label", "param_dtype", "remat", "micro_batch_size")
+  return tuple(r[k] for k in keys if k not in drop) + (json.dumps(r["mesh"], sort_keys=True),)
+
+
+def observations(recs, methods, family) -> List[str]:
+  """Generated remarks: methods whose state, temporaries or FLOPs stand out, remat that
+  does not shrink the peak, peaks that fall as the micro-batch grows."""
   ok = [r for r in recs if "result" in r]
   notes = []
-  # temporaries far above the median of the same setting
+
+  explained = set()
+
+  def explain(label):
+    e = EXPLAIN.get((family, label))
+    if not e or label in explained:
+      return ""
+    explained.add(label)
+    return f"; {e}"
+
+  # parameters a method adds: fp32, replicated
+  for pd in sorted({r["param_dtype"] for r in ok}):
+    rs = [r for r in ok if r["param_dtype"] == pd]
+    base = min(r["result"]["param_bytes_per_device"] for r in rs)
+    low = min(rs, key=lambda x: x["result"]["param_bytes_per_device"])
+    seen, big = set(), []
+    for r in sorted(rs, key=lambda r: methods.index(r["label"])):
+      extra = r["result"]["param_bytes_per_device"] - base
+      if r["label"] in seen or extra < 0.25 * GIB:
+        continue
+      seen.add(r["label"])
+      big.append(f"`{r['label']}` +{gib(extra)} GiB params, "
+                 f"{gib(r['result']['opt_bytes_per_device'])} GiB optimizer")
+    if big:
+      notes.append(f"Per device, over the smallest params/device ({gib(base)} GiB, "
+                   f"`{low['label']}`, {dt(pd)}): " + "; ".join(big) + ". The parameters a "
+                   "method adds are stored in fp32 and replicated on every device "
+                   "(`peft_jax/sharding.py` `param_specs`; `mesh.param_rules` can shard "
+                   "them), and so are their optimizer state and, with accumulation, their "
+                   "fp32 gradient accumulator.")
+  # temporaries / FLOPs far from the median of the other methods at the same setting
   by_setting: Dict[tuple, List[Dict[str, Any]]] = {}
   for r in ok:
-    by_setting.setdefault((r["param_dtype"], r["remat"], r["micro_batch_size"],
-                           json.dumps(r["mesh"])), []).append(r)
-  outliers = {}
-  for rs in by_setting.values():
-    if len(rs) < 4:
-      continue
-    temps = sorted(x["result"]["temp_bytes"] for x in rs)
-    med = temps[len(temps) // 2]
-    for x in rs:
-      if x["result"]["temp_bytes"] > 1.5 * med:
-        outliers.setdefault(x["label"], []).append(x["result"]["temp_bytes"] / med)
-  for label, ratios in sorted(outliers.items(), key=lambda kv: methods.index(kv[0])):
-    notes.append(f"`{label}`: temporaries {min(ratios):.1f}-{max(ratios):.1f}x the median of "
-                 f"the other methods at the same remat / micro-batch ({len(ratios)} settings).")
+    by_setting.setdefault(_setting(r, "label"), []).append(r)
+  for field, what, hi, lo in (("temp_bytes", "temporaries", 1.5, None),
+                              ("flops", "matmul FLOPs", 1.5, 0.7)):
+    ratios: Dict[str, List[float]] = {}
+    for rs in by_setting.values():
+      if len(rs) < 4:
+        continue
+      vals = sorted(x["result"][field] for x in rs)
+      med = vals[len(vals) // 2]
+      for x in rs:
+        q = x["result"][field] / med
+        if q > hi or (lo is not None and q < lo):
+          ratios.setdefault(x["label"], []).append(q)
+    for label, qs in sorted(ratios.items(), key=lambda kv: methods.index(kv[0])):
+      notes.append(f"`{label}`: {what} {min(qs):.2f}-{max(qs):.2f}x the median of the methods "
+                   f"at the same remat / micro-batch ({len(qs)} settings{explain(label)}).")
   # remat that does not shrink the peak
-  idx = {(r["label"], r["param_dtype"], r["remat"], r["micro_batch_size"],
-          json.dumps(r["mesh"])): r for r in ok}
+  idx = {_setting(r): r for r in ok}
   flat = []
-  for (label, pd, remat, micro, mesh), r in idx.items():
-    if remat != "full":
+  for r in sorted(ok, key=lambda r: order_key(r, methods)):
+    if r["remat"] != "full":
       continue
     for other in ("none", "dots_no_batch"):
-      o = idx.get((label, pd, other, micro, mesh))
+      o = idx.get(_setting(dict(r, remat=other)))
       if o and r["result"]["peak_bytes"] >= 0.95 * o["result"]["peak_bytes"]:
-        flat.append(f"{label} ({dt(pd)}, micro {micro}: {gib(r['result']['peak_bytes'])} vs "
-                    f"{gib(o['result']['peak_bytes'])} with {other})")
+        flat.append(f"`{r['label']}` ({dt(r['param_dtype'])}, micro {per_device(r)}: "
+                    f"{gib(r['result']['peak_bytes'])} vs {gib(o['result']['peak_bytes'])} GiB "
+                    f"with {other}{explain(r['label'])})")
   if flat:
-    notes.append("remat=full does not lower the peak by 5% or more for: " + "; ".join(flat) + ".")
-  # FLOPs across micro-batches
+    notes.append("remat=full lowers the peak by less than 5% for: " + "; ".join(flat) + ".")
+  # peak falls as the micro-batch grows
+  groups: Dict[tuple, List[Dict[str, Any]]] = {}
+  for r in ok:
+    groups.setdefault(_setting(r, "micro_batch_size"), []).append(r)
+  falls = []
+  for rs in sorted(groups.values(), key=lambda rs: order_key(rs[0], methods)):
+    rs = sorted(rs, key=lambda r: r["micro_batch_size"])
+    small, big = rs[0], rs[-1]
+    if len(rs) > 1 and big["result"]["peak_bytes"] < small["result"]["peak_bytes"]:
+      falls.append(f"`{small['label']}` ({dt(small['param_dtype'])}, remat {small['remat']}: "
+                   f"{gib(small['result']['peak_bytes'])} GiB at micro {small['micro_batch_size']},"
+                   f" {gib(big['result']['peak_bytes'])} GiB at micro {big['micro_batch_size']})")
+  if falls:
+    notes.append("The peak at the largest micro-batch is below the peak at the smallest for: "
+                 + "; ".join(falls) + ". With micro-batch < batch the step carries an fp32 "
+                 "gradient accumulator (sharded like the trainable parameters) through the "
+                 "accumulation loop; at micro-batch = batch there is none. This matters where "
+                 "the trainable parameters are large (full fine-tuning, replicated adapters).")
+  # FLOPs across micro-batches (they should not change)
   spread = []
-  for key in {(r["label"], r["param_dtype"], r["remat"], json.dumps(r["mesh"])) for r in ok}:
-    fl = [r["result"]["flops"] for r in ok
-          if (r["label"], r["param_dtype"], r["remat"], json.dumps(r["mesh"])) == key]
+  for rs in groups.values():
+    fl = [r["result"]["flops"] for r in rs]
     if len(fl) > 1 and max(fl) > 1.01 * min(fl):
-      spread.append(f"{key[0]} ({key[2]})")
+      spread.append(f"`{rs[0]['label']}` ({rs[0]['remat']})")
   if spread:
-    notes.append("matmul FLOPs per step change with the micro-batch for: " + ", ".join(sorted(spread)))
+    notes.append("matmul FLOPs per step change with the micro-batch for: "
+                 + ", ".join(sorted(spread)) + ".")
+  # other meshes against fsdp=8 at the same micro-batch
+  for r in sorted(ok, key=lambda r: order_key(r, methods)):
+    if r["mesh"] == FSDP8:
+      continue
+    o = idx.get(_setting(dict(r, mesh=FSDP8)))
+    if o:
+      notes.append(f"`{r['label']}` ({dt(r['param_dtype'])}, remat {r['remat']}, micro "
+                   f"{r['micro_batch_size']}) on {mesh_str(r['mesh'])}: peak "
+                   f"{gib(r['result']['peak_bytes'])} GiB ({r['micro_batch_size'] // shards(r['mesh'])}"
+                   f" rows per batch shard) vs {gib(o['result']['peak_bytes'])} GiB on fsdp=8 "
+                   f"({o['micro_batch_size'] // shards(o['mesh'])} row per device); temporaries "
+                   f"{gib(r['result']['temp_bytes'])} vs {gib(o['result']['temp_bytes'])} GiB.")
   return notes
 
 
-def render(meta, records, only_families=("t5", "llama")) -> str:
+def render(meta, records) -> str:
   recs = list(records.values())
   t5 = [r for r in recs if r["family"] == "t5"]
   ll = [r for r in recs if r["family"] == "llama"]
@@ -352,6 +441,19 @@ def render(meta, records, only_families=("t5", "llama")) -> str:
     "materialised), bf16 dots may be upcast to fp32 on CPU. Treat the fit columns as a "
     "first-order guide: a plan fits when its peak is at most 90% of the device memory "
     "(v4 32 GiB, v5e 16 GiB, H100 80 GiB).\n"
+    "- Two CPU effects seen in the buffer assignment of a T5-11B plan (`ln_tuning`, remat "
+    "full, micro 8; `XLA_FLAGS=--xla_dump_to=...`): XLA:CPU converts each bf16 weight stack "
+    "(this device's shard of all layers) to fp32 before the layer loop and all-gathers the "
+    "layers in fp32. Most of the temporaries that do not grow with the micro-batch are these "
+    "fp32 copies, about twice the params/device column. A backend with native bf16 matmuls "
+    "should not need them, so for bf16 models these temporaries likely overstate TPU/GPU. "
+    "For LLaMA at 4096 tokens the attention scores and probabilities ([heads, 4096, 4096] "
+    "per row, fp32) are materialised per layer; a flash-attention kernel would not store "
+    "them.\n"
+    "- The parameters a method adds (LoRA, adapters, prefixes) are fp32 and replicated on "
+    "every device, with their optimizer state; base weights are sharded. With micro-batch < "
+    "batch the step also carries an fp32 gradient accumulator for the trainable "
+    "parameters.\n"
     "- For exact numbers on a TPU, run the same command with `--plan_topology` (e.g. "
     "`v5e:2x4`) on a machine with libtpu installed.\n"
     "- FLOPs: matmuls only, counted from the jaxpr (scanned layers and accumulation steps "
@@ -360,8 +462,8 @@ def render(meta, records, only_families=("t5", "llama")) -> str:
     "- micro-batch (rows/device): rows per micro-batch, and rows per data x fsdp shard. The "
     "global batch is fixed; a smaller micro-batch means more accumulation steps.\n"
     "- mesh: `fsdp=8` shards parameters and optimizer state over all 8 devices and splits "
-    "the batch 8 ways; `fsdp=4,tensor=2` splits the batch 4 ways and the weights' "
-    "model dimension 2 ways.\n")
+    "the batch 8 ways; `fsdp=4,tensor=2` splits the batch 4 ways and the base "
+    "weights 2 ways over heads, MLP width and vocabulary.\n")
   sections = (
       ("t5", "T5-11B", t5, t5_methods,
        "Survey setting (`configs/survey.py`, variant `t5-11b,rte,<method>`): global batch 32, "
@@ -386,7 +488,7 @@ def render(meta, records, only_families=("t5", "llama")) -> str:
       "recomputation (remat order: " + " < ".join(
           p for p in REMAT_ORDER if any(r["remat"] == p for r in rs)) + ") at that micro-batch.\n")
     w(fits_summary(rs, methods) + "\n")
-    notes = observations(rs, methods)
+    notes = observations(rs, methods, fam)
     if notes:
       w("### Observations (generated)\n")
       w("\n".join(f"- {n}" for n in notes) + "\n")
@@ -397,7 +499,7 @@ def render(meta, records, only_families=("t5", "llama")) -> str:
     w("| plan | error |\n|---|---|")
     for r in errs:
       msg = r["error"].splitlines()[0].replace("|", "\\|")[:400]
-      w(f"| `{r['key']}` | {msg} |")
+      w(f"| {describe(r)} | {msg} |")
     w("")
   return "\n".join(out)
 
