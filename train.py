@@ -40,6 +40,11 @@ def _setup_jax():
   import jax
   if FLAGS.cpu_devices:
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+  if FLAGS.plan_topology and "fibers_default_thread_stack_size" not in \
+      os.environ.get("LIBTPU_INIT_ARGS", ""):
+    # libtpu's compiler can overflow its default fiber stack on these deep scanned graphs
+    os.environ["LIBTPU_INIT_ARGS"] = (os.environ.get("LIBTPU_INIT_ARGS", "") +
+                                      " --fibers_default_thread_stack_size=67108864").strip()
   on = FLAGS.distributed == "on"
   if FLAGS.distributed == "auto":
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
