@@ -52,10 +52,8 @@ hook state rides in ``opt_state``, a ``HookedOptState``), so ``peft_jax/training
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Dict, List
+from typing import Dict
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -203,8 +201,7 @@ class AdaLora(AdditiveMerge, Method):
     return out
 
   def changed_params(self, cfg, hp, flat):
-    pl = self.placement(cfg, hp, flat)
-    return int(sum(m.d_in * m.d_out * len(pl.selected(m)) for m in pl.modules))
+    return T.dense_changed_params(self.placement(cfg, hp, flat))
 
   def handlers(self, cfg, hp):
     return (AdaLoraHandler(scale=float(self.scaling(hp)), rate=float(hp["lora_dropout"])),)
@@ -331,35 +328,10 @@ def _to_hf(leaf, v):
 def hf_tensors(state, params) -> Dict[str, np.ndarray]:
   """Our leaves as HF PEFT AdaLoRA tensors ``{"<hf module>.lora_A": [r, in], ...}`` (one per
   layer, full ``init_r``; HF's ``rank_pattern`` resizing is not applied)."""
-  from peft_jax.peft.base import flatten
-  fl = flatten(params)
-  cfg = state.model_cfg
-  pl = state.method.placement(cfg, state.hparams, fl)
-  out = {}
-  for m in pl.modules:
-    for leaf, hf in _HF_LEAF.items():
-      v = np.asarray(fl[f"{m.path}/{leaf}"])
-      for i in pl.selected(m):
-        out[f"{T.hf_module_name(cfg, m, i)}.{hf}"] = _to_hf(leaf, v if i is None else v[i])
-  return out
+  return T.per_layer_tensors(state, params, _HF_LEAF, _to_hf)
 
 
 def set_hf_tensors(state, params, tensors: Dict[str, np.ndarray]):
   """Inverse of :func:`hf_tensors`."""
-  from peft_jax.peft.base import flatten, unflatten
-  fl = flatten(params)
-  cfg = state.model_cfg
-  pl = state.method.placement(cfg, state.hparams, fl)
-  for m in pl.modules:
-    for leaf, hf in _HF_LEAF.items():
-      k = f"{m.path}/{leaf}"
-      v = np.array(fl[k])
-      for i in pl.selected(m):
-        t = np.asarray(tensors[f"{T.hf_module_name(cfg, m, i)}.{hf}"])
-        t = t[:, 0] if leaf == "adalora_E" else t.T
-        if i is None:
-          v = t.astype(v.dtype)
-        else:
-          v[i] = t
-      fl[k] = jnp.asarray(v)
-  return unflatten(fl)
+  return T.set_per_layer_tensors(state, params, tensors, _HF_LEAF,
+                                 lambda leaf, t: t[:, 0] if leaf == "adalora_E" else t.T)

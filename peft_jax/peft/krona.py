@@ -234,8 +234,7 @@ class Krona(AdditiveMerge, Method):
     return out
 
   def changed_params(self, cfg, hp, flat):
-    pl = self.placement(cfg, hp, flat)
-    return int(sum(m.d_in * m.d_out * len(pl.selected(m)) for m in pl.modules))
+    return T.dense_changed_params(self.placement(cfg, hp, flat))
 
   def handlers(self, cfg, hp):
     return (KronaHandler(scale=float(self.scaling(hp)), rank_dropout=float(hp["rank_dropout"]),
@@ -259,39 +258,10 @@ class Krona(AdditiveMerge, Method):
 def hf_tensors(state, params) -> Dict[str, np.ndarray]:
   """Our adapter leaves as HF PEFT LoKr tensors: ``{"<hf module>.<leaf>": array}`` (torch
   layout, one entry per layer), e.g. ``encoder.block.0.layer.0.SelfAttention.q.lokr_w1``."""
-  from peft_jax.peft.base import flatten
-  fl = flatten(params)
-  cfg = state.model_cfg
-  pl = state.method.placement(cfg, state.hparams, fl)
-  out = {}
-  for m in pl.modules:
-    for leaf in LEAVES:
-      k = f"{m.path}/{leaf}"
-      if k not in fl:
-        continue
-      v = np.asarray(fl[k])
-      for i in pl.selected(m):
-        out[f"{T.hf_module_name(cfg, m, i)}.{leaf}"] = (v if i is None else v[i]).T
-  return out
+  return T.per_layer_tensors(state, params, {leaf: leaf for leaf in LEAVES}, lambda _, v: v.T)
 
 
 def set_hf_tensors(state, params, tensors: Dict[str, np.ndarray]):
   """Inverse of :func:`hf_tensors`: copies HF LoKr tensors into our leaves."""
-  from peft_jax.peft.base import flatten, unflatten
-  fl = flatten(params)
-  cfg = state.model_cfg
-  pl = state.method.placement(cfg, state.hparams, fl)
-  for m in pl.modules:
-    for leaf in LEAVES:
-      k = f"{m.path}/{leaf}"
-      if k not in fl:
-        continue
-      v = np.array(fl[k])
-      for i in pl.selected(m):
-        t = np.asarray(tensors[f"{T.hf_module_name(cfg, m, i)}.{leaf}"]).T
-        if i is None:
-          v = t.astype(v.dtype)
-        else:
-          v[i] = t
-      fl[k] = jnp.asarray(v)
-  return unflatten(fl)
+  return T.set_per_layer_tensors(state, params, tensors, {leaf: leaf for leaf in LEAVES},
+                                 lambda _, t: t.T)

@@ -149,8 +149,7 @@ class Lora(Method):
     return out
 
   def changed_params(self, cfg, hp, flat):
-    pl = self.placement(cfg, hp, flat)
-    return int(sum(m.d_in * m.d_out * len(pl.selected(m)) for m in pl.modules))
+    return T.dense_changed_params(self.placement(cfg, hp, flat))
 
   def handlers(self, cfg, hp):
     return (LoraHandler(scale=float(self.scaling(hp)), rate=float(hp["lora_dropout"]),

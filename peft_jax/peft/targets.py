@@ -386,3 +386,53 @@ def abstract_flat(cfg) -> Flat:
 
 def t5_dims(cfg):
   return cfg.num_heads, cfg.d_kv
+
+
+def dense_changed_params(placement) -> int:
+  """Entries of the placed ``[in, out]`` matrices, per selected layer (what a low-rank
+  update of each one changes)."""
+  return int(sum(m.d_in * m.d_out * len(placement.selected(m)) for m in placement.modules))
+
+
+def per_layer_tensors(state, params, leaves: Dict[str, str], to_ext) -> Dict[str, np.ndarray]:
+  """``{"<hf module>.<name>": array}``: each of the method's placed modules' leaves
+  (``leaves``: our leaf -> external name), one entry per selected layer, converted by
+  ``to_ext(leaf, array)``. Leaves a module lacks are skipped."""
+  from peft_jax.peft.base import flatten
+  fl = flatten(params)
+  cfg = state.model_cfg
+  pl = state.method.placement(cfg, state.hparams, fl)
+  out = {}
+  for m in pl.modules:
+    for leaf, ext in leaves.items():
+      k = f"{m.path}/{leaf}"
+      if k not in fl:
+        continue
+      v = np.asarray(fl[k])
+      for i in pl.selected(m):
+        out[f"{hf_module_name(cfg, m, i)}.{ext}"] = to_ext(leaf, v if i is None else v[i])
+  return out
+
+
+def set_per_layer_tensors(state, params, tensors, leaves: Dict[str, str], from_ext):
+  """Inverse of :func:`per_layer_tensors`: the tree with those leaves read from ``tensors``
+  (``from_ext(leaf, array)`` converts back)."""
+  import jax.numpy as jnp
+  from peft_jax.peft.base import flatten, unflatten
+  fl = flatten(params)
+  cfg = state.model_cfg
+  pl = state.method.placement(cfg, state.hparams, fl)
+  for m in pl.modules:
+    for leaf, ext in leaves.items():
+      k = f"{m.path}/{leaf}"
+      if k not in fl:
+        continue
+      v = np.array(fl[k])
+      for i in pl.selected(m):
+        t = from_ext(leaf, np.asarray(tensors[f"{hf_module_name(cfg, m, i)}.{ext}"]))
+        if i is None:
+          v = t.astype(v.dtype)
+        else:
+          v[i] = t
+      fl[k] = jnp.asarray(v)
+  return unflatten(fl)
