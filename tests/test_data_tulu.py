@@ -154,18 +154,32 @@ def test_load_tulu_datasets_format():
 
 @pytest.mark.shared_data
 def test_llama_tokenizer_mask(shared_data):
+  """Token ids and the loss mask, checked against sentencepiece itself (not against
+  ``tok.decode``, whose spacing around special tokens changes between transformers
+  releases). LLaMA's tokenizer encodes the text between special tokens as separate
+  sentencepiece pieces, so the reference is: split at ``</s>``, encode each part with
+  the model file, join with EOS, BOS first."""
+  import sentencepiece
   from transformers import AutoTokenizer
-  tok = AutoTokenizer.from_pretrained(str(shared_data / "tokenizers/llama"))
+  model_file = shared_data / "tokenizers/llama/tokenizer.model"
+  tok = AutoTokenizer.from_pretrained(str(model_file.parent))
+  sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
   conv = [{"role": "user", "content": "What is 2+2?\nAnswer briefly."},
           {"role": "assistant", "content": "It is 4."},
           {"role": "user", "content": "Thanks! And 3+3?"},
           {"role": "assistant", "content": "6.\n\nAnything else?"}]
   enc = tokenize_conversation(tok, conv, max_length=4096)
-  assert enc["input_ids"][0] == tok.bos_token_id == 1
+  assert tok.bos_token_id == sp.bos_id() == 1 and tok.eos_token_id == sp.eos_id() == 2
+  expected = [sp.bos_id()]
+  for i, part in enumerate(render_conversation(conv).split("</s>")):
+    expected += ([sp.eos_id()] if i else []) + (sp.encode(part) if part else [])
+  assert enc["input_ids"] == expected
   assert tokenize_conversation(tok, conv, method="prefix") == enc
   runs = _runs(enc["loss_mask"])
-  assert [tok.decode(enc["input_ids"][a:b]) for a, b in runs] == [
-      "It is 4.</s>", "6.\n\nAnything else?</s>"]
-  assert all(enc["input_ids"][b - 1] == tok.eos_token_id for _, b in runs)
-  text = tok.decode(enc["input_ids"][1:])
-  assert text == render_conversation(conv)
+  ids = enc["input_ids"]
+  # exactly the assistant contents and their EOS, each right after the assistant tag
+  assert [sp.decode(ids[a:b - 1]) for a, b in runs] == ["It is 4.", "6.\n\nAnything else?"]
+  assert all(ids[b - 1] == sp.eos_id() for _, b in runs)
+  assert all(sp.id_to_piece(ids[a - 7:a]) == ["<", "|", "ass", "istant", "|", ">", "<0x0A>"]
+             for a, _ in runs)
+  assert enc["n_loss_tokens"] == sum(b - a for a, b in runs) == 6 + 9
