@@ -1,6 +1,10 @@
 """Evaluate a trained adapter (or any method's saved leaves) on a config's validation split.
 
   python eval.py --config=configs/quickstart.py --checkpoint=/tmp/quickstart/adapter
+  python eval.py --config=configs/quickstart.py --checkpoint=/tmp/quickstart   # its adapter/
+
+The adapter records the base weights it was trained on; a different base (another
+model.checkpoint, or another train.seed for a random preset) stops with one line.
 
 Writes ``eval.json`` and ``eval.md`` next to the checkpoint (or to ``--output``) and
 prints, as the last line, the metrics as one JSON object.
@@ -12,12 +16,13 @@ import json
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:<variant>]", lock_config=True)
-flags.DEFINE_string("checkpoint", None, "a directory written by train.py (<workdir>/adapter)")
+flags.DEFINE_string("config", None, "configs/<file>.py[:<variant>]; set any field with "
+                    "--config.<section>.<field>=<value> (see train.py --print_config)")
+flags.DEFINE_string("checkpoint", None, "a train.py workdir, or an adapter directory "
+                    "(<workdir>/adapter)")
 flags.DEFINE_string("output", None, "where eval.json / eval.md go (default: the checkpoint's parent)")
 flags.mark_flags_as_required(["config", "checkpoint"])
 
@@ -26,40 +31,40 @@ def main(argv):
   del argv
   from absl import logging
   logging.set_verbosity(logging.WARNING)
-  import jax
 
   from peft_jax import run
   from peft_jax.evaluation import evaluate_generation
-  from peft_jax.models import build_model
-  from peft_jax.peft import load_adapter
+  from peft_jax.builder import build
+  from peft_jax.peft.io import load_adapter_leaves
 
-  cfg = FLAGS.config
+  cfg = run.load_config(FLAGS.config)
   mc = run.model_config(cfg)
-  if not os.path.isdir(FLAGS.checkpoint):
-    raise run.ConfigError(f"--checkpoint {FLAGS.checkpoint} is not a directory; expected "
-                          "<workdir>/adapter written by train.py")
+  adapter_dir = FLAGS.checkpoint
+  if os.path.isdir(os.path.join(adapter_dir, "adapter")):
+    adapter_dir = os.path.join(adapter_dir, "adapter")      # a train.py workdir
+  if not os.path.isfile(os.path.join(adapter_dir, "peft_config.json")):
+    raise run.ConfigError(f"--checkpoint {FLAGS.checkpoint} is neither a train.py workdir nor an "
+                          "adapter directory (expected <workdir>/adapter/peft_config.json)")
+  from peft_jax.peft.io import read_adapter_config
+  recorded = read_adapter_config(adapter_dir)
   tok = run.tokenizer(cfg, mc)
   _, val_rows = run.dataset(cfg)
-  # the base model straight into its shards on the config's mesh (peft_jax.sharding)
-  from peft_jax import sharding as S
-  from peft_jax.models import abstract_params
-  mesh = run.make_mesh(cfg)
-  m = cfg.get("mesh") or {}
-  base_sh = S.param_shardings(mc, abstract_params(mc), mesh, m.get("rules"))
-  base = run.base_params(cfg, mc, jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 0),
-                         shardings=base_sh)
-  state, params = load_adapter(FLAGS.checkpoint, mc, base)
-  model = build_model(mc, state.sites)
+  # the run's setup for the adapter's own method (mesh, shardings, base weights into shards)
+  built = build(cfg, peft={"method": recorded["method"], **recorded["hparams"]},
+                with_weights=True)
+  run.check_base(recorded.get("base"), built.base_info, f"the adapter {adapter_dir}")
+  state, params = built.state, load_adapter_leaves(adapter_dir, built.state)
+  model = built.model
   res = evaluate_generation(model, state.prepare(params), tok, mc, val_rows,
                             max_source_len=cfg.data.max_source_len,
                             max_new_tokens=cfg.eval.max_new_tokens,
                             batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams,
                             metric=cfg.eval.metric)
-  out = FLAGS.output or os.path.dirname(os.path.abspath(FLAGS.checkpoint))
+  out = FLAGS.output or os.path.dirname(os.path.abspath(adapter_dir))
   os.makedirs(out, exist_ok=True)
   metrics = {k: v for k, v in res.items() if isinstance(v, (int, float))}
   with open(os.path.join(out, "eval.json"), "w") as f:
-    json.dump(res | {"checkpoint": FLAGS.checkpoint, "method": state.method.name}, f, indent=2)
+    json.dump(res | {"checkpoint": adapter_dir, "method": state.method.name}, f, indent=2)
   lines = ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" if isinstance(v, float)
                                               else f"| {k} | {v} |" for k, v in metrics.items()]
   for group in ("per_category", "per_task"):

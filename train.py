@@ -5,6 +5,10 @@
   python train.py --config=configs/quickstart.py --dry_run      # counts only, no weights, no data
   python train.py --config=configs/survey.py:t5-11b,lora --plan --cpu_devices=8  # memory plan
   python train.py --config=... --distributed    # one process per host (jax.distributed)
+  python train.py --config=configs/quickstart.py --print_config   # every field, its value and doc
+
+Any config field is set with --config.<section>.<field>=<value>; --config.peft.method=<m>
+switches to method m with its defaults (then --config.peft.<hyperparameter>=... for m's own).
 """
 
 from __future__ import annotations
@@ -12,10 +16,13 @@ from __future__ import annotations
 import json
 
 from absl import flags
-from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "configs/<file>.py[:<variant>]", lock_config=True)
+flags.DEFINE_string("config", None, "configs/<file>.py[:<variant>]; set any field with "
+                    "--config.<section>.<field>=<value> (sections model, data, peft, train, "
+                    "eval, mesh; list every field with --print_config)")
+flags.DEFINE_bool("print_config", False, "print the resolved config (every field with its "
+                  "value and doc) and exit")
 flags.DEFINE_string("workdir", None, "where metrics, TensorBoard logs and adapters are written")
 flags.DEFINE_bool("dry_run", False, "build the parameter tree abstractly, print the parameter "
                   "table and, as the last line, a JSON object with the counts; no weights, no data")
@@ -28,6 +35,8 @@ flags.DEFINE_integer("cpu_devices", 0, "simulate this many CPU devices (a mesh o
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "jax.distributed.initialize() before anything else: on, off, or auto (on "
                   "when JAX_COORDINATOR_ADDRESS is set or on a multi-host TPU slice)")
+flags.DEFINE_list("allow_changed", [], "config fields a resumed run may change from the run "
+                  "that wrote the workdir's checkpoints, e.g. train.num_steps (to extend a run)")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (else detected)")
 flags.DEFINE_integer("num_processes", None, "number of processes (else detected)")
 flags.DEFINE_integer("process_id", None, "this process's index (else detected)")
@@ -61,11 +70,14 @@ def main(argv):
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   from peft_jax import run
-  from peft_jax.peft import describe
   from peft_jax.trainer import Trainer
 
+  cfg = run.load_config(FLAGS.config)
+  if FLAGS.print_config:
+    from peft_jax.config_lib import describe as describe_config
+    print(describe_config(cfg))
+    return
   _setup_jax()
-  cfg = FLAGS.config
   if FLAGS.plan:
     from peft_jax.plan import format_plan, plan, topology_devices
     devices = topology_devices(FLAGS.plan_topology) if FLAGS.plan_topology else None
@@ -74,13 +86,15 @@ def main(argv):
     print(json.dumps(res))
     return
   if FLAGS.dry_run:
-    mc = run.model_config(cfg)
-    info = describe(mc, cfg.peft.method, run.peft_overrides(cfg))
+    from peft_jax.builder import build
+    from peft_jax.peft import summary
+    built = build(cfg)
+    info = summary(built.state)
     print(info["table"])
     print(json.dumps({k: info[k] for k in ("total_params", "trainable_params", "changed_params",
                                            "trainable_percent")} | {"method": cfg.peft.method}))
     return
-  res = Trainer(cfg, FLAGS.workdir).train()
+  res = Trainer(cfg, FLAGS.workdir, allow_changed=FLAGS.allow_changed).train()
   if res.get("interrupted_at"):
     print(json.dumps(res))
     return

@@ -11,7 +11,13 @@ the tuned exact-match accuracy on the validation split.
 import ml_collections
 
 
+VARIANTS = ("", "full")
+
+
 def get_config(variant: str = ""):
+  if variant not in VARIANTS:
+    raise ValueError(f"config variant {variant!r} is not recognised; accepted: "
+                     f"{', '.join(repr(v) for v in VARIANTS)}")
   c = ml_collections.ConfigDict()
   c.model = ml_collections.ConfigDict({"name": "t5-tiny", "checkpoint": "", "dtype": "float32",
                                        "param_dtype": "float32", "remat": "none",

@@ -101,44 +101,16 @@ def topology_devices(name: str):
 def plan(cfg, devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
   """Compile the step for ``cfg`` on ``devices`` (default: the mesh config over all
   devices) and return the memory and FLOP figures (per device)."""
-  from ml_collections import ConfigDict
-  from peft_jax import run
   from peft_jax import sharding as S
-  from peft_jax.models import abstract_params, build_model, count_params
-  from peft_jax.peft import apply_peft
-  from peft_jax.peft.base import flatten, unflatten
-  from peft_jax.training import make_train_step, make_tx, opt_state_shardings
+  from peft_jax.builder import build
+  from peft_jax.models import count_params
+  from peft_jax.peft.base import flatten
 
-  tc = cfg.train
-  mc = run.model_config(cfg)
-  state = apply_peft(mc, abstract_params(mc), cfg.peft.method, run.peft_overrides(cfg))
-  micro = int(tc.get("micro_batch_size") or tc.batch_size)
-  if tc.batch_size % micro:
-    raise run.ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of "
-                          f"train.micro_batch_size={micro}")
-  accum = tc.batch_size // micro
-  m = cfg.get("mesh") or {}
-  if devices is None:
-    mesh = run.make_mesh(cfg)
-  else:
-    try:
-      mesh = S.make_mesh(m, devices)
-    except S.ShardingError as e:
-      raise run.ConfigError(f"config.mesh: {e}") from None
-  if micro % S.batch_shards(mesh):
-    raise run.ConfigError(f"the micro-batch ({micro} rows) must split evenly over the mesh's "
-                          f"data x fsdp = {S.batch_shards(mesh)} devices (mesh "
-                          f"{dict(mesh.shape)})")
-  rules = S.parse_rules(m.get("rules"))
-  specs, dropped = S.param_specs(mc, state.params, mesh, rules, m.get("param_rules"),
-                                 added=state.added)
-  psh = unflatten({k: S.NamedSharding(mesh, v) for k, v in specs.items()})
-  model = build_model(mc, state.sites)
+  built = build(cfg, devices)
+  cfg, mc, state, mesh, psh = built.cfg, built.mc, built.state, built.mesh, built.param_sh
+  tc, dropped, micro = cfg.train, built.dropped, built.micro_batch
   total = int(tc.num_steps) if tc.get("num_steps") else 1000
-  tx = make_tx(ConfigDict(tc.to_dict() | {"total_steps": total}), state.params)
-  opt, step = make_train_step(state, model, tx, accum_steps=accum, mesh=mesh,
-                              param_shardings=psh, rules=rules)
-  osh = opt_state_shardings(opt, state.params, psh, mesh)
+  opt, step, osh = built.train_step(total)
   a_params = _with(state.params, psh)
   a_opt = _with(jax.eval_shape(opt.init, state.params), osh)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=S.batch_sharding(mesh))

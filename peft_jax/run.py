@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +13,7 @@ import numpy as np
 from peft_jax.models import LlamaConfig, T5Config, build_model, get_preset, init_params
 
 
-class ConfigError(ValueError):
-  """A bad value in the experiment config (named in the message)."""
+from peft_jax.config_lib import ConfigError  # noqa: E402  (one error type for bad configs)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,6 +63,60 @@ def base_params(cfg, mc, rng, shardings=None):
   return init_params(mc, rng)
 
 
+def base_key(cfg):
+  """The PRNG key of a preset's random base weights (the one derivation: train, eval, plan)."""
+  return jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 0)
+
+
+def fingerprint(base_params, n_leaves: int = 4, n_values: int = 1024) -> str:
+  """A short hash identifying base weights: the first ``n_values`` entries (as float32) of
+  ``n_leaves`` leaves spread over the sorted paths. Equal for equal weights whatever the
+  mesh; cheap (a few KB leave the devices)."""
+  import hashlib
+  from peft_jax.peft.base import flatten
+  from peft_jax.sharding import gather
+  flat = flatten(base_params)
+  paths = sorted(flat)
+  picks = sorted({paths[round(i * (len(paths) - 1) / max(n_leaves - 1, 1))]
+                  for i in range(min(n_leaves, len(paths)))})
+  head = jax.jit(lambda a: jnp.ravel(a)[:n_values].astype(jnp.float32))
+  h = hashlib.sha256()
+  for p in picks:
+    h.update(p.encode())
+    h.update(np.ascontiguousarray(gather(head(flat[p]))).tobytes())
+  return h.hexdigest()[:16]
+
+
+def base_info(cfg, base_params) -> Dict[str, Any]:
+  """What an adapter records about its base: the checkpoint, or the preset and the seed
+  of its random init, and the weights' fingerprint."""
+  ck = cfg.model.get("checkpoint") or ""
+  return {"checkpoint": os.path.abspath(resolve_path(ck)) if ck and os.path.exists(resolve_path(ck))
+                        else ck,
+          "preset": "" if ck else cfg.model.get("name", ""),
+          "init_seed": None if ck else int(cfg.train.seed),
+          "param_dtype": cfg.model.get("param_dtype", "float32"),
+          "fingerprint": fingerprint(base_params)}
+
+
+def describe_base(info: Dict[str, Any]) -> str:
+  if info.get("checkpoint"):
+    return f"checkpoint {info['checkpoint']} ({info.get('param_dtype')})"
+  return (f"preset {info.get('preset')!r} with random weights of train.seed="
+          f"{info.get('init_seed')} ({info.get('param_dtype')})")
+
+
+def check_base(recorded: Optional[Dict[str, Any]], current: Dict[str, Any], what: str) -> None:
+  """One :class:`ConfigError` line when ``what`` was made on other base weights."""
+  if not recorded or not recorded.get("fingerprint"):
+    return
+  if recorded["fingerprint"] != current["fingerprint"]:
+    raise ConfigError(f"{what} was trained on {describe_base(recorded)} (fingerprint "
+                      f"{recorded['fingerprint']}), but this run's base is "
+                      f"{describe_base(current)} (fingerprint {current['fingerprint']}); use "
+                      f"the same model.checkpoint / model.name, train.seed and param_dtype")
+
+
 def make_mesh(cfg):
   """The device mesh of ``config.mesh`` (``num_devices``: use the first n; 0 = all)."""
   from peft_jax.sharding import ShardingError, make_mesh as _make
@@ -106,16 +159,25 @@ def read_jsonl(path) -> List[Dict[str, Any]]:
 
 
 def dataset(cfg) -> Tuple[List[dict], List[dict]]:
-  """(train rows, evaluation rows) for ``config.data``."""
+  """(train rows, evaluation rows) for ``config.data``: its common fields plus the data
+  set's own knobs (``config_lib.data_knobs``), passed to the loader."""
+  from peft_jax.config_lib import data_knobs
   d = cfg.data
+  knobs = {k: (d[k].to_dict() if hasattr(d[k], "to_dict") else d[k])
+           for k in data_knobs(d.name) if k in d}
   if d.name == "quickstart":
     root = resolve_path(d.get("path") or "data/quickstart")
     train, val = read_jsonl(os.path.join(root, "train.jsonl")), read_jsonl(os.path.join(root, "validation.jsonl"))
   elif d.name == "jsonl":
-    train, val = read_jsonl(resolve_path(d.train_file)), read_jsonl(resolve_path(d.validation_file))
+    if not knobs.get("train_file") or not knobs.get("validation_file"):
+      raise ConfigError("data.name='jsonl' needs data.train_file and data.validation_file "
+                        "(JSONL files of {input, target} rows)")
+    train = read_jsonl(resolve_path(knobs["train_file"]))
+    val = read_jsonl(resolve_path(knobs["validation_file"]))
   else:
     from peft_jax.data.sources import load_dataset_rows
     kw = {"path": resolve_path(d.path) if d.get("path") else None, "seed": d.get("seed", 0)}
+    kw.update({k: v for k, v in knobs.items() if v is not None})
     size = d.get("size") or None
     train = list(load_dataset_rows(d.name, "train", size=size, **kw))
     val = list(load_dataset_rows(d.name, d.get("eval_split") or "validation", **kw))
@@ -128,27 +190,25 @@ def dataset(cfg) -> Tuple[List[dict], List[dict]]:
   return train, val
 
 
-_LIST_KEYS = ("target_modules", "feedforward_modules", "target_sublayers", "layers_to_transform")
-_REGEX_CHARS = set(".*+?()[]{}|^$\\/")
-
-
 def peft_overrides(cfg):
-  """Method hyperparameters from ``config.peft`` (all fields but ``method``).
-
-  Command-line friendly lists: for ``target_modules`` and the like, a plain string
-  of names (``"q,v"``, ``"wo"``, ``""``) becomes a list; ``"all-linear"`` and strings
-  with regex characters stay strings (HF PEFT: a regex over module paths);
-  ``encoder_hidden_size=0`` means none."""
+  """Method hyperparameters from ``config.peft`` (all fields but ``method``), each in the
+  canonical type of its declared Field (``"q,v"`` -> ``["q", "v"]``; ``"all-linear"`` and
+  regexes stay strings, as in HF PEFT)."""
+  from peft_jax.fields import FieldError
+  from peft_jax.peft import get_method
+  from peft_jax.peft.base import PeftConfigError
+  fields = get_method(cfg.peft.method).hparams
   out = {}
   for k, v in cfg.peft.items():
     if k == "method":
       continue
     if hasattr(v, "to_dict"):
       v = v.to_dict()
-    if k in _LIST_KEYS and isinstance(v, str) and v != "all-linear" and not (_REGEX_CHARS & set(v)):
-      v = [x.strip() for x in v.split(",") if x.strip()]
-      if k == "layers_to_transform":
-        v = [int(x) for x in v]
+    if k in fields:
+      try:
+        v = fields[k].normalise(v)
+      except FieldError as e:
+        raise PeftConfigError(f"peft.{k}={e}") from None
     out[k] = v
   return out
 
@@ -163,25 +223,72 @@ def start_and_pad(mc, tok):
   return pad, start
 
 
+def split_config_args(argv: List[str]) -> Tuple[List[Tuple[str, str]], List[str]]:
+  """``--config.<section>.<field>=<value>`` (or ``... <value>``) arguments out of ``argv``:
+  (overrides in order, the other arguments)."""
+  from peft_jax.config_lib import parse_override
+  overrides, rest, i = [], [], 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith("--config."):
+      if "=" not in a:
+        if i + 1 >= len(argv):
+          raise ConfigError(f"{a} needs a value: {a}=<value>")
+        a, i = f"{a}={argv[i + 1]}", i + 1
+      overrides.append(parse_override(a))
+    else:
+      rest.append(a)
+    i += 1
+  return overrides, rest
+
+
+#: the ``--config.*`` overrides of this process's command line (set by :func:`run_cli`)
+CONFIG_OVERRIDES: List[Tuple[str, str]] = []
+
+
+def load_config(spec: str, say=print):
+  """The resolved config of ``--config=spec`` plus this command line's overrides; the
+  notes (a switched method or data set) are printed."""
+  from peft_jax import config_lib
+  cfg, notes = config_lib.load(spec, CONFIG_OVERRIDES)
+  for n in notes:
+    say(f"note: {n}")
+  return cfg
+
+
 def run_cli(main_fn):
-  """Runs ``main_fn`` under absl; configuration and checkpoint errors print one line
-  (``error: ...``) and exit with status 2, before any compute."""
+  """Runs ``main_fn`` under absl. A bad command line, config, checkpoint or data set
+  prints one line (``error: ...``) and exits with status 2, before any compute."""
   import sys
-  from absl import app
+  from absl import app, flags
   from peft_jax.checkpoint.hf import CheckpointError
   from peft_jax.peft.base import PeftConfigError
   from peft_jax.data.common import DataError
+
+  def fail(msg, code=2):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+  try:
+    overrides, rest = split_config_args(sys.argv[1:])
+  except ConfigError as e:
+    fail(e)
+  CONFIG_OVERRIDES[:] = overrides
+
+  def parse_flags(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      fail(str(e).splitlines()[0] + " (see --help)")
 
   def wrapped(argv):
     try:
       return main_fn(argv)
     except (PeftConfigError, CheckpointError, ConfigError, DataError) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+      fail(e)
     except RuntimeError as e:
       if type(e).__name__ != "TrainingDiverged":
         raise
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(3)
+      fail(e, 3)
 
-  app.run(wrapped)
+  app.run(wrapped, argv=[sys.argv[0]] + rest, flags_parser=parse_flags)

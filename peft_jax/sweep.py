@@ -215,6 +215,19 @@ def config_grid(mod, variant: str, cfg=None) -> Dict[str, list]:
   return {k: list(v) for k, v in grid.items()}
 
 
+def check_points(config: str, grid: Dict[str, Sequence], seeds: Sequence[int],
+                 sets: Dict[str, str]) -> None:
+  """Every point's config resolves (fields exist for its method and data set, values fit
+  their declared kinds and ranges), before any run starts; else one :class:`SweepError`."""
+  from peft_jax import config_lib
+  try:
+    raw = config_lib.load_file(config)
+    for p in expand_grid(grid, seeds[:1]):
+      config_lib.resolve(raw, list(sets.items()) + list(p["overrides"].items()))
+  except config_lib.ConfigError as e:
+    raise SweepError(str(e)) from None
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -269,11 +282,7 @@ def run_sweep(config: str, workdir: str, grid: Dict[str, Sequence], seeds: Seque
   """
   sets = dict(sets or {})
   if validate:
-    mod, _, variant = load_config_module(config)
-    cfg = build_config(mod, variant, config)
-    for k in list(grid) + list(sets):
-      if not _has_field(cfg, k):
-        raise SweepError(f"unknown config field {k!r} for {config}")
+    check_points(config, grid, seeds, sets)
   else:
     split_config_arg(config)
   both = set(grid) & set(sets)
@@ -563,9 +572,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         grid[k] = vs
       sets = dict(parse_set_arg(s) for s in args.set)
       seeds = parse_seeds(args.seeds)
-      for k in list(grid) + list(sets):
-        if not _has_field(cfg, k):
-          raise SweepError(f"unknown config field {k!r} for {args.config}")
+      check_points(args.config, grid, seeds, sets)
       if args.dry_run:
         for p in expand_grid(grid, seeds):
           pdir = os.path.join(args.workdir, p["name"], f"seed{p['seed']}")

@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +28,9 @@ from peft_jax import sharding as S
 from peft_jax.data.batching import encode, epoch_order, make_batch
 from peft_jax.evaluation import evaluate_generation
 from peft_jax.metrics_log import MetricsWriter
-from peft_jax.models import abstract_params, build_model
-from peft_jax.peft import apply_peft, summary
+from peft_jax.builder import build
+from peft_jax.peft import summary
 from peft_jax.peft.base import flatten, split_trainable, unflatten
-from peft_jax.training import make_eval_loss, make_train_step, make_tx, opt_state_shardings
 
 
 class TrainingDiverged(RuntimeError):
@@ -68,41 +67,23 @@ class _Failed:
 
 
 class Trainer:
-  def __init__(self, cfg, workdir: Optional[str]):
+  def __init__(self, cfg, workdir: Optional[str], allow_changed: Sequence[str] = ()):
+    from peft_jax.config_lib import resolve
+    cfg, _ = resolve(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)   # every field, checked
     self.cfg, self.workdir = cfg, workdir
+    self.resuming = bool(workdir) and _has_checkpoint(workdir)
+    self.recorded = _read_run_config(workdir) if self.resuming else None
+    if self.recorded is not None:
+      check_resume_config(self.recorded.get("config", {}), cfg.to_dict(), allow_changed, workdir)
     tc, d = cfg.train, cfg.data
-    self.mc = run.model_config(cfg)
-    self.method = cfg.peft.method
-    self.overrides = run.peft_overrides(cfg)
     self.main = jax.process_index() == 0     # prints, logs and files: process 0 only
-    # configuration errors surface here, before any weights or data are touched
-    abstract_state = apply_peft(self.mc, abstract_params(self.mc), self.method, self.overrides)
-    if tc.batch_size % max(tc.get("micro_batch_size") or tc.batch_size, 1):
-      raise run.ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of "
-                            f"train.micro_batch_size={tc.micro_batch_size}")
-    self.accum = tc.batch_size // (tc.get("micro_batch_size") or tc.batch_size)
-    # shapes first, then shardings (weights are created or read straight into them)
-    self.mesh = run.make_mesh(cfg)
-    shards = S.batch_shards(self.mesh)
-    if (tc.batch_size // self.accum) % shards:
-      raise run.ConfigError(
-          f"the micro-batch ({tc.batch_size // self.accum} rows) must split evenly over the "
-          f"mesh's data x fsdp = {shards} devices (mesh {dict(self.mesh.shape)}); change "
-          "train.micro_batch_size, or config.mesh (tensor > 1, or num_devices)")
-    m = cfg.get("mesh") or {}
-    try:
-      self.rules = S.parse_rules(m.get("rules"))
-      specs, dropped = S.param_specs(self.mc, abstract_state.params, self.mesh, self.rules,
-                                     m.get("param_rules"), added=abstract_state.added)
-    except S.ShardingError as e:
-      raise run.ConfigError(f"config.mesh: {e}") from None
-    self.param_sh = unflatten({k: S.NamedSharding(self.mesh, v) for k, v in specs.items()})
-    base_paths = set(flatten(abstract_params(self.mc)))
-    base_sh = unflatten({k: v for k, v in flatten(self.param_sh).items() if k in base_paths})
-    self.batch_sh = S.batch_sharding(self.mesh)
+    # shapes and shardings first: configuration errors surface here, before weights or data
+    spec = build(cfg)
+    self.mc, self.mesh, self.rules, self.accum = spec.mc, spec.mesh, spec.rules, spec.accum
+    self.batch_sh = spec.batch_sh
     self.rows = S.local_rows(self.batch_sh, tc.batch_size)
     if self.main:
-      print(S.describe(self.mesh, specs, dropped, flatten(abstract_state.params)))
+      print(spec.describe_mesh())
       print(f"process {jax.process_index()} of {jax.process_count()} builds rows "
             f"{self.rows[0]}:{self.rows[1]} of each batch of {tc.batch_size}")
     self.tok = run.tokenizer(cfg, self.mc)
@@ -128,18 +109,16 @@ class Trainer:
             f"{cfg.model.get('name')!r} starts from random weights")
     self.rng = jax.random.PRNGKey(tc.seed)
 
-    base = run.base_params(cfg, self.mc, jax.random.fold_in(self.rng, 0), shardings=base_sh)
-    state = apply_peft(self.mc, base, self.method, self.overrides,
-                       rng=jax.random.fold_in(self.rng, 1))
-    self.state = dataclasses.replace(state, params=S.put_tree(state.params, self.param_sh))
-    self.model = build_model(self.mc, self.state.sites)
-    from ml_collections import ConfigDict
-    tx = make_tx(ConfigDict(tc.to_dict() | {"total_steps": self.total}), self.state.params)
-    self.opt, self.step_fn = make_train_step(self.state, self.model, tx, accum_steps=self.accum,
-                                             mesh=self.mesh, param_shardings=self.param_sh,
-                                             rules=self.rules)
-    self.opt_sh = opt_state_shardings(self.opt, self.state.params, self.param_sh, self.mesh)
-    self.eval_loss_fn = make_eval_loss(self.state, self.model, self.mesh, self.param_sh)
+    # then the weights, straight into their shards
+    self.built = spec.with_weights()
+    self.state, self.model, self.param_sh = self.built.state, self.built.model, spec.param_sh
+    self.base_info = self.built.base_info
+    if self.recorded is not None:
+      run.check_base(self.recorded.get("base"), self.base_info, f"the run in {workdir}")
+    if workdir and self.main:
+      _write_run_config(workdir, cfg, self.base_info)
+    self.opt, self.step_fn, self.opt_sh = self.built.train_step(self.total)
+    self.eval_loss_fn = self.built.eval_loss()
     self.writer = MetricsWriter(workdir)
     self.ckpt = _Checkpointer(workdir, tc) if workdir else None
 
@@ -276,7 +255,7 @@ class Trainer:
       host = {k: S.gather(v) for k, v in tr.items()}     # collective: every process joins
       if self.main:
         save_adapter(self.state, unflatten({**fr, **host}),
-                     os.path.join(self.workdir, "adapter"))
+                     os.path.join(self.workdir, "adapter"), base=self.base_info)
     self.writer.close()
     self.params = params
     return {"untuned": None if untuned is None else untuned[metric], "tuned": final[metric],
@@ -289,6 +268,69 @@ class Trainer:
     if not hasattr(self, "_sched"):
       self._sched = make_schedule(ConfigDict(self.cfg.train.to_dict() | {"total_steps": self.total}))
     return self._sched(step)
+
+
+RUN_CONFIG = "config.json"
+#: what a resumed run must share with the run that wrote the checkpoints (sections, or
+#: section.field); the rest (logging, evaluation, checkpoint cadence, mesh) may change
+RESUME_FIXED = ("tokenizer", "model", "peft", "data", "train.batch_size", "train.num_steps",
+                "train.num_epochs", "train.min_steps", "train.learning_rate", "train.schedule",
+                "train.warmup_ratio", "train.warmup_steps", "train.init_learning_rate",
+                "train.end_learning_rate", "train.weight_decay", "train.grad_clip", "train.seed")
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  d = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def _read_run_config(workdir: str) -> Optional[dict]:
+  p = os.path.join(workdir, RUN_CONFIG)
+  if not os.path.isfile(p):
+    return None
+  try:
+    with open(p) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise run.ConfigError(f"{p} is unreadable ({type(e).__name__}: {e}); it records the "
+                          "config of the checkpoints in that workdir") from None
+
+
+def _write_run_config(workdir: str, cfg, base_info: dict) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, RUN_CONFIG + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"config": cfg.to_dict(), "base": base_info}, f, indent=2, default=list)
+  os.replace(tmp, os.path.join(workdir, RUN_CONFIG))
+
+
+def _flat_config(d: dict, prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flat_config(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def check_resume_config(old: dict, new: dict, allow_changed: Sequence[str], workdir: str) -> None:
+  """One :class:`run.ConfigError` line naming the fields that differ from the config the
+  workdir's checkpoints were written with (fields in ``allow_changed`` may differ)."""
+  fo, fn = _flat_config(old), _flat_config(new)
+  fixed = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FIXED)  # noqa: E731
+  first = ("peft.method", "data.name", "model.name", "model.checkpoint")   # the root causes
+  changed = sorted((k for k in set(fo) | set(fn)
+                    if fixed(k) and fo.get(k) != fn.get(k) and k not in allow_changed),
+                   key=lambda k: (k not in first, k))
+  if changed:
+    shown = "; ".join(f"{k}: {fo.get(k)!r} -> {fn.get(k)!r}" for k in changed[:4])
+    more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
+    raise run.ConfigError(
+        f"{workdir} holds checkpoints of a run with another config: {shown}{more}; rerun with "
+        f"the same config, use another --workdir, or allow a change explicitly "
+        f"(--allow_changed={changed[0]})")
 
 
 def _scalars(prefix, res):

@@ -18,29 +18,43 @@ import optax
 
 from peft_jax.models import T5Config
 
-NO_DECAY = re.compile(r"(bias|scale|norm|embedding_scale|ia3|magnitude)")
+#: leaves never decayed whatever the method: biases and norm scales (a method adds its own,
+#: e.g. (IA)^3's scaling vectors, through ``Method.leaf_roles``)
+NO_DECAY = re.compile(r"(bias|scale|norm)")
 
 
 def make_schedule(tc) -> optax.Schedule:
-  """``linear`` (warmup then linear decay to 0), ``constant``, ``constant_warmup``."""
+  """Warmup from ``init_learning_rate`` to ``learning_rate`` over ``warmup_steps`` (or
+  ``warmup_ratio`` of the steps), then: ``linear`` or ``cosine`` decay to
+  ``end_learning_rate`` at the last step; ``constant_warmup``: stay; ``constant``: no
+  warmup at all. (Seed 002: 3e-4 -> 3e-3 -> 3e-4 is init 3e-4, peak 3e-3, end 3e-4.)"""
   total = max(int(tc.total_steps), 1)
-  warm = int(round(tc.warmup_ratio * total))
+  warm = int(tc.get("warmup_steps") or 0) or int(round(tc.warmup_ratio * total))
+  warm = min(warm, total)
   lr = tc.learning_rate
-  if tc.schedule == "linear":
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warm, 1)),
-                                 optax.linear_schedule(lr, 0.0, max(total - warm, 1))], [warm])
+  lr0, lr1 = float(tc.get("init_learning_rate") or 0.0), float(tc.get("end_learning_rate") or 0.0)
   if tc.schedule == "constant":
     return optax.constant_schedule(lr)
-  if tc.schedule == "constant_warmup":
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, max(warm, 1)),
-                                 optax.constant_schedule(lr)], [warm])
-  raise ValueError(f"unknown schedule {tc.schedule!r}; expected linear, constant or constant_warmup")
+  warmup = optax.linear_schedule(lr0, lr, max(warm, 1))
+  decay_steps = max(total - warm, 1)
+  if tc.schedule == "linear":
+    after = optax.linear_schedule(lr, lr1, decay_steps)
+  elif tc.schedule == "cosine":
+    after = optax.cosine_decay_schedule(lr, decay_steps, alpha=lr1 / lr)
+  elif tc.schedule == "constant_warmup":
+    after = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"unknown schedule {tc.schedule!r}; expected linear, cosine, constant or "
+                     "constant_warmup")
+  return optax.join_schedules([warmup, after], [warm])
 
 
-def make_tx(tc, params) -> optax.GradientTransformation:
-  """AdamW (+ clipping); no weight decay on biases, norms, scales and embeddings' scales."""
+def make_tx(tc, params, no_decay=()) -> optax.GradientTransformation:
+  """AdamW (+ clipping); no weight decay on biases and norm scales (:data:`NO_DECAY`) and on
+  the leaves in ``no_decay`` (``PeftState.no_decay``: the method's own choice)."""
   from peft_jax.peft.base import flatten, unflatten
-  decay_mask = unflatten({p: not NO_DECAY.search(p) for p in flatten(params)})
+  no_decay = set(no_decay)
+  decay_mask = unflatten({p: not (NO_DECAY.search(p) or p in no_decay) for p in flatten(params)})
   parts = []
   if tc.grad_clip and tc.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(tc.grad_clip))
@@ -68,8 +82,13 @@ def loss_fn(model, params, batch, rng, deterministic: bool):
 
 
 def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool = False,
-                    mesh=None, param_shardings=None, rules=None):
+                    mesh=None, param_shardings=None, rules=None, loss=None, donate: bool = True):
   """Returns ``(opt, step)``; ``step(params, opt_state, batch, rng) -> (params, opt_state, metrics)``.
+
+  The one training step: the trainer runs it (through :mod:`peft_jax.builder`), the
+  tests exercise it. ``loss(params, batch, rng) -> (mean loss, n tokens)`` replaces the
+  model's token cross entropy (``params``: the stored tree; apply ``state.prepare`` in it,
+  e.g. with :func:`peft_jax.peft.apply_fn`); ``donate=False`` keeps the input buffers.
 
   * Only the trainable subtree is differentiated; partly trained leaves (layer
     selection) have their gradients masked; the optimizer is the method-masked
@@ -113,8 +132,12 @@ def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool 
     tr, fr = split_trainable(params, trainable_mask)
 
     def f(t):
-      loss, ntok = loss_fn(model, state.prepare(join(t, fr)), batch, rng, deterministic)
-      return loss * ntok, ntok       # summed NLL: micro-batches add up exactly
+      if loss is None:
+        value, ntok = loss_fn(model, state.prepare(join(t, fr)), batch, rng, deterministic)
+      else:
+        value, ntok = loss(join(t, fr), batch, rng)
+        ntok = jnp.asarray(ntok, jnp.float32)
+      return value * ntok, ntok       # summed NLL: micro-batches add up exactly
 
     (tot, ntok), g = jax.value_and_grad(f, has_aux=True)(tr)
     g = {k: (jnp.where(masks[k], v, 0) if k in masks else v) for k, v in g.items()}
@@ -183,12 +206,13 @@ def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool 
     new_opt = jax.tree_util.tree_map(keep, new_opt, opt_state)
     return new, new_opt, {"loss": loss, "tokens": ntok, "grad_norm": gnorm, "finite": finite}
 
+  donated = (0, 1) if donate else ()
   if mesh is None:
-    return opt, jax.jit(step, donate_argnums=(0, 1))
+    return opt, jax.jit(step, donate_argnums=donated)
   from peft_jax.sharding import batch_sharding, replicated
   opt_sh = opt_state_shardings(opt, state.params, param_shardings, mesh)
   repl = replicated(mesh)
-  return opt, jax.jit(step, donate_argnums=(0, 1),
+  return opt, jax.jit(step, donate_argnums=donated,
                       in_shardings=(param_shardings, opt_sh, batch_sharding(mesh), repl),
                       out_shardings=(param_shardings, opt_sh, repl))
 

@@ -22,6 +22,7 @@ from peft_jax.models import build_model, get_preset, init_params  # noqa: E402
 from peft_jax.peft import adalora  # noqa: E402
 from peft_jax.peft.base import flatten, unflatten  # noqa: E402
 from peft_jax.peft.training import HookedOptState  # noqa: E402
+from steps import train_step  # noqa: E402  (the production step)
 
 warnings.filterwarnings("ignore", module="peft")
 
@@ -196,7 +197,7 @@ def test_adalora_trains_with_rank_schedule_then_merges():
     logits = fwd(params, src, None, dec)
     return optax.softmax_cross_entropy_with_integer_labels(logits, src).mean()
 
-  opt, step_fn = peft.make_train_step(state, loss_fn, optax.adam(3e-2))
+  opt, step_fn = train_step(state, loss_fn, optax.adam(3e-2))
   step_fn = jax.jit(step_fn)
   params, opt_state = state.params, opt.init(state.params)
   assert isinstance(opt_state, HookedOptState)

@@ -20,6 +20,7 @@ from peft_jax.checkpoint.hf import load_hf  # noqa: E402
 from peft_jax.models import build_model, get_preset, init_params  # noqa: E402
 from peft_jax.peft import krona  # noqa: E402
 from peft_jax.peft.base import flatten, unflatten  # noqa: E402
+from steps import train_step  # noqa: E402  (the production step)
 
 warnings.filterwarnings("ignore", module="peft")
 
@@ -212,7 +213,7 @@ def test_krona_trains_on_copy_task():
     logits = fwd(params, src, None, dec)
     return optax.softmax_cross_entropy_with_integer_labels(logits, src).mean()
 
-  opt, step = peft.make_train_step(state, loss_fn, optax.adam(3e-2))
+  opt, step = train_step(state, loss_fn, optax.adam(3e-2))
   step = jax.jit(step)
   params, opt_state = state.params, opt.init(state.params)
   losses = []

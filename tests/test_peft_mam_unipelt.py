@@ -20,6 +20,7 @@ from peft_jax.checkpoint.hf import config_to_hf, load_hf, save_hf
 from peft_jax.models import get_preset, init_params
 from peft_jax.peft import mam as M
 from peft_jax.peft.base import PeftConfigError, apply_peft, flatten, unflatten
+from steps import train_step  # noqa: E402  (the production step)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REF_VENV = ROOT / ".venv-adapters"
@@ -93,7 +94,7 @@ def _loss(state):
 def train(preset, method, over=None, steps=25, lr=1e-2):
   cfg, params = _base(preset)
   st = apply_peft(cfg, params, method, over or {})
-  opt, step = peft.make_train_step(st, _loss(st), optax.adam(lr))
+  opt, step = train_step(st, _loss(st), optax.adam(lr))
   step = jax.jit(step)
   p, os_ = st.params, opt.init(st.params)
   inputs, labels = _task(cfg)

@@ -11,6 +11,7 @@ import pytest
 from peft_jax import peft
 from peft_jax.models import build_model, get_preset, init_params
 from peft_jax.peft.base import flatten
+from steps import train_step  # noqa: E402  (the production step)
 
 PRESETS = ("t5-v1_1-tiny", "llama-tiny-gqa")
 
@@ -116,7 +117,7 @@ def test_train_steps(preset, name):
   assert any(mask.values())
   inputs, labels = batch(cfg)
 
-  opt, step = peft.make_train_step(state, loss_fn(state), optax.adamw(1e-2, weight_decay=0.1),
+  opt, step = train_step(state, loss_fn(state), optax.adamw(1e-2, weight_decay=0.1),
                                    has_aux=True)
   opt_state = opt.init(params)
   # the optimizer holds arrays only for trainable leaves (Adam: mu and nu)
@@ -125,7 +126,7 @@ def test_train_steps(preset, name):
   assert n_state == 2 * n_train
   step = jax.jit(step)
   for i in range(3):
-    params, opt_state, (loss, _) = step(params, opt_state, inputs, labels)
+    params, opt_state, loss = step(params, opt_state, inputs, labels)
     assert np.isfinite(float(loss))
   flat = flatten(params)
   for k, v in flat.items():
@@ -157,7 +158,7 @@ def test_layer_selection_trains_only_selected_layers():
   info = peft.count(state)
   assert info["trainable_params"] == 8 * (32 + 32) + 8 * (32 + 16)   # r * (in + out), one layer
   inputs, labels = batch(cfg)
-  opt, step = peft.make_train_step(state, loss_fn(state), optax.adamw(1e-2, weight_decay=0.1),
+  opt, step = train_step(state, loss_fn(state), optax.adamw(1e-2, weight_decay=0.1),
                                    has_aux=True)
   params, opt_state = state.params, opt.init(state.params)
   step = jax.jit(step)

@@ -21,6 +21,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from peft_jax.fields import Field
+
 logger = logging.getLogger("peft_jax.data")
 
 # Seed 002's data scales.
@@ -309,3 +311,20 @@ def as_text(value, dataset: str, where: str, field: str) -> str:
     return value
   raise DataError(f"{dataset}: {where} field {field!r} is a {type(value).__name__}; "
                   f"expected a string")
+
+
+# ----------------------------------------------------------------------------- knobs
+# The keyword options of the loaders, declared once (peft_jax.fields.Field): each loader's
+# ``KNOBS`` entry lists what ``--config.data.<knob>`` may set for that data set.
+# ``path``, ``seed`` and ``size`` are the config's own data fields (config_lib).
+
+COMMON_KNOBS = {
+    "shuffle": Field(None, "shuffle the rows (none: only the training split)", "bool"),
+    "split_seed": Field(0, "seed of the fixed hold-outs (carved validation rows or tasks)"),
+    "hf_config": Field(None, "the Hugging Face datasets config name, for a hub id or a "
+                       "save_to_disk folder as data.path", "str"),
+    "hf_split": Field(None, "the Hugging Face datasets split to read (none: the usual name)",
+                      "str"),
+}
+TEMPLATE_KNOB = {"template": Field(None, "the prompt template, with {field} placeholders "
+                                   "(none: the data set's own)", "str")}

@@ -74,7 +74,9 @@ import json
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from peft_jax.data.common import (DataError, Rows, as_text, carve, check_split, first_existing,
+from peft_jax.fields import Field
+
+from peft_jax.data.common import (COMMON_KNOBS, TEMPLATE_KNOB, DataError, Rows, as_text, carve, check_split, first_existing,
                                   get_field, hf_examples, is_hf_source, make_row, read_csv,
                                   read_jsonl, resolve_root, subsample)
 
@@ -488,6 +490,29 @@ LOADERS: Dict[str, Callable[..., Rows]] = {
     "e2e_nlg": load_e2e_nlg, "samsum": load_samsum,
 }
 DATASETS = tuple(LOADERS)
+
+
+def _validation_size(default, what):
+  return {"validation_size": Field(default, f"{what} held out (by split_seed) as the "
+                                   "validation split", "int", ge=0)}
+
+
+def _knobs():
+  from peft_jax.data import superni, tulu
+  seq = {**COMMON_KNOBS, **TEMPLATE_KNOB}
+  return {
+      "superni": superni.KNOBS, "tulu": tulu.KNOBS,
+      "boolq": seq, "rte": seq, "copa": seq, "cnn_dailymail": seq, "samsum": seq,
+      "ag_news": {**seq, **_validation_size(1000, "training rows")},
+      "cola": {**seq, **_validation_size(1000, "training rows")},
+      "e2e_nlg": {**seq, "group_references": Field(
+          None, "one row per meaning representation with all its references (none: on "
+          "evaluation splits)", "bool")},
+  }
+
+
+#: ``{data set: {knob: Field}}``: the loader options each data set accepts
+KNOBS: Dict[str, Dict[str, Field]] = _knobs()
 
 
 def load_dataset_rows(name: str, split: str, *, path=None, seed: int = 0, size=None,

@@ -42,13 +42,26 @@ import os
 import string
 from typing import Dict, List, Optional, Sequence
 
-from peft_jax.data.common import (DataError, Rows, carve, check_split, get_field, hf_examples,
+from peft_jax.fields import Field
+
+from peft_jax.data.common import (COMMON_KNOBS, DataError, Rows, carve, check_split, get_field, hf_examples,
                                   is_hf_source, logger, make_row, resolve_root, rng_for,
                                   subsample)
 
 DATASET = "superni"
 SPLITS = ("train", "validation", "test", "train_unseen")
 TEST_POOL = 100  # first instances of a test task (label-balanced by the authors)
+
+#: the options of :func:`load_superni` (``--config.data.<knob>``)
+KNOBS = {
+    **COMMON_KNOBS,
+    "instances_per_task": Field(100, "instances drawn per task (by data.seed)", ge=1),
+    "n_validation_tasks": Field(50, "training tasks held out (by split_seed) for validation",
+                                ge=0),
+    "num_train_tasks": Field(None, "keep this many training tasks (a nested split_seed "
+                             "subset; seed 000's Figure 3)", "int", ge=1),
+    "tasks": Field(None, "an explicit task list instead of the split's", "strs"),
+}
 
 
 def _end_punct(s: str) -> str:

@@ -33,12 +33,21 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from peft_jax.data.common import (DataError, Rows, carve, check_split, hf_examples, is_hf_source,
+from peft_jax.fields import Field
+from peft_jax.data.common import (COMMON_KNOBS, DataError, Rows, carve, check_split, hf_examples, is_hf_source,
                                   make_row, read_jsonl, require_file, resolve_root, subsample)
 
 DATASET = "tulu"
 ROLE_TAGS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
 ASSISTANT_TAG = ROLE_TAGS["assistant"]
+
+#: the options of :func:`load_tulu` (``--config.data.<knob>``)
+KNOBS = {
+    **COMMON_KNOBS,
+    "validation_size": Field(0, "conversations held out (by split_seed) as the validation "
+                             "split; the mixtures have none", ge=0),
+    "eos": Field("</s>", "the end-of-turn text after each assistant turn"),
+}
 
 
 def check_messages(messages, where: str = "conversation") -> List[dict]:

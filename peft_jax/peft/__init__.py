@@ -11,7 +11,6 @@ Typical use::
     state = peft.apply_peft(cfg, params, "lora", {"r": 16, "target_modules": "all-linear"})
     model = build_model(cfg, state.sites)
     fwd = peft.apply_fn(state, model)               # applies state.prepare (prefix MLP)
-    opt, step = peft.make_train_step(state, loss_fn, optax.adamw(1e-3))
     print(peft.summary(state)["table"])
 """
 
@@ -22,7 +21,7 @@ from peft_jax.peft import (full, lora, bitfit, ln_tuning, ia3, prompt_tuning,  #
 from peft_jax.peft import compacter, mam, unipelt  # noqa: F401,E402  (registers compacter, compacter_pp, mam, unipelt)
 from peft_jax.peft import krona, adalora  # noqa: F401,E402  (KronA, AdaLoRA)
 from peft_jax.peft.accounting import count, describe, summary, table
-from peft_jax.peft.training import apply_fn, make_optimizer, make_train_step, value_and_grad
+from peft_jax.peft.training import apply_fn, make_optimizer, value_and_grad
 from peft_jax.peft.merging import merge, unmerge
 from peft_jax.peft.io import adapter_leaves, load_adapter, save_adapter
 from peft_jax.peft.hf_peft import export_hf_peft, import_hf_peft
@@ -30,6 +29,6 @@ from peft_jax.peft.prefix_tuning import fold_projection
 
 __all__ = ["Method", "PeftConfigError", "PeftState", "apply_peft", "flatten", "unflatten", "join",
            "split_trainable", "get_method", "register", "registered_methods", "count", "describe",
-           "summary", "table", "apply_fn", "make_optimizer", "make_train_step", "value_and_grad",
+           "summary", "table", "apply_fn", "make_optimizer", "value_and_grad",
            "merge", "unmerge", "adapter_leaves", "save_adapter", "load_adapter", "export_hf_peft",
            "import_hf_peft", "fold_projection"]

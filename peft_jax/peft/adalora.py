@@ -57,6 +57,7 @@ from typing import Dict
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax.fields import Field
 from peft_jax.peft import targets as T
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, dropout, AdditiveMerge
@@ -96,12 +97,31 @@ def budget_schedule(hp, init_bgt: int, target_bgt: int, step: int):
 @register
 class AdaLora(AdditiveMerge, Method):
   name = "adalora"
+  identity_at_init = True
+  example_hparams = {"total_step": 10, "init_r": 4, "target_r": 2}
   reference = "HF PEFT 0.21 AdaLoraConfig"
   mergeable = True
-  defaults = {"init_r": 12, "target_r": 8, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85,
-              "beta2": 0.85, "orth_reg_weight": 0.5, "total_step": None, "lora_alpha": 8,
-              "lora_dropout": 0.0, "init_lora_weights": True, "target_modules": None,
-              **T.SELECTION_DEFAULTS}
+  hparams = {
+      "init_r": Field(12, "starting rank of every adapted matrix (the size of its leaves)", ge=1),
+      "target_r": Field(8, "average rank the budget schedule prunes down to", ge=0),
+      "tinit": Field(0, "warm-up steps before any pruning", ge=0),
+      "tfinal": Field(0, "final steps that keep the reached rank pattern fixed", ge=0),
+      "deltaT": Field(1, "prune every deltaT steps during the budgeting phase", ge=1),
+      "beta1": Field(0.85, "EMA coefficient of the importance scores", gt=0, lt=1),
+      "beta2": Field(0.85, "EMA coefficient of the importance uncertainty", gt=0, lt=1),
+      "orth_reg_weight": Field(0.5, "weight of the loss term pushing A and B towards orthogonality",
+                               ge=0),
+      "total_step": Field(None, "total training steps, the schedule's end (required for training)",
+                          "int", ge=1),
+      "lora_alpha": Field(8, "scale numerator: s = lora_alpha / init_r (lora_alpha <= 0: s ~ 1)",
+                          "float"),
+      "lora_dropout": Field(0.0, "dropout on the input of A during training", ge=0, lt=1),
+      "init_lora_weights": Field(True, "True: E = 0, A, B ~ N(0, 0.02^2) (the base model at init); "
+                                 "False: all N(0, 1)"),
+      "target_modules": Field(None, "modules to adapt (none: q, k, v, o, wi, wo on T5; q, v on "
+                              "LLaMA)", "names"),
+      **T.SELECTION,
+  }
 
   # ------------------------------------------------------------------ placement
   def placement(self, cfg, hp, flat) -> T.Placement:

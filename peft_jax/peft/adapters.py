@@ -109,40 +109,102 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax.fields import Field
 from peft_jax.models.config import LlamaConfig, T5Config, as_dtype
 from peft_jax.peft.base import Flat, Method, PeftConfigError, register
 
 # ----------------------------------------------------------------------------- configuration
 
-#: BnConfig's fields and defaults (adapters 1.3.0) that this implementation reads.
-_BN_DEFAULTS: Dict[str, Any] = dict(
-    mh_adapter=False, output_adapter=True, cross_adapter=False,
-    reduction_factor=16, bottleneck_size=None, non_linearity="relu",
-    original_ln_before=False, original_ln_after=True,
-    residual_before_ln=True, adapter_residual_before_ln=False,
-    ln_before=False, ln_after=False,
-    init_weights="bert", init_weights_seed=None,
-    is_parallel=False, scaling=1.0, dropout=0.0,
-    leave_out=(),
-    # accepted only at their defaults (see the module docstring)
-    use_gating=False, phm_layer=False, inv_adapter=None, stochastic_depth=0.0,
-)
-
-HOULSBY_DEFAULTS = dict(_BN_DEFAULTS, mh_adapter=True, output_adapter=True, reduction_factor=16,
-                        non_linearity="swish", original_ln_before=False)
-PFEIFFER_DEFAULTS = dict(_BN_DEFAULTS, mh_adapter=False, output_adapter=True, reduction_factor=16,
-                         non_linearity="relu", original_ln_before=True)
-PARALLEL_DEFAULTS = dict(_BN_DEFAULTS, mh_adapter=False, output_adapter=True, reduction_factor=2,
-                         non_linearity="relu", original_ln_before=False, init_weights="mam_adapter",
-                         is_parallel=True, scaling=4.0)
-
 _INITS = ("bert", "mam_adapter", "houlsby")
+
+
+def _activation_problem(name: str) -> Optional[str]:
+  if name.lower() not in ACTIVATIONS:
+    return f"unknown activation; expected one of {sorted(ACTIVATIONS)} (any case)"
+  return None
+
+
+def _rf_problem(rf) -> Optional[str]:
+  pos = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0  # noqa: E731
+  if isinstance(rf, Mapping):
+    if all(pos(v) for v in rf.values()):
+      return None
+  elif pos(rf):
+    return None
+  return "expected a number > 0 or a {'<layer id>': number, 'default': number} mapping"
+
+
+def _scaling_problem(sc) -> Optional[str]:
+  if sc in ("learned", "channel") or (isinstance(sc, numbers.Real) and not isinstance(sc, bool)):
+    return None
+  return "expected a number, 'learned' or 'channel'"
+
+
+#: BnConfig's fields (adapters 1.3.0) that this implementation reads, with BnConfig's
+#: defaults; each method below changes only the defaults that differ.
+BOTTLENECK: Dict[str, Field] = {
+    "mh_adapter": Field(False, "adapter after each self-attention sub-layer"),
+    "output_adapter": Field(True, "adapter after each feed-forward sub-layer"),
+    "cross_adapter": Field(False, "adapter after each T5 decoder cross-attention sub-layer"),
+    "reduction_factor": Field(16, "bottleneck size = hidden // reduction_factor; or a "
+                              "{'<layer id>': rf, 'default': rf} mapping", "any",
+                              check_fn=_rf_problem),
+    "bottleneck_size": Field(None, "explicit bottleneck size, overriding reduction_factor (ours)",
+                             "int", ge=1),
+    "non_linearity": Field("relu", "activation between the down and up projections "
+                           "(transformers names, any case)", check_fn=_activation_problem),
+    "original_ln_before": Field(False, "the adapter reads the residual sum x + y instead of the "
+                                "sub-layer output y (sequential only)"),
+    "original_ln_after": Field(True, "add the sub-layer's residual input x back after the adapter"),
+    "residual_before_ln": Field(True, "residual around the adapter: y (True) or the adapter input "
+                                "(False); 'post_add' is rejected", "bool_or_str",
+                                choices=("post_add",)),
+    "adapter_residual_before_ln": Field(False, "add the adapter's residual before ln_after, not "
+                                        "after it"),
+    "ln_before": Field(False, "a new LayerNorm on the adapter input"),
+    "ln_after": Field(False, "a new LayerNorm on the adapter output"),
+    "init_weights": Field("bert", "'bert': N(0, 0.02); 'mam_adapter': up projection zero; "
+                          "'houlsby': truncated N(0, 0.01)", choices=_INITS),
+    "init_weights_seed": Field(None, "one seed for every adapter module, so all start with the "
+                               "same weights", "int"),
+    "is_parallel": Field(False, "adapter in parallel to the sub-layer, reading its residual "
+                         "input x"),
+    "scaling": Field(1.0, "factor on the adapter output; 'learned': a trained scalar, 'channel': a "
+                     "trained vector", "any", check_fn=_scaling_problem),
+    "dropout": Field(0.0, "dropout on the adapter output during training", ge=0, lt=1),
+    "leave_out": Field((), "AdapterHub layer ids that get no adapter (T5: encoder layers first, "
+                       "then decoder)", "any"),
+    # accepted only at their defaults (see the module docstring)
+    "use_gating": Field(False, "a trained gate on the adapter output (not supported here)"),
+    "phm_layer": Field(False, "PHM down/up projections (use the compacter methods instead)"),
+    "inv_adapter": Field(None, "invertible adapter after the embeddings (not supported)", "str"),
+    "stochastic_depth": Field(0.0, "probability of dropping whole layers (not supported)"),
+}
+_BN_DEFAULTS: Dict[str, Any] = {k: f.default for k, f in BOTTLENECK.items()}
+
+
+def with_defaults(fields: Dict[str, Field], **defaults) -> Dict[str, Field]:
+  """``fields`` with some defaults changed (kind, range and doc kept)."""
+  out = dict(fields)
+  for k, v in defaults.items():
+    out[k] = dataclasses.replace(fields[k], default=v)
+  return out
+
+
+HOULSBY = with_defaults(BOTTLENECK, mh_adapter=True, non_linearity="swish")
+PFEIFFER = with_defaults(BOTTLENECK, original_ln_before=True)
+PARALLEL = with_defaults(BOTTLENECK, reduction_factor=2, init_weights="mam_adapter",
+                         is_parallel=True, scaling=4.0)
+HOULSBY_DEFAULTS = {k: f.default for k, f in HOULSBY.items()}
+PFEIFFER_DEFAULTS = {k: f.default for k, f in PFEIFFER.items()}
+PARALLEL_DEFAULTS = {k: f.default for k, f in PARALLEL.items()}
+
 _SQRT2 = math.sqrt(2.0)
 
 
@@ -456,8 +518,8 @@ class _Bottleneck(Method):
     return out
 
   def update_masks(self, model_cfg, hp, flat: Flat) -> Dict[str, Any]:
-    """With ``leave_out``: the left-out layers' slices (and the ``layer_on`` flags) are
-    neither trained nor counted."""
+    """With ``leave_out``: the left-out layers' slices are neither trained nor counted
+    (the ``layer_on`` flags are frozen leaves, see :meth:`leaf_roles`)."""
     out: Dict[str, Any] = {}
     for prefix, site in bottleneck_sizes(model_cfg, hp):
       on = active_layers(model_cfg, hp, prefix)
@@ -467,11 +529,13 @@ class _Bottleneck(Method):
       for k, v in flat.items():
         if k.startswith(head):
           nd = len(v.shape)
-          if k == head + "layer_on":
-            out[k] = np.zeros((len(on),), bool)
-          else:
+          if k != head + "layer_on":
             out[k] = on.reshape((-1,) + (1,) * (nd - 1))
     return out
+
+  def leaf_roles(self, model_cfg, hp, paths):
+    """The ``layer_on`` flags (with ``leave_out``) are constants."""
+    return {p: "frozen" for p in paths if p.endswith("/layer_on")}
 
   def handlers(self, model_cfg, hp):
     return (BottleneckHandler(AdapterSpec.from_hp(hp, model_cfg.dtype), self.name),)
@@ -511,7 +575,7 @@ def _init_adapter(key, d: int, m: int, n: int, hp, same_per_layer: bool) -> Dict
 class Houlsby(_Bottleneck):
   """Sequential adapters after attention and FFN (AdapterHub ``DoubleSeqBnConfig``)."""
   name = "houlsby"
-  defaults = HOULSBY_DEFAULTS
+  hparams = HOULSBY
   reference = "AdapterHub adapters 1.3.0 DoubleSeqBnConfig ('double_seq_bn', Houlsby et al. 2019)"
 
 
@@ -519,7 +583,7 @@ class Houlsby(_Bottleneck):
 class Pfeiffer(_Bottleneck):
   """Sequential adapter after the FFN only (AdapterHub ``SeqBnConfig``)."""
   name = "pfeiffer"
-  defaults = PFEIFFER_DEFAULTS
+  hparams = PFEIFFER
   reference = "AdapterHub adapters 1.3.0 SeqBnConfig ('seq_bn', Pfeiffer et al. 2020)"
 
 
@@ -527,5 +591,6 @@ class Pfeiffer(_Bottleneck):
 class Parallel(_Bottleneck):
   """Scaled adapter parallel to the FFN (AdapterHub ``ParBnConfig``)."""
   name = "parallel"
-  defaults = PARALLEL_DEFAULTS
+  identity_at_init = True      # mam_adapter init: the up projection is 0
+  hparams = PARALLEL
   reference = "AdapterHub adapters 1.3.0 ParBnConfig ('par_bn', He et al. 2021)"

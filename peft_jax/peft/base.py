@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from peft_jax.fields import Field, FieldError, did_you_mean
 from peft_jax.sites import Sites
 
 Flat = Dict[str, Any]
@@ -45,12 +46,22 @@ def unflatten(flat: Mapping[str, Any]):
 class Method:
   """Base class; subclasses override what they need."""
   name: str = ""
-  #: hyperparameter defaults, named as in the reference library
+  #: the hyperparameters, named as in the reference library: ``{name: Field(default, doc,
+  #: kind, range)}`` (see :mod:`peft_jax.fields`); the one declaration behind the config
+  #: surface (``--config.peft.<name>``), the type checks and ``--print_config``
+  hparams: Dict[str, Field] = {}
+  #: ``{name: default}``, derived from ``hparams`` at registration
   defaults: Dict[str, Any] = {}
   #: which library's names and defaults these follow, for the docs
   reference: str = ""
   #: True when the method can be folded into the base weights
   mergeable: bool = False
+  #: True when the model with the method's fresh leaves computes exactly the base model
+  #: (e.g. LoRA's B = 0); the conformance test holds the method to it
+  identity_at_init: bool = False
+  #: hyperparameters for a small example run (the method's required ones, and sizes that
+  #: fit the tiny test models): the conformance and command-line tests use them
+  example_hparams: Dict[str, Any] = {}
 
   def validate(self, model_cfg, hp: Dict[str, Any], flat: Flat) -> None:
     """Raise :class:`PeftConfigError` for bad input, before any compute."""
@@ -73,6 +84,15 @@ class Method:
     """Element masks (boolean numpy arrays broadcastable to the leaf) for trainable
     leaves of which only a part is trained, e.g. the selected layers of a stacked
     ``[layers, ...]`` leaf. Pure Python/numpy on shapes. Leaves not named: all trained."""
+    return {}
+
+  def leaf_roles(self, model_cfg, hp, paths) -> Dict[str, str]:
+    """Roles of leaves (``paths``: the whole tree's) that differ from the default, where the
+    method's new leaves and the existing leaves it makes trainable are trained with weight
+    decay: ``"frozen"`` (a new leaf that is a constant, e.g. a per-layer on/off flag: no
+    gradient, no optimizer state) or ``"no_decay"`` (trained without weight decay, e.g.
+    scaling vectors). Biases and norm scales never decay, for every method
+    (:data:`peft_jax.training.NO_DECAY`)."""
     return {}
 
   def changed_params(self, model_cfg, hp, flat: Flat) -> Optional[int]:
@@ -125,6 +145,7 @@ def register(cls):
   inst = cls()
   if not inst.name:
     raise ValueError(f"{cls.__name__} has no name")
+  cls.defaults = {k: f.default for k, f in cls.hparams.items()}
   _REGISTRY[inst.name] = inst
   return cls
 
@@ -140,12 +161,19 @@ def registered_methods():
 
 
 def resolve_hparams(method: Method, overrides: Mapping[str, Any]) -> Dict[str, Any]:
+  """The method's defaults updated with ``overrides``, each checked against its declared
+  :class:`~peft_jax.fields.Field` (kind, range, choices)."""
   hp = dict(method.defaults)
   unknown = sorted(set(overrides) - set(hp))
   if unknown:
-    raise PeftConfigError(f"unknown hyperparameter(s) {unknown} for method {method.name!r}; "
-                          f"expected some of {sorted(hp)}")
-  hp.update(overrides)
+    hint = did_you_mean(unknown[0], list(hp)) if len(unknown) == 1 else ""
+    raise PeftConfigError(f"unknown hyperparameter(s) {unknown} for method {method.name!r}{hint} "
+                          f"(expected some of {sorted(hp)})")
+  for k, v in overrides.items():
+    try:
+      hp[k] = method.hparams[k].normalise(v)
+    except FieldError as e:
+      raise PeftConfigError(f"{method.name}: {k}={e}") from None
   return hp
 
 
@@ -160,6 +188,7 @@ class PeftState:
   made_trainable: Tuple[str, ...]  # existing paths made trainable
   model_cfg: Any = None
   update_masks: Dict[str, Any] = dataclasses.field(default_factory=dict)  # path -> bool array
+  no_decay: Tuple[str, ...] = ()   # trainable paths the method keeps out of weight decay
 
   # per-step hooks on nested trees (see Method.loss_terms / init_hook_state / after_step)
   @property
@@ -208,11 +237,16 @@ def apply_peft(model_cfg, params, method_name: str, overrides: Optional[Mapping[
     raise PeftConfigError(f"method {method.name!r} would overwrite existing leaves {clash[:5]}")
   out = dict(flat)
   out.update(new)
-  mask = {k: (k in made or k in new) for k in out}
+  roles = method.leaf_roles(model_cfg, hp, list(out))
+  bad = sorted(k for k, r in roles.items() if r not in ("frozen", "no_decay"))
+  if bad:
+    raise ValueError(f"method {method.name!r}: unknown leaf roles for {bad[:3]}")
+  mask = {k: (k in made or k in new) and roles.get(k) != "frozen" for k in out}
   return PeftState(method=method, hparams=hp, params=unflatten(out), trainable=unflatten(mask),
                    sites=Sites(tuple(method.handlers(model_cfg, hp))),
                    added=tuple(sorted(new)), made_trainable=tuple(sorted(made)),
-                   model_cfg=model_cfg, update_masks=dict(method.update_masks(model_cfg, hp, out)))
+                   model_cfg=model_cfg, update_masks=dict(method.update_masks(model_cfg, hp, out)),
+                   no_decay=tuple(sorted(k for k, r in roles.items() if r == "no_decay" and mask[k])))
 
 
 def split_trainable(params, trainable):

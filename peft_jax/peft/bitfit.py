@@ -22,6 +22,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from peft_jax.fields import Field
 from peft_jax.peft import targets as T
 from peft_jax.peft.base import Method, register
 from peft_jax.peft.common import adapter_dtype
@@ -39,9 +40,14 @@ class BiasHandler:
 @register
 class BitFit(Method):
   name = "bitfit"
+  identity_at_init = True
   reference = "BitFit (Ben Zaken et al. 2021); target names as HF PEFT"
   mergeable = True
-  defaults = {"target_modules": "all-linear", **T.SELECTION_DEFAULTS}
+  hparams = {
+      "target_modules": Field("all-linear", "linear modules that get a trainable bias (default: "
+                              "every attention and FFN projection)", "names"),
+      **T.SELECTION,
+  }
 
   def placement(self, cfg, hp, flat):
     return T.place(cfg, hp, flat, "all-linear")

@@ -45,25 +45,42 @@ value of that option ends up xavier-normal), biases 0, shared rule
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Dict
 
 import jax
 import jax.numpy as jnp
 
+from peft_jax.fields import Field
 from peft_jax.models.config import as_dtype
 from peft_jax.peft import adapters as A
 from peft_jax.peft.base import Flat, PeftConfigError, register
 
 SHARED = "compacter_shared"
 
-PHM_DEFAULTS: Dict[str, Any] = dict(
-    phm_layer=True, phm_dim=4, factorized_phm_W=True, shared_W_phm=False, shared_phm_rule=True,
-    factorized_phm_rule=False, phm_c_init="normal", phm_init_range=0.0001, learn_phm=True,
-    hypercomplex_nonlinearity="glorot-uniform", phm_rank=1, phm_bias=True)
+#: BnConfig's PHM fields (adapters 1.3.0), with its defaults and ``phm_layer=True``.
+PHM: Dict[str, Field] = {
+    "phm_layer": Field(True, "PHM down/up projections (False would be a plain adapter: use "
+                       "houlsby/pfeiffer)"),
+    "phm_dim": Field(4, "number n of Kronecker summands; hidden and bottleneck sizes must divide "
+                     "by n", ge=1),
+    "factorized_phm_W": Field(True, "each W_i as a rank-phm_rank product W_left @ W_right"),
+    "shared_W_phm": Field(False, "one set of W factors for every layer (needs factorized_phm_W)"),
+    "shared_phm_rule": Field(True, "one set of rule matrices C_i for every PHM layer of the model"),
+    "factorized_phm_rule": Field(False, "each C_i as the product of an [n, 1] and a [1, n] factor"),
+    "phm_c_init": Field("normal", "init of the rule matrices: normal or uniform",
+                        choices=("normal", "uniform")),
+    "phm_init_range": Field(0.0001, "std of the shared rule matrices' normal init"),
+    "learn_phm": Field(True, "train the rule matrices (False is rejected)"),
+    "hypercomplex_nonlinearity": Field("glorot-uniform", "AdapterHub's W init option (every value "
+                                       "gives xavier-normal there and here)",
+                                       choices=("phm", "glorot-normal", "glorot-uniform",
+                                                "normal")),
+    "phm_rank": Field(1, "rank of the factorised W_i", ge=1),
+    "phm_bias": Field(True, "a bias on the PHM down and up projections"),
+}
 
-COMPACTER_DEFAULTS = dict(A.HOULSBY_DEFAULTS, reduction_factor=32, non_linearity="gelu", **PHM_DEFAULTS)
-COMPACTER_PP_DEFAULTS = dict(A.PFEIFFER_DEFAULTS, reduction_factor=32, non_linearity="gelu",
-                             **PHM_DEFAULTS)
+COMPACTER = dict(A.with_defaults(A.HOULSBY, reduction_factor=32, non_linearity="gelu"), **PHM)
+COMPACTER_PP = dict(A.with_defaults(A.PFEIFFER, reduction_factor=32, non_linearity="gelu"), **PHM)
 
 
 def kron_sum(rule, w):
@@ -80,6 +97,7 @@ def _xavier_normal(key, shape):
 
 
 class _Compacter(A._Bottleneck):
+  example_hparams = {"reduction_factor": 8}     # a bottleneck phm_dim divides on tiny models
   mergeable = False
 
   def _bn_hp(self, hp):
@@ -244,7 +262,7 @@ def phm_param_count(hidden: int, m: int, hp) -> int:
 class Compacter(_Compacter):
   """PHM adapters after attention and FFN (AdapterHub ``CompacterConfig``)."""
   name = "compacter"
-  defaults = COMPACTER_DEFAULTS
+  hparams = COMPACTER
   reference = "AdapterHub adapters 1.3.0 CompacterConfig ('compacter', Mahabadi et al. 2021)"
 
 
@@ -252,6 +270,6 @@ class Compacter(_Compacter):
 class CompacterPP(_Compacter):
   """PHM adapter after the FFN only (AdapterHub ``CompacterPlusPlusConfig``)."""
   name = "compacter_pp"
-  defaults = COMPACTER_PP_DEFAULTS
+  hparams = COMPACTER_PP
   reference = "AdapterHub adapters 1.3.0 CompacterPlusPlusConfig ('compacter++', Mahabadi et al. 2021)"
 

@@ -15,8 +15,9 @@ from peft_jax.peft.base import Method, register
 @register
 class Full(Method):
   name = "full"
+  identity_at_init = True
   reference = "none (plain fine-tuning)"
-  defaults = {}
+  hparams = {}
 
   def trainable_existing(self, cfg, hp, paths):
     return set(paths)

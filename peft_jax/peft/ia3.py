@@ -23,6 +23,7 @@ from typing import FrozenSet
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax.fields import Field
 from peft_jax.peft import targets as T
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype, path_of
@@ -48,10 +49,18 @@ class Ia3Handler:
 @register
 class Ia3(Method):
   name = "ia3"
+  identity_at_init = True
   reference = "HF PEFT 0.21 IA3Config"
   mergeable = True
-  defaults = {"target_modules": None, "feedforward_modules": None, "init_ia3_weights": True,
-              **T.SELECTION_DEFAULTS}
+  hparams = {
+      "target_modules": Field(None, "modules that get a scaling vector (none: k, v, wo on T5; "
+                              "k, v, down on LLaMA)", "names"),
+      "feedforward_modules": Field(None, "targets scaled on their input instead of their output; "
+                                   "a subset of target_modules", "names"),
+      "init_ia3_weights": Field(True, "True: vectors start at ones (the base model); False: "
+                                "random normal"),
+      **T.SELECTION,
+  }
 
   def placement(self, cfg, hp, flat):
     pl = T.place(cfg, hp, flat, DEFAULT_TARGETS[T.model_type(cfg)])
@@ -91,6 +100,10 @@ class Ia3(Method):
         v = jnp.where(lm, v, 1.0)
       out[f"{m.path}/ia3_l"] = v.astype(adapter_dtype(flat[m.leaf].dtype))
     return out
+
+  def leaf_roles(self, cfg, hp, paths):
+    """The scaling vectors train without weight decay (decay would pull them to 0, not 1)."""
+    return {p: "no_decay" for p in paths if p.endswith("/ia3_l")}
 
   def update_masks(self, cfg, hp, flat):
     pl, _ = self.placement(cfg, hp, flat)

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax.fields import Field
 from peft_jax.peft import targets as T
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, AdditiveMerge
@@ -168,11 +169,26 @@ class KronaHandler:
 @register
 class Krona(AdditiveMerge, Method):
   name = "krona"
+  identity_at_init = True
   reference = "HF PEFT 0.21 LoKrConfig"
   mergeable = True
-  defaults = {"r": 8, "alpha": 8, "rank_dropout": 0.0, "module_dropout": 0.0,
-              "rank_dropout_scale": False, "decompose_both": False, "decompose_factor": -1,
-              "init_weights": True, "target_modules": None, **T.SELECTION_DEFAULTS}
+  hparams = {
+      "r": Field(8, "rank of the low-rank Kronecker factors (W2; W1 too with decompose_both)",
+                 ge=1),
+      "alpha": Field(8, "scale numerator: the update is kron(W1, W2) * alpha / r", "float"),
+      "rank_dropout": Field(0.0, "training: drop each output feature of the update with this "
+                            "probability", ge=0, lt=1),
+      "module_dropout": Field(0.0, "training: skip the whole update with this probability",
+                              ge=0, lt=1),
+      "rank_dropout_scale": Field(False, "divide the rank-dropout mask by its mean"),
+      "decompose_both": Field(False, "also write W1 as a rank-r product when r is small enough"),
+      "decompose_factor": Field(-1, "split in/out dims with this factor (-1: the divisors "
+                                "closest to the square root)"),
+      "init_weights": Field(True, "True: W1 zero (the base model at init); 'lycoris': W2 zero "
+                            "instead; False: all random", "bool_or_str", choices=("lycoris",)),
+      "target_modules": Field(None, "modules to adapt (none: q, v on T5 and LLaMA)", "names"),
+      **T.SELECTION,
+  }
 
   def placement(self, cfg, hp, flat) -> T.Placement:
     return T.place(cfg, hp, flat, DEFAULT_TARGETS[T.model_type(cfg)])

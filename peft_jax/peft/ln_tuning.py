@@ -16,7 +16,7 @@ trainable counts are equal.
 
 from __future__ import annotations
 
-
+from peft_jax.fields import Field
 from peft_jax.peft import targets as T
 from peft_jax.peft.base import Method, PeftConfigError, register
 
@@ -39,8 +39,12 @@ def _norms_from_paths(paths):
 @register
 class LnTuning(Method):
   name = "ln_tuning"
+  identity_at_init = True
   reference = "HF PEFT 0.21 LNTuningConfig"
-  defaults = {"target_modules": None}
+  hparams = {
+      "target_modules": Field(None, "norms whose scales train: our names, HF names or a regex "
+                              "(none: every norm)", "names"),
+  }
 
   def _selected(self, cfg, hp, paths):
     mods = _norms_from_paths(paths)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax.fields import Field
 from peft_jax.peft import targets as T
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, dropout
@@ -74,11 +75,21 @@ class LoraHandler:
 @register
 class Lora(Method):
   name = "lora"
+  identity_at_init = True
   reference = "HF PEFT 0.21 LoraConfig"
   mergeable = True
-  defaults = {"r": 8, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": False,
-              "target_modules": None, "init_lora_weights": True, "use_dora": False,
-              **T.SELECTION_DEFAULTS}
+  hparams = {
+      "r": Field(8, "rank of A [in, r] and B [r, out]", ge=1),
+      "lora_alpha": Field(8, "scale numerator: the update is x A B * lora_alpha / r", "float"),
+      "lora_dropout": Field(0.0, "dropout on the input of A during training", ge=0, lt=1),
+      "use_rslora": Field(False, "scale by lora_alpha / sqrt(r) (rank-stabilised LoRA)"),
+      "target_modules": Field(None, "modules to adapt (none: q,v on T5 and LLaMA)", "names"),
+      "init_lora_weights": Field(True, "True: A kaiming-uniform, B = 0 (identity at init); "
+                                 "'gaussian': A ~ N(0, 1/r); False: B random too",
+                                 "bool_or_str", choices=("gaussian",)),
+      "use_dora": Field(False, "DoRA: add a magnitude vector (method 'dora' sets it)"),
+      **T.SELECTION,
+  }
 
   def _dora(self, hp):
     return bool(hp["use_dora"])
@@ -136,6 +147,10 @@ class Lora(Method):
         out[f"{m.path}/lora_magnitude"] = jnp.linalg.norm(
             w.astype(jnp.float32) + delta, axis=-2).astype(adapter_dtype(w.dtype))
     return out
+
+  def leaf_roles(self, cfg, hp, paths):
+    """DoRA's magnitude vectors train without weight decay."""
+    return {p: "no_decay" for p in paths if p.endswith("/lora_magnitude")}
 
   def update_masks(self, cfg, hp, flat):
     pl = self.placement(cfg, hp, flat)
@@ -196,7 +211,7 @@ class Lora(Method):
 class Dora(Lora):
   name = "dora"
   reference = "HF PEFT 0.21 LoraConfig(use_dora=True)"
-  defaults = dict(Lora.defaults, use_dora=True)
+  hparams = dict(Lora.hparams, use_dora=Field(True, "DoRA: LoRA direction plus a magnitude vector"))
 
   def validate(self, cfg, hp, flat):
     if not hp["use_dora"]:

@@ -43,6 +43,7 @@ from typing import Any, Dict, FrozenSet, List, Tuple
 import jax
 import jax.numpy as jnp
 
+from peft_jax.fields import Field
 from peft_jax.models.config import T5Config, as_dtype
 from peft_jax.peft import adapters as A
 from peft_jax.peft.base import Flat, Method, PeftConfigError, register
@@ -51,9 +52,21 @@ from peft_jax.peft.prefix_tuning import token_dim
 
 ROOT = "ah_prefix"
 
-PREFIX_DEFAULTS: Dict[str, Any] = dict(
-    prefix_length=30, prefix_bottleneck_size=512, prefix_non_linearity="tanh", prefix_flat=False,
-    encoder_prefix=True, cross_prefix=True, prefix_dropout=0.0, prefix_leave_out=())
+#: AdapterHub's PrefixTuningConfig fields (adapters 1.3.0), namespaced ``prefix_*`` where
+#: the name alone would clash with the adapter's, with its defaults.
+PREFIX: Dict[str, Field] = {
+    "prefix_length": Field(30, "number of prefix positions in front of each attention's "
+                           "keys/values", ge=1),
+    "prefix_bottleneck_size": Field(512, "hidden width of the prefix MLP (unless prefix_flat)",
+                                    ge=1),
+    "prefix_non_linearity": Field("tanh", "activation of the prefix MLP (transformers names, any "
+                                  "case)", check_fn=A._activation_problem),
+    "prefix_flat": Field(False, "train the prefixes directly, without the MLP reparameterisation"),
+    "encoder_prefix": Field(True, "T5: prefixes in the encoder self-attention too"),
+    "cross_prefix": Field(True, "T5: prefixes in the decoder cross-attention too"),
+    "prefix_dropout": Field(0.0, "dropout in the prefix module (only 0 is supported)"),
+    "prefix_leave_out": Field((), "layer ids without a prefix (only empty is supported)", "any"),
+}
 
 
 def prefix_locations(cfg, hp) -> List[Tuple[str, str, int]]:
@@ -210,25 +223,25 @@ def prefix_handler(cfg, hp, gated=False) -> AHPrefixHandler:
   return AHPrefixHandler(n=int(hp["prefix_length"]), self_stacks=frozenset(stacks - {""}), gated=gated)
 
 
-def adapter_hp(hp, defaults) -> Dict[str, Any]:
-  return {k: hp[k] for k in defaults}
+def adapter_hp(hp, names) -> Dict[str, Any]:
+  return {k: hp[k] for k in names}
 
 
 # ----------------------------------------------------------------------------- method
 
-MAM_DEFAULTS = dict(PREFIX_DEFAULTS, prefix_bottleneck_size=800, **A.PARALLEL_DEFAULTS)
+MAM = dict(A.with_defaults(PREFIX, prefix_bottleneck_size=800), **A.PARALLEL)
 
 
 @register
 class MAM(Method):
   """Prefix tuning (AdapterHub placement, MLP reparameterisation) + scaled parallel FFN adapter."""
   name = "mam"
-  defaults = MAM_DEFAULTS
+  hparams = MAM
   reference = "AdapterHub adapters 1.3.0 MAMConfig (PrefixTuningConfig(bottleneck_size=800) + ParBnConfig)"
   mergeable = False
 
   def _bn(self, hp):
-    return adapter_hp(hp, A.PARALLEL_DEFAULTS)
+    return adapter_hp(hp, A.PARALLEL)
 
   def validate(self, cfg, hp, flat):
     validate_prefix(self.name, cfg, hp, flat)
@@ -243,6 +256,9 @@ class MAM(Method):
   def update_masks(self, cfg, hp, flat):
     return _PAR.update_masks(cfg, self._bn(hp), flat)
 
+  def leaf_roles(self, cfg, hp, paths):
+    return _PAR.leaf_roles(cfg, self._bn(hp), paths)
+
   def prepare_params(self, cfg, hp, flat):
     out = dict(flat)
     out.update(project_prefix(cfg, hp, flat))
@@ -255,7 +271,7 @@ class MAM(Method):
 
 class _ParallelImpl(A._Bottleneck):
   name = "parallel(mam)"
-  defaults = A.PARALLEL_DEFAULTS
+  hparams = A.PARALLEL
 
 
 _PAR = _ParallelImpl()

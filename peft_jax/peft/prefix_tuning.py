@@ -49,10 +49,11 @@ from typing import FrozenSet, List, Tuple
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax.fields import Field
 from peft_jax.peft import targets as T
 from peft_jax.peft.base import Method, PeftConfigError, apply_peft, flatten, register, unflatten
 from peft_jax.peft.common import Rand, adapter_dtype
-from peft_jax.peft.prompt_tuning import check_num_virtual_tokens, max_input_length
+from peft_jax.peft.prompt_tuning import MAX_INPUT_LENGTH, check_num_virtual_tokens, max_input_length
 
 T5_ATTN = {"encoder_self_attn": "encoder/layers/attn", "decoder_self_attn": "decoder/layers/self_attn",
            "cross_attn": "decoder/layers/cross_attn"}
@@ -123,10 +124,22 @@ class PrefixHandler:
 @register
 class PrefixTuning(Method):
   name = "prefix_tuning"
+  example_hparams = {"num_virtual_tokens": 4}
   reference = "HF PEFT 0.21 PrefixTuningConfig"
-  defaults = {"num_virtual_tokens": None, "prefix_projection": False, "encoder_hidden_size": None,
-              "init_weights": None, "prefix_attentions": None, "prefix_positions": "shift",
-              "max_input_length": None}
+  hparams = {
+      "num_virtual_tokens": Field(None, "prefix length P: key/value positions added per attention "
+                                  "layer (required)", "int", ge=1),
+      "prefix_projection": Field(False, "train the prefixes through HF's two-layer tanh MLP"),
+      "encoder_hidden_size": Field(None, "hidden width of that MLP (none: the key/value width)",
+                                   "int", ge=1),
+      "init_weights": Field(None, "none: N(0, 1) prefixes; 'zero': zero prefixes (or a zero last "
+                            "MLP layer)", "str", choices=("zero",)),
+      "prefix_attentions": Field(None, "T5 attentions to prefix: encoder_self_attn, "
+                                 "decoder_self_attn, cross_attn (none: the decoder's)", "names"),
+      "prefix_positions": Field("shift", "shift: tokens after the prefix (HF PEFT); none: token "
+                                "positions kept, prefix keys unbiased", choices=("shift", "none")),
+      "max_input_length": MAX_INPUT_LENGTH,
+  }
 
   def validate(self, cfg, hp, flat):
     check_num_virtual_tokens(cfg, hp, "prefix_tuning")

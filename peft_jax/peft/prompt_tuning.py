@@ -34,11 +34,22 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax.fields import Field
 from peft_jax.peft import targets as T
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype
 
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
+
+#: ours, shared with prefix tuning
+MAX_INPUT_LENGTH = Field(None, "longest virtual tokens + input allowed (none: T5 512, LLaMA "
+                         "max_position_embeddings)", "int", ge=1)
+
+
+def _init_problem(init: str):
+  if init.upper() not in INITS:
+    return f"expected one of {INITS} (any case)"
+  return None
 
 
 def max_input_length(cfg, hp):
@@ -92,10 +103,18 @@ def check_num_virtual_tokens(cfg, hp, what):
 @register
 class PromptTuning(Method):
   name = "prompt_tuning"
+  example_hparams = {"num_virtual_tokens": 4}
   reference = "HF PEFT 0.21 PromptTuningConfig"
-  defaults = {"num_virtual_tokens": None, "prompt_tuning_init": "RANDOM",
-              "prompt_tuning_init_text": None, "tokenizer_name_or_path": None,
-              "max_input_length": None}
+  hparams = {
+      "num_virtual_tokens": Field(None, "number P of soft-prompt vectors (required)", "int", ge=1),
+      "prompt_tuning_init": Field("RANDOM", "RANDOM: N(0, 1); SAMPLE_VOCAB: random token "
+                                  "embeddings; TEXT: the init text's (any case)",
+                                  check_fn=_init_problem),
+      "prompt_tuning_init_text": Field(None, "text whose token embeddings start the prompt (TEXT)",
+                                       "str"),
+      "tokenizer_name_or_path": Field(None, "tokenizer for prompt_tuning_init_text (TEXT)", "str"),
+      "max_input_length": MAX_INPUT_LENGTH,
+  }
 
   def validate(self, cfg, hp, flat):
     check_num_virtual_tokens(cfg, hp, "prompt_tuning")

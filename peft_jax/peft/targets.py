@@ -41,12 +41,24 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from peft_jax.models.config import LlamaConfig, T5Config
+from peft_jax.fields import Field
 from peft_jax.peft.base import Flat, PeftConfigError
 
 LAYER_SELECTION_KEYS = ("layers_to_transform", "first_k_layers", "last_k_layers",
                         "random_layer_fraction")
-SELECTION_DEFAULTS = {"layers_to_transform": None, "first_k_layers": None, "last_k_layers": None,
-                      "random_layer_fraction": None, "layer_seed": 0, "target_sublayers": None}
+#: the layer and sub-layer selection every targeted method shares (its ``hparams``)
+SELECTION = {
+    "layers_to_transform": Field(None, "only these layer indices of each stack (HF PEFT); a "
+                                 "{stack: [..]} dict in a config file", "ints"),
+    "first_k_layers": Field(None, "only the first k layers of each stack", "int", ge=1),
+    "last_k_layers": Field(None, "only the last k layers of each stack", "int", ge=1),
+    "random_layer_fraction": Field(None, "a random fraction of the layers of each stack "
+                                   "(drawn with layer_seed)", "float", gt=0, le=1),
+    "layer_seed": Field(0, "seed of random_layer_fraction's draw"),
+    "target_sublayers": Field(None, "only modules in these sub-layers (encoder_self_attn, "
+                              "decoder_self_attn, decoder_cross_attn, self_attn, mlp)", "names"),
+}
+SELECTION_DEFAULTS = {k: f.default for k, f in SELECTION.items()}
 
 _LLAMA_HF = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
              "up": "up_proj", "down": "down_proj"}

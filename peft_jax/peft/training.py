@@ -7,8 +7,10 @@
   only (the frozen subtree is a constant), returns a full-structure gradient
   tree whose frozen leaves are zeros (``jnp.zeros`` constants under jit) so it
   feeds the multi-transform optimizer.
-* :func:`make_train_step`: ``(params, opt_state, *batch) -> (params, opt_state,
-  loss)``; frozen leaves are passed through untouched (bitwise).
+* :class:`HookedOptState`: the optimizer state of methods with per-step hooks.
+
+The training step itself is :func:`peft_jax.training.make_train_step` (one for the
+trainer and the tests).
 * :func:`apply_fn`: the model forward on the stored tree (applies the method's
   ``prepare`` reparameterisation, e.g. prefix tuning's MLP).
 """
@@ -96,28 +98,6 @@ def value_and_grad(loss_fn: Callable, state: PeftState, has_aux: bool = False) -
   return f
 
 
-def make_train_step(state: PeftState, loss_fn: Callable, tx: optax.GradientTransformation,
-                    has_aux: bool = False):
-  """Returns ``(opt, step)``; ``step(params, opt_state, *batch) -> (params, opt_state, loss)``.
-
-  Frozen leaves of the returned params are the input leaves themselves.
-  """
-  if state.has_step_hooks:
-    return _make_hooked_train_step(state, loss_fn, tx, has_aux)
-  opt = make_optimizer(state, tx)
-  vg = value_and_grad(loss_fn, state, has_aux)
-  mask = state.trainable
-
-  def step(params, opt_state, *batch):
-    val, grads = vg(params, *batch)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    new = optax.apply_updates(params, updates)
-    new = jax.tree_util.tree_map(lambda m, n, o: n if m else o, mask, new, params)
-    return new, opt_state, val
-
-  return opt, step
-
-
 # ----------------------------------------------------------------------------- per-step hooks
 
 class HookedOptState(NamedTuple):
@@ -126,49 +106,3 @@ class HookedOptState(NamedTuple):
   inner: Any
   hook: Any
   count: Any
-
-
-def with_loss_terms(loss_fn: Callable, state: PeftState, has_aux: bool = False) -> Callable:
-  """``loss_fn`` plus the method's :meth:`~peft_jax.peft.base.Method.loss_terms` (if any)."""
-
-  def f(params, *batch):
-    out = loss_fn(params, *batch)
-    extra = state.loss_terms(params)
-    if extra is None:
-      return out
-    if has_aux:
-      return (out[0] + extra.astype(out[0].dtype),) + tuple(out[1:])
-    return out + extra.astype(out.dtype)
-
-  return f
-
-
-def _make_hooked_train_step(state: PeftState, loss_fn: Callable, tx, has_aux: bool):
-  """Same contract as :func:`make_train_step` (``step(params, opt_state, *batch) -> (params,
-  opt_state, loss)``, ``opt.init(params)``); ``opt_state`` is a :class:`HookedOptState`, the
-  loss includes the method's ``loss_terms`` and ``after_step`` runs after each update."""
-  inner = make_optimizer(state, tx)
-  vg = value_and_grad(with_loss_terms(loss_fn, state, has_aux), state, has_aux)
-  mask = state.trainable
-
-  def init(params):
-    return HookedOptState(inner.init(params), state.init_hook_state(params), jnp.zeros((), jnp.int32))
-
-  def update(updates, opt_state, params=None):   # the plain optimizer update, without the hook
-    u, st = inner.update(updates, opt_state.inner, params)
-    return u, opt_state._replace(inner=st)
-
-  opt = optax.GradientTransformation(init, update)
-
-  def keep_frozen(new, old):
-    return jax.tree_util.tree_map(lambda m, n, o: n if m else o, mask, new, old)
-
-  def step(params, opt_state, *batch):
-    val, grads = vg(params, *batch)
-    updates, inner_state = inner.update(grads, opt_state.inner, params)
-    new = keep_frozen(optax.apply_updates(params, updates), params)
-    new, hook = state.after_step(opt_state.count, new, grads, opt_state.hook)
-    new = keep_frozen(new, params)
-    return new, HookedOptState(inner_state, hook, opt_state.count + 1), val
-
-  return opt, step

@@ -46,6 +46,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from peft_jax.fields import Field
 from peft_jax.models.config import as_dtype
 from peft_jax.peft import adapters as A
 from peft_jax.peft import mam as M
@@ -53,10 +54,20 @@ from peft_jax.peft import targets as T
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, compute_dtype, dropout
 
-UNIPELT_DEFAULTS = dict(M.PREFIX_DEFAULTS, prefix_length=10, prefix_bottleneck_size=512,
-                        prefix_shared_gating=True,
-                        **dict(A.PFEIFFER_DEFAULTS, reduction_factor=16, use_gating=True),
-                        lora_r=8, lora_alpha=2, lora_dropout=0.0, lora_attn_matrices=("q", "v"))
+#: the prefix fields of ``mam``, pfeiffer's adapter fields (gated) and LoRA's, with
+#: UniPELTConfig's defaults.
+UNIPELT = {
+    **A.with_defaults(M.PREFIX, prefix_length=10),
+    "prefix_shared_gating": Field(True, "one prefix gate output for keys and values (False: "
+                                  "one each)"),
+    **A.PFEIFFER,
+    "use_gating": Field(True, "gate every component (UniPELT itself; False is rejected)"),
+    "lora_r": Field(8, "rank of the gated LoRA on the attention projections", ge=1),
+    "lora_alpha": Field(2, "LoRA scale numerator; no effect here: the gate replaces alpha / r",
+                        "float"),
+    "lora_dropout": Field(0.0, "dropout on the LoRA input during training", ge=0, lt=1),
+    "lora_attn_matrices": Field(("q", "v"), "attention projections that get LoRA: some of q, k, v"),
+}
 
 LORA = "gated_lora"
 
@@ -129,7 +140,7 @@ class UniPeltHandler(M.AHPrefixHandler):
 
 class _SeqImpl(A._Bottleneck):
   name = "pfeiffer(unipelt)"
-  defaults = A.PFEIFFER_DEFAULTS
+  hparams = A.PFEIFFER
 
 
 _SEQ = _SeqImpl()
@@ -145,13 +156,13 @@ def lora_modules(cfg, hp, flat):
 class UniPELT(Method):
   """Gated prefix tuning + gated sequential adapter + gated LoRA (AdapterHub ``UniPELTConfig``)."""
   name = "unipelt"
-  defaults = UNIPELT_DEFAULTS
+  hparams = UNIPELT
   reference = ("AdapterHub adapters 1.3.0 UniPELTConfig (PrefixTuningConfig(prefix_length=10) + "
                "SeqBnConfig(reduction_factor=16) + LoRAConfig(r=8, alpha=2), use_gating=True)")
   mergeable = False
 
   def _bn(self, hp):
-    return dict(M.adapter_hp(hp, A.PFEIFFER_DEFAULTS), use_gating=False)
+    return dict(M.adapter_hp(hp, A.PFEIFFER), use_gating=False)
 
   def validate(self, cfg, hp, flat):
     if hp["use_gating"] is not True:
@@ -202,6 +213,9 @@ class UniPELT(Method):
 
   def update_masks(self, cfg, hp, flat):
     return _SEQ.update_masks(cfg, self._bn(hp), flat)
+
+  def leaf_roles(self, cfg, hp, paths):
+    return _SEQ.leaf_roles(cfg, self._bn(hp), paths)
 
   def prepare_params(self, cfg, hp, flat):
     out = dict(flat)
