@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import flags
 
@@ -32,27 +31,27 @@ def main(argv):
   from absl import logging
   logging.set_verbosity(logging.WARNING)
 
-  from peft_jax import run
-  from peft_jax.evaluation import evaluate_generation
+  from peft_jax import cli, inputs
+  from peft_jax.evals.generation import evaluate_generation
   from peft_jax.builder import build
   from peft_jax.peft.io import load_adapter_leaves
 
-  cfg = run.load_config(FLAGS.config)
-  mc = run.model_config(cfg)
+  cfg = cli.load_config(FLAGS.config)
+  mc = inputs.model_config(cfg)
   adapter_dir = FLAGS.checkpoint
   if os.path.isdir(os.path.join(adapter_dir, "adapter")):
     adapter_dir = os.path.join(adapter_dir, "adapter")      # a train.py workdir
   if not os.path.isfile(os.path.join(adapter_dir, "peft_config.json")):
-    raise run.ConfigError(f"--checkpoint {FLAGS.checkpoint} is neither a train.py workdir nor an "
+    raise inputs.ConfigError(f"--checkpoint {FLAGS.checkpoint} is neither a train.py workdir nor an "
                           "adapter directory (expected <workdir>/adapter/peft_config.json)")
   from peft_jax.peft.io import read_adapter_config
   recorded = read_adapter_config(adapter_dir)
-  tok = run.tokenizer(cfg, mc)
-  _, val_rows = run.dataset(cfg)
+  tok = inputs.tokenizer(cfg, mc)
+  _, val_rows = inputs.dataset(cfg)
   # the run's setup for the adapter's own method (mesh, shardings, base weights into shards)
   built = build(cfg, peft={"method": recorded["method"], **recorded["hparams"]},
                 with_weights=True)
-  run.check_base(recorded.get("base"), built.base_info, f"the adapter {adapter_dir}")
+  inputs.check_base(recorded.get("base"), built.base_info, f"the adapter {adapter_dir}")
   state, params = built.state, load_adapter_leaves(adapter_dir, built.state)
   model = built.model
   res = evaluate_generation(model, state.prepare(params), tok, mc, val_rows,
@@ -81,5 +80,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from peft_jax.run import run_cli
+  from peft_jax.cli import run_cli
   run_cli(main)

@@ -13,7 +13,7 @@ summary.json, summary.md and metric_vs_<x>.png (see peft_jax/sweep.py).
 
 import sys
 
-from peft_jax.sweep import main
+from peft_jax.grid_search import main
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -69,10 +69,10 @@ def main(argv):
   del argv
   from absl import logging
   logging.set_verbosity(logging.WARNING)
-  from peft_jax import run
+  from peft_jax import cli
   from peft_jax.trainer import Trainer
 
-  cfg = run.load_config(FLAGS.config)
+  cfg = cli.load_config(FLAGS.config)
   if FLAGS.print_config:
     from peft_jax.config_lib import describe as describe_config
     print(describe_config(cfg))
@@ -106,5 +106,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from peft_jax.run import run_cli
+  from peft_jax.cli import run_cli
   run_cli(main)

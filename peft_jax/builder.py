@@ -14,7 +14,7 @@ Shapes first, then shardings, then weights:
 2. :meth:`Built.with_weights` reads or creates the base weights straight into their
    shards and places the method's new leaves.
 3. :meth:`Built.train_step` makes the optimizer and the one jitted training step
-   (:func:`peft_jax.training.make_train_step`) for a number of total steps (the schedule).
+   (:func:`peft_jax.step.make_train_step`) for a number of total steps (the schedule).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 
-from peft_jax import run
-from peft_jax import sharding as S
+from peft_jax import inputs
+from peft_jax import sharding
 from peft_jax.models import abstract_params, build_model
 from peft_jax.peft import apply_peft
 from peft_jax.peft.base import PeftState, flatten, unflatten
@@ -58,24 +58,24 @@ class Built:
     return self.cfg.train.batch_size // self.accum
 
   def describe_mesh(self) -> str:
-    return S.describe(self.mesh, self.specs, self.dropped, flatten(self.state.params))
+    return sharding.describe(self.mesh, self.specs, self.dropped, flatten(self.state.params))
 
   def with_weights(self) -> "Built":
     """The base weights (``model.checkpoint``, else the preset's random init from
     ``train.seed``) straight into their shards, and the method's leaves placed."""
     cfg = self.cfg
-    base = run.base_params(cfg, self.mc, run.base_key(cfg), shardings=self.base_sh)
-    info = run.base_info(cfg, base)
+    base = inputs.base_params(cfg, self.mc, inputs.base_key(cfg), shardings=self.base_sh)
+    info = inputs.base_info(cfg, base)
     state = apply_peft(self.mc, base, self.state.method.name, self.state.hparams,
                        rng=method_key(cfg))
-    state = dataclasses.replace(state, params=S.put_tree(state.params, self.param_sh))
+    state = dataclasses.replace(state, params=sharding.put_tree(state.params, self.param_sh))
     return dataclasses.replace(self, state=state, base_info=info)
 
   def train_step(self, total_steps: int, donate: bool = True):
     """``(optimizer, jitted step, optimizer-state shardings)`` for ``total_steps`` (the
-    schedule's length); see :func:`peft_jax.training.make_train_step`."""
+    schedule's length); see :func:`peft_jax.step.make_train_step`."""
     from ml_collections import ConfigDict
-    from peft_jax.training import make_train_step, make_tx, opt_state_shardings
+    from peft_jax.step import make_train_step, make_tx, opt_state_shardings
     tx = make_tx(ConfigDict(self.cfg.train.to_dict() | {"total_steps": int(total_steps)}),
                  self.state.params, self.state.no_decay)
     opt, step = make_train_step(self.state, self.model, tx, accum_steps=self.accum,
@@ -84,7 +84,7 @@ class Built:
     return opt, step, opt_state_shardings(opt, self.state.params, self.param_sh, self.mesh)
 
   def eval_loss(self):
-    from peft_jax.training import make_eval_loss
+    from peft_jax.step import make_eval_loss
     return make_eval_loss(self.state, self.model, self.mesh, self.param_sh)
 
 
@@ -102,39 +102,39 @@ def build(cfg, devices: Optional[Sequence[Any]] = None, peft: Optional[Dict[str,
   from peft_jax.config_lib import resolve
   cfg, _ = resolve(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
   tc = cfg.train
-  mc = run.model_config(cfg)
+  mc = inputs.model_config(cfg)
   if peft is None:
-    method, overrides = cfg.peft.method, run.peft_overrides(cfg)
+    method, overrides = cfg.peft.method, inputs.peft_overrides(cfg)
   else:
     method, overrides = peft["method"], {k: v for k, v in peft.items() if k != "method"}
   state = apply_peft(mc, abstract_params(mc), method, overrides)
   micro = int(tc.micro_batch_size or tc.batch_size)
   if tc.batch_size % micro:
-    raise run.ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of "
+    raise inputs.ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of "
                           f"train.micro_batch_size={micro}")
   if devices is None:
-    mesh = run.make_mesh(cfg)
+    mesh = inputs.make_mesh(cfg)
   else:
     try:
-      mesh = S.make_mesh(cfg.mesh, devices)
-    except S.ShardingError as e:
-      raise run.ConfigError(f"config.mesh: {e}") from None
-  shards = S.batch_shards(mesh)
+      mesh = sharding.make_mesh(cfg.mesh, devices)
+    except sharding.ShardingError as e:
+      raise inputs.ConfigError(f"config.mesh: {e}") from None
+  shards = sharding.batch_shards(mesh)
   if micro % shards:
-    raise run.ConfigError(
+    raise inputs.ConfigError(
         f"the micro-batch ({micro} rows) must split evenly over the mesh's data x fsdp = "
         f"{shards} devices (mesh {dict(mesh.shape)}); change train.micro_batch_size, or "
         "config.mesh (tensor > 1, or num_devices)")
   try:
-    rules = S.parse_rules(cfg.mesh.rules)
-    specs, dropped = S.param_specs(mc, state.params, mesh, rules, cfg.mesh.param_rules,
+    rules = sharding.parse_rules(cfg.mesh.rules)
+    specs, dropped = sharding.param_specs(mc, state.params, mesh, rules, cfg.mesh.param_rules,
                                    added=state.added)
-  except S.ShardingError as e:
-    raise run.ConfigError(f"config.mesh: {e}") from None
-  param_sh = unflatten({k: S.NamedSharding(mesh, v) for k, v in specs.items()})
+  except sharding.ShardingError as e:
+    raise inputs.ConfigError(f"config.mesh: {e}") from None
+  param_sh = unflatten({k: sharding.NamedSharding(mesh, v) for k, v in specs.items()})
   base_paths = set(flatten(abstract_params(mc)))
   base_sh = unflatten({k: v for k, v in flatten(param_sh).items() if k in base_paths})
   built = Built(cfg=cfg, mc=mc, state=state, model=build_model(mc, state.sites), mesh=mesh,
                 rules=rules, specs=specs, dropped=dropped, param_sh=param_sh, base_sh=base_sh,
-                batch_sh=S.batch_sharding(mesh), accum=tc.batch_size // micro)
+                batch_sh=sharding.batch_sharding(mesh), accum=tc.batch_size // micro)
   return built.with_weights() if with_weights else built

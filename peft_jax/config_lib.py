@@ -212,7 +212,7 @@ def split_spec(spec: str) -> Tuple[str, str]:
 
 def load_file(spec: str) -> dict:
   """``configs/<file>.py[:<variant>]`` -> the plain dict of its ``get_config(variant)``."""
-  from peft_jax.run import resolve_path
+  from peft_jax.inputs import resolve_path
   path, variant = split_spec(spec)
   if not path:
     raise ConfigError("--config is required: configs/<file>.py[:<variant>]")

@@ -92,7 +92,7 @@ def topology_devices(name: str):
   try:
     return topologies.get_topology_desc(topology_name=topo, platform=platform).devices
   except Exception as e:
-    from peft_jax.run import ConfigError
+    from peft_jax.inputs import ConfigError
     raise ConfigError(f"--plan_topology={name!r}: this machine cannot describe that topology "
                       f"({type(e).__name__}: {str(e)[:200]}); use fake CPU devices "
                       "(--cpu_devices) instead") from None
@@ -101,7 +101,7 @@ def topology_devices(name: str):
 def plan(cfg, devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
   """Compile the step for ``cfg`` on ``devices`` (default: the mesh config over all
   devices) and return the memory and FLOP figures (per device)."""
-  from peft_jax import sharding as S
+  from peft_jax import sharding
   from peft_jax.builder import build
   from peft_jax.models import count_params
   from peft_jax.peft.base import flatten
@@ -113,10 +113,10 @@ def plan(cfg, devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
   opt, step, osh = built.train_step(total)
   a_params = _with(state.params, psh)
   a_opt = _with(jax.eval_shape(opt.init, state.params), osh)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=S.batch_sharding(mesh))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
            for k, v in abstract_batch(cfg, mc, int(tc.batch_size)).items()}
   key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
-  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=S.replicated(mesh))
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
   t0 = time.time()
   flops = jaxpr_flops(step.trace(a_params, a_opt, batch, key).jaxpr)
   lowered = step.lower(a_params, a_opt, batch, key)

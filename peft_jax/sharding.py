@@ -224,7 +224,7 @@ def param_specs(model_cfg, params, mesh: Mesh, rules=None, param_rules=None,
   (``added``) are replicated; ``param_rules`` (regex over paths) override both.
   Also returns ``path -> dims left unsplit`` (divisibility)."""
   from peft_jax.models import logical_axes
-  from peft_jax.peft.base import flatten
+  from peft_jax.tree import flatten
   rules = parse_rules(rules) if not isinstance(rules, tuple) else rules
   prules = parse_param_rules(param_rules)
   logical = flatten(logical_axes(model_cfg))
@@ -251,7 +251,7 @@ def param_specs(model_cfg, params, mesh: Mesh, rules=None, param_rules=None,
 
 def param_shardings(model_cfg, params, mesh: Mesh, rules=None, param_rules=None, added=()):
   """Nested tree of ``NamedSharding`` matching ``params``."""
-  from peft_jax.peft.base import unflatten
+  from peft_jax.tree import unflatten
   specs, _ = param_specs(model_cfg, params, mesh, rules, param_rules, added)
   return unflatten({k: NamedSharding(mesh, s) for k, s in specs.items()})
 
@@ -260,7 +260,7 @@ def like_params(tree, params, shardings, mesh: Mesh):
   """Shardings for a tree whose leaves mirror parameters (optimizer moments, gradient
   accumulators): a leaf whose key path ends with a parameter's path and has its shape gets
   that parameter's sharding; everything else (counts, scalars) is replicated."""
-  from peft_jax.peft.base import flatten
+  from peft_jax.tree import flatten
   flat_p = flatten(params)
   flat_s = flatten(shardings)
   repl = NamedSharding(mesh, P())

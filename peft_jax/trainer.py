@@ -10,7 +10,6 @@ left it (same batches, same dropout keys: bitwise on CPU).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -20,13 +19,11 @@ import time
 from typing import Any, Dict, Iterator, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from peft_jax import run
-from peft_jax import sharding as S
+from peft_jax import inputs
+from peft_jax import sharding
 from peft_jax.data.batching import encode, epoch_order, make_batch
-from peft_jax.evaluation import evaluate_generation
+from peft_jax.evals.generation import evaluate_generation
 from peft_jax.metrics_log import MetricsWriter
 from peft_jax.builder import build
 from peft_jax.peft import summary
@@ -81,15 +78,15 @@ class Trainer:
     spec = build(cfg)
     self.mc, self.mesh, self.rules, self.accum = spec.mc, spec.mesh, spec.rules, spec.accum
     self.batch_sh = spec.batch_sh
-    self.rows = S.local_rows(self.batch_sh, tc.batch_size)
+    self.rows = sharding.local_rows(self.batch_sh, tc.batch_size)
     if self.main:
       print(spec.describe_mesh())
       print(f"process {jax.process_index()} of {jax.process_count()} builds rows "
             f"{self.rows[0]}:{self.rows[1]} of each batch of {tc.batch_size}")
-    self.tok = run.tokenizer(cfg, self.mc)
-    self.train_rows, self.val_rows = run.dataset(cfg)
-    self.layout = run.layout(self.mc)
-    self.pad, self.start = run.start_and_pad(self.mc, self.tok)
+    self.tok = inputs.tokenizer(cfg, self.mc)
+    self.train_rows, self.val_rows = inputs.dataset(cfg)
+    self.layout = inputs.layout(self.mc)
+    self.pad, self.start = inputs.start_and_pad(self.mc, self.tok)
     self.enc = encode(self.tok, self.train_rows, d.max_source_len, d.max_target_len,
                       source_eos=self.layout == "seq2seq")
     # conversations (TULU): the whole chat, loss on every assistant turn (open-instruct)
@@ -114,7 +111,7 @@ class Trainer:
     self.state, self.model, self.param_sh = self.built.state, self.built.model, spec.param_sh
     self.base_info = self.built.base_info
     if self.recorded is not None:
-      run.check_base(self.recorded.get("base"), self.base_info, f"the run in {workdir}")
+      inputs.check_base(self.recorded.get("base"), self.base_info, f"the run in {workdir}")
     if workdir and self.main:
       _write_run_config(workdir, cfg, self.base_info)
     self.opt, self.step_fn, self.opt_sh = self.built.train_step(self.total)
@@ -140,7 +137,7 @@ class Trainer:
           host = make_batch(self.enc, idx[lo:hi], self.layout, self.pad, self.start,
                             d.max_source_len, d.max_target_len, batch_size=hi - lo,
                             lengths_from=idx)
-        yield epoch, i, host, S.global_batch(host, self.batch_sh, tc.batch_size)
+        yield epoch, i, host, sharding.global_batch(host, self.batch_sh, tc.batch_size)
       epoch, start = epoch + 1, 0
 
   # ------------------------------------------------------------------ evaluation
@@ -252,7 +249,7 @@ class Trainer:
       self.ckpt.wait()
       from peft_jax.peft import save_adapter
       tr, fr = split_trainable(params, self.state.trainable)
-      host = {k: S.gather(v) for k, v in tr.items()}     # collective: every process joins
+      host = {k: sharding.gather(v) for k, v in tr.items()}     # collective: every process joins
       if self.main:
         save_adapter(self.state, unflatten({**fr, **host}),
                      os.path.join(self.workdir, "adapter"), base=self.base_info)
@@ -263,7 +260,7 @@ class Trainer:
             "best_step": best["step"], "best": best[metric]}
 
   def _lr(self, step):
-    from peft_jax.training import make_schedule
+    from peft_jax.step import make_schedule
     from ml_collections import ConfigDict
     if not hasattr(self, "_sched"):
       self._sched = make_schedule(ConfigDict(self.cfg.train.to_dict() | {"total_steps": self.total}))
@@ -292,7 +289,7 @@ def _read_run_config(workdir: str) -> Optional[dict]:
     with open(p) as f:
       return json.load(f)
   except (OSError, ValueError) as e:
-    raise run.ConfigError(f"{p} is unreadable ({type(e).__name__}: {e}); it records the "
+    raise inputs.ConfigError(f"{p} is unreadable ({type(e).__name__}: {e}); it records the "
                           "config of the checkpoints in that workdir") from None
 
 
@@ -327,7 +324,7 @@ def check_resume_config(old: dict, new: dict, allow_changed: Sequence[str], work
   if changed:
     shown = "; ".join(f"{k}: {fo.get(k)!r} -> {fn.get(k)!r}" for k in changed[:4])
     more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
-    raise run.ConfigError(
+    raise inputs.ConfigError(
         f"{workdir} holds checkpoints of a run with another config: {shown}{more}; rerun with "
         f"the same config, use another --workdir, or allow a change explicitly "
         f"(--allow_changed={changed[0]})")
@@ -388,11 +385,11 @@ class _Checkpointer:
           opt_state=ocp.args.StandardRestore(abstract_opt),
           meta=ocp.args.JsonRestore()))
     except Exception as e:  # orbax raises several types for structure/shape mismatches
-      raise run.ConfigError(f"checkpoint {self.directory}/{step} does not match this run's "
+      raise inputs.ConfigError(f"checkpoint {self.directory}/{step} does not match this run's "
                             f"model and method ({type(e).__name__}: {str(e)[:300]}); use another "
                             "--workdir or the config the checkpoint was written with") from None
     if got["meta"].get("method") != state.method.name:
-      raise run.ConfigError(f"checkpoint {self.directory}/{step} was written by method "
+      raise inputs.ConfigError(f"checkpoint {self.directory}/{step} was written by method "
                             f"{got['meta'].get('method')!r}, this run uses {state.method.name!r}")
     restored = flatten(got["trainable"])
     params = unflatten({**fr, **restored})

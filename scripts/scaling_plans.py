@@ -330,7 +330,7 @@ def job_for_record(rec: Dict[str, Any]) -> Dict[str, Any]:
   """This script's job (and key) for one record of an ad-hoc TPU run: the config file and
   variant from ``config``, the setting from the config with ``overrides`` applied (the
   mesh as the plan resolved it, or as the config resolves on 8 devices)."""
-  from peft_jax import sharding as S
+  from peft_jax import sharding
   fname, _, variant = rec["config"].partition(":")
   family, rel = {"tulu.py": ("llama", LLAMA_CONFIG), "survey.py": ("t5", T5_CONFIG)}[fname]
   cfg = load_config_module(rel).get_config(variant)
@@ -344,7 +344,7 @@ def job_for_record(rec: Dict[str, Any]) -> Dict[str, Any]:
            if fam == family and meth == label and rx == prules]
     label = hit[0] if hit else f"{label} (param_rules {prules})"
   r = rec if "peak_bytes" in rec else {}
-  mesh = r.get("mesh") or S.mesh_shape(cfg.mesh, NUM_DEVICES)
+  mesh = r.get("mesh") or sharding.mesh_shape(cfg.mesh, NUM_DEVICES)
   micro = int(r.get("micro_batch_size") or cfg.train.get("micro_batch_size") or
               cfg.train.batch_size)
   return job(family, label, rel, variant, str(cfg.model.param_dtype), str(cfg.model.remat),

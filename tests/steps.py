@@ -1,8 +1,8 @@
-"""The production training step (``peft_jax.training.make_train_step``, what the trainer
+"""The production training step (``peft_jax.step.make_train_step``, what the trainer
 runs) around a test's own loss, for the method tests."""
 import jax
 
-from peft_jax.training import make_train_step
+from peft_jax.step import make_train_step
 
 
 def train_step(state, loss_fn, tx, has_aux=False):

@@ -169,10 +169,10 @@ def test_data_knobs_match_the_loaders():
 
 
 def test_sweep_checks_grid_fields_per_method():
-  from peft_jax import sweep
-  with pytest.raises(sweep.SweepError, match="unknown config field 'peft.r' for method 'ia3'"):
-    sweep.check_points(QS, {"peft.r": ["4"]}, [0], {"peft.method": "ia3"})
-  sweep.check_points("configs/superni.py:lora", {"data.num_train_tasks": ["10", "50"]}, [0], {})
+  from peft_jax import grid_search
+  with pytest.raises(grid_search.SweepError, match="unknown config field 'peft.r' for method 'ia3'"):
+    grid_search.check_points(QS, {"peft.r": ["4"]}, [0], {"peft.method": "ia3"})
+  grid_search.check_points("configs/superni.py:lora", {"data.num_train_tasks": ["10", "50"]}, [0], {})
 
 
 def test_print_config_lists_every_field_with_its_doc():
@@ -192,7 +192,7 @@ def test_print_config_lists_every_field_with_its_doc():
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 def test_schedule_warms_up_from_init_and_decays_to_end(schedule):
   from ml_collections import ConfigDict
-  from peft_jax.training import make_schedule
+  from peft_jax.step import make_schedule
   f = make_schedule(ConfigDict(dict(total_steps=100, warmup_ratio=0.1, learning_rate=3e-3,
                                     schedule=schedule, init_learning_rate=3e-4,
                                     end_learning_rate=3e-4)))
@@ -208,7 +208,7 @@ def test_schedule_warms_up_from_init_and_decays_to_end(schedule):
 
 def test_warmup_steps_overrides_the_ratio():
   from ml_collections import ConfigDict
-  from peft_jax.training import make_schedule
+  from peft_jax.step import make_schedule
   f = make_schedule(ConfigDict(dict(total_steps=100, warmup_ratio=0.5, warmup_steps=4,
                                     learning_rate=1.0, schedule="constant_warmup")))
   assert [float(f(s)) for s in (0, 2, 4, 50)] == [0.0, 0.5, 1.0, 1.0]
@@ -233,3 +233,44 @@ def test_every_method_trains_from_the_command_line_switch(method, tmp_path):
   saved = json.load(open(tmp_path / "adapter" / "peft_config.json"))
   assert saved["method"] == method and saved["base"]["fingerprint"]
   assert json.load(open(tmp_path / "config.json"))["config"]["peft"]["method"] == method
+
+
+# ----------------------------------------------------------------------------- provenance
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+  """A quickstart run stopped at step 4 of 8 (checkpoint at 4), then finished."""
+  wd = tmp_path_factory.mktemp("prov")
+  common = [f"--config={QS}", f"--workdir={wd}", "--config.train.num_steps=8",
+            "--config.train.save_every=4", "--config.data.max_eval_examples=8"]
+  rc, out, err = _cli("train.py", *common, "--config.train.stop_at_step=4")
+  assert rc == 0, err[-2000:]
+  return wd, common
+
+
+def test_resume_with_another_method_stops_naming_the_field(short_run):
+  wd, common = short_run
+  rc, out, err = _cli("train.py", *common, "--config.peft.method=ia3")
+  errors = [ln for ln in (out + err).splitlines() if ln.startswith("error:")]
+  assert rc == 2 and len(errors) == 1 and "Traceback" not in out + err, out + err
+  assert "peft.method: 'lora' -> 'ia3'" in errors[0] and str(wd) in errors[0]
+  rc, out, err = _cli("train.py", *common, "--config.train.learning_rate=1e-2")
+  assert rc == 2 and "train.learning_rate: 0.003 -> 0.01" in err, err
+
+
+def test_eval_on_another_base_stops_and_on_the_same_base_runs(short_run):
+  wd, common = short_run
+  rc, out, err = _cli("train.py", *common)                         # resume and finish
+  assert rc == 0, err[-2000:]
+  tuned = json.loads(out.strip().splitlines()[-1])["tuned"]
+  cfg = json.load(open(wd / "config.json"))
+  assert cfg["config"]["train"]["num_steps"] == 8 and cfg["base"]["fingerprint"]
+  rc, out, err = _cli("eval.py", f"--config={QS}", f"--checkpoint={wd}",
+                      "--config.data.max_eval_examples=8")
+  assert rc == 0, err[-2000:]
+  assert json.loads(out.strip().splitlines()[-1])["exact_match"] == tuned
+  rc, out, err = _cli("eval.py", f"--config={QS}", f"--checkpoint={wd}",
+                      "--config.data.max_eval_examples=8", "--config.train.seed=1")
+  errors = [ln for ln in (out + err).splitlines() if ln.startswith("error:")]
+  assert rc == 2 and len(errors) == 1 and "Traceback" not in out + err, out + err
+  assert "random weights of train.seed=0" in errors[0] and "train.seed=1" in errors[0]

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from peft_jax import run
+from peft_jax import inputs
 from peft_jax.peft import describe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,7 @@ def test_every_config_string_dry_runs():
   for family, variant in VARIANTS:
     c = load(family).get_config(variant)
     try:
-      info = describe(run.model_config(c), c.peft.method, run.peft_overrides(c))
+      info = describe(inputs.model_config(c), c.peft.method, inputs.peft_overrides(c))
       assert 0 < info["trainable_params"] <= info["total_params"]
     except Exception as e:  # collect all, report once
       failures.append(f"{family}:{variant}: {type(e).__name__}: {e}")
@@ -57,7 +57,7 @@ def test_paper_trainable_ratios_reproduced():
   """Seed 000 Table 1 lists % trainable for the best settings on T5-3B LM-adapted."""
   for variant, pct in (("lora", 9.6), ("adapter", 6.6)):
     c = load("superni").get_config(variant)
-    info = describe(run.model_config(c), c.peft.method, run.peft_overrides(c))
+    info = describe(inputs.model_config(c), c.peft.method, inputs.peft_overrides(c))
     assert round(info["trainable_percent"], 1) == pct, (variant, info["trainable_percent"])
 
 

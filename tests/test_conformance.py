@@ -2,7 +2,7 @@
 example hyperparameters declared beside it, ``Method.example_hparams``) goes through
 
 * identity at init where the method claims it (``Method.identity_at_init``);
-* training with the production step (``peft_jax.training.make_train_step``): frozen
+* training with the production step (``peft_jax.step.make_train_step``): frozen
   leaves bitwise unchanged, trainable leaves changed, optimizer state (Adam's two moments)
   only for trainable leaves;
 * the adapter save/load round trip (bitwise leaves, equal logits);
@@ -19,7 +19,7 @@ import pytest
 from peft_jax import peft
 from peft_jax.models import build_model, get_preset, init_params
 from peft_jax.peft.base import PeftConfigError, flatten
-from peft_jax.training import make_train_step
+from peft_jax.step import make_train_step
 
 PRESET = "t5-v1_1-tiny"    # 3 decoder layers: HF PEFT's T5 prefix layout can hold them
 B, S, T = 4, 8, 6

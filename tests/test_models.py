@@ -182,7 +182,7 @@ def test_tokenizer_from_checkpoint_dir_with_real_t5_vocab(shared_data, tmp_path)
   """A checkpoint directory with the real T5 SentencePiece files: AutoTokenizer reads it
   from the same directory as the weights, and the ids drive our model."""
   from transformers import AutoTokenizer
-  from peft_jax import run
+  from peft_jax import inputs
   import ml_collections
   _, d = saved_hf_model("t5_v10")
   ck = tmp_path / "ck"
@@ -190,11 +190,11 @@ def test_tokenizer_from_checkpoint_dir_with_real_t5_vocab(shared_data, tmp_path)
   for f in (shared_data / "tokenizers" / "t5").iterdir():
     shutil.copy(f, ck)
   cfg = ml_collections.ConfigDict({"model": {"checkpoint": str(ck)}, "tokenizer": ""})
-  tok = run.tokenizer(cfg)
+  tok = inputs.tokenizer(cfg)
   ids = tok(["translate English to German: Hello"], return_tensors="np")
   assert ids["input_ids"][0, -1] == tok.eos_token_id == 1
   assert len(tok) >= 32100
-  mc = run.model_config(cfg)
+  mc = inputs.model_config(cfg)
   cfg_l, params = load_hf(str(ck))
   out = build_model(mc).apply({"params": params}, jnp.asarray(ids["input_ids"] % 128),
                               jnp.asarray(ids["attention_mask"]), jnp.zeros((1, 2), jnp.int32))

@@ -21,7 +21,7 @@ from peft_jax.checkpoint.hf import load_hf  # noqa: E402
 from peft_jax.models import build_model, get_preset, init_params  # noqa: E402
 from peft_jax.peft import adalora  # noqa: E402
 from peft_jax.peft.base import flatten, unflatten  # noqa: E402
-from peft_jax.peft.training import HookedOptState  # noqa: E402
+from peft_jax.peft.optimizer import HookedOptState  # noqa: E402
 from steps import train_step  # noqa: E402  (the production step)
 
 warnings.filterwarnings("ignore", module="peft")

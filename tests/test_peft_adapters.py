@@ -13,7 +13,7 @@ import pytest
 
 from peft_jax.checkpoint.hf import config_to_hf, load_hf, save_hf
 from peft_jax.models import abstract_params, build_model, get_preset
-from peft_jax.peft import adapters as A
+from peft_jax.peft import adapters
 from peft_jax.peft.accounting import count
 from peft_jax.peft.base import PeftConfigError, apply_peft, flatten, join, split_trainable, unflatten
 
@@ -166,8 +166,8 @@ def test_step0_output_versus_base(kind):
 
   for method in ("houlsby", "pfeiffer", "parallel"):
     np.testing.assert_array_equal(diff(method, "mam_adapter")[0], base)
-  assert A.PARALLEL_DEFAULTS["init_weights"] == "mam_adapter"
-  assert A.HOULSBY_DEFAULTS["init_weights"] == A.PFEIFFER_DEFAULTS["init_weights"] == "bert"
+  assert adapters.PARALLEL_DEFAULTS["init_weights"] == "mam_adapter"
+  assert adapters.HOULSBY_DEFAULTS["init_weights"] == adapters.PFEIFFER_DEFAULTS["init_weights"] == "bert"
   near, far = diff("houlsby", "houlsby")[1], diff("houlsby", "bert")[1]
   assert 0 < near < 0.5 * far, (near, far)     # truncated N(0, 1e-2) vs N(0, 2e-2)
   assert diff("pfeiffer", "bert")[1] > 0
@@ -315,10 +315,10 @@ def test_formula_with_explicit_residual_input():
 
   import itertools
   for par, olb, ola, rbl, arbl, lnb, lna in itertools.product(*[(False, True)] * 7):
-    spec = A.AdapterSpec(non_linearity="tanh", original_ln_before=olb, original_ln_after=ola,
+    spec = adapters.AdapterSpec(non_linearity="tanh", original_ln_before=olb, original_ln_after=ola,
                          residual_before_ln=rbl, adapter_residual_before_ln=arbl, ln_before=lnb,
                          ln_after=lna, is_parallel=par, scaling=1.5)
-    got = x + np.asarray(A.bottleneck_out(p, spec, jnp.asarray(y), jnp.asarray(x)))
+    got = x + np.asarray(adapters.bottleneck_out(p, spec, jnp.asarray(y), jnp.asarray(x)))
     np.testing.assert_allclose(got, ref(spec), atol=2e-5, rtol=1e-5, err_msg=str(spec))
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from peft_jax import peft
 from peft_jax.models import abstract_params, get_preset
-from peft_jax.peft import compacter as C
+from peft_jax.peft import compacter
 from peft_jax.peft.base import PeftConfigError, apply_peft, flatten
 
 from test_peft_mam_unipelt import _base, adapterhub_parity, check_parity, train
@@ -60,7 +60,7 @@ def test_kron_sum_and_prepare():
   rule = r.standard_normal((4, 4, 4)).astype(np.float32)
   w = r.standard_normal((4, 3, 2)).astype(np.float32)
   want = sum(np.kron(rule[i], w[i]) for i in range(4))
-  np.testing.assert_allclose(np.asarray(C.kron_sum(jnp.asarray(rule), jnp.asarray(w))), want, rtol=1e-5,
+  np.testing.assert_allclose(np.asarray(compacter.kron_sum(jnp.asarray(rule), jnp.asarray(w))), want, rtol=1e-5,
                              atol=1e-5)
   cfg, params = _base("llama-tiny-gqa")
   st = apply_peft(cfg, params, "compacter", {"reduction_factor": 4})
@@ -70,7 +70,7 @@ def test_kron_sum_and_prepare():
   k = prep["layers/adapter_mlp/down/kernel"]
   assert k.shape == (cfg.num_hidden_layers, d, d // 4)
   wl, wr = fl["layers/adapter_mlp/down/W_left"], fl["layers/adapter_mlp/down/W_right"]
-  want = C.kron_sum(fl["compacter_shared/phm_rule"][None], jnp.matmul(wl, wr))
+  want = compacter.kron_sum(fl["compacter_shared/phm_rule"][None], jnp.matmul(wl, wr))
   np.testing.assert_allclose(np.asarray(k), np.asarray(want), rtol=1e-6)
   # init: shared rule ~ N(0, 1e-4): the adapter starts near the identity
   assert float(jnp.std(fl["compacter_shared/phm_rule"])) < 1e-3

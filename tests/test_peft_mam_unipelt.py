@@ -18,7 +18,7 @@ import pytest
 from peft_jax import peft
 from peft_jax.checkpoint.hf import config_to_hf, load_hf, save_hf
 from peft_jax.models import get_preset, init_params
-from peft_jax.peft import mam as M
+from peft_jax.peft import mam
 from peft_jax.peft.base import PeftConfigError, apply_peft, flatten, unflatten
 from steps import train_step  # noqa: E402  (the production step)
 
@@ -40,9 +40,9 @@ def test_t5_large_counts_match_adapterhub_formula():
   models in the parity test)."""
   cfg = get_preset("t5-large")
   d, L = 1024, 24
-  mam = peft.describe(cfg, "mam")["trainable_params"]
+  n_mam = peft.describe(cfg, "mam")["trainable_params"]
   # 3 prefix MLPs (encoder self, decoder self, cross): P=30, bottleneck 800 + 48 parallel FFN adapters m=512
-  assert mam == 3 * _prefix(30, d, 800, L, d) + 48 * (2 * d * 512 + 512 + d) == 171_069_792
+  assert n_mam == 3 * _prefix(30, d, 800, L, d) + 48 * (2 * d * 512 + 512 + d) == 171_069_792
   uni = peft.describe(cfg, "unipelt")["trainable_params"]
   prefix = 3 * _prefix(10, d, 512, L, d)                       # P=10, bottleneck 512
   prefix_gates = 72 * (d + 1)                                 # one per attention (24 * 3)
@@ -119,19 +119,19 @@ def test_trains(preset, method):
 def _gate_values(state, params, inputs):
   """Runs the forward while recording every gate value (the shared ``_gate_value``)."""
   seen = []
-  orig = M._gate_value
+  orig = mam._gate_value
 
   def spy(p, x):
     g = orig(p, x)
     jax.debug.callback(lambda a: seen.append(np.asarray(a)), g)
     return g
 
-  M._gate_value = spy
+  mam._gate_value = spy
   try:
     jax.block_until_ready(jax.jit(peft.apply_fn(state))(params, *inputs))
     jax.effects_barrier()
   finally:
-    M._gate_value = orig
+    mam._gate_value = orig
   return seen
 
 
@@ -187,7 +187,7 @@ def test_unipelt_gate_scales_each_component():
 
 def test_mam_positions_follow_adapterhub():
   """AdapterHub's T5 keeps query positions and puts the prefix at key positions 0..P-1."""
-  h = M.AHPrefixHandler(n=3, self_stacks=frozenset({"encoder", "decoder"}))
+  h = mam.AHPrefixHandler(n=3, self_stacks=frozenset({"encoder", "decoder"}))
 
   class Stack:
     is_decoder = True
@@ -232,7 +232,7 @@ def to_adapterhub(is_t5, added):
     if k.startswith("compacter_shared/"):
       out[("" if is_t5 else "model.") + "shared_parameters.a." + k.split("/", 1)[1]] = v
       continue
-    if k.startswith(M.ROOT + "/"):
+    if k.startswith(mam.ROOT + "/"):
       _, loc, rest = k.split("/", 2)
       name = {"wte": "wte.weight", "control_trans": "control_trans"}.get(rest)
       if name is None:

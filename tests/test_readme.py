@@ -76,7 +76,7 @@ def _prepare(block, tmp):
       for old, new in paths.items():
         seg = seg.replace(old, new)
       args = shlex.split(seg)[1:]
-      if args[0] == "train.py" and "--plan" not in args and "--dry_run" not in args:
+      if args[0] == "train.py" and not {"--plan", "--dry_run", "--print_config"} & set(args):
         args += SHORT
       if args[0] == "sweep.py":
         args += ["--dry_run"]       # checks every point's fields, runs nothing
@@ -91,5 +91,7 @@ def test_readme_block_runs(i, tmp_path):
     r = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, (args, r.stdout[-2000:], r.stderr[-3000:])
-    if args[0] in ("train.py", "eval.py"):
+    if "--print_config" in args:
+      assert "train.learning_rate = " in r.stdout
+    elif args[0] in ("train.py", "eval.py"):
       json.loads(r.stdout.strip().splitlines()[-1])     # each ends with its JSON line

@@ -14,39 +14,39 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from ml_collections import ConfigDict
 
-from peft_jax import sharding as S
+from peft_jax import sharding
 from peft_jax.models import abstract_params, build_model, get_preset, init_params
 from peft_jax.peft import apply_peft
 from peft_jax.peft.base import flatten
-from peft_jax.training import make_train_step, make_tx, opt_state_shardings
+from peft_jax.step import make_train_step, make_tx, opt_state_shardings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _mesh(**axes):
-  return S.make_mesh(dict({"data": 1, "fsdp": 1, "tensor": 1}, **axes),
+  return sharding.make_mesh(dict({"data": 1, "fsdp": 1, "tensor": 1}, **axes),
                      jax.devices()[:int(np.prod(list(axes.values())))])
 
 
 # ----------------------------------------------------------------------------- rules
 
 def test_mesh_sizes_and_errors():
-  assert S.mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
-  assert S.mesh_shape({}, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
-  with pytest.raises(S.ShardingError, match="at most one axis may be -1"):
-    S.mesh_shape({"data": -1, "fsdp": -1}, 8)
-  with pytest.raises(S.ShardingError, match="needs 6 devices; 8 are available"):
-    S.mesh_shape({"data": 3, "fsdp": 2, "tensor": 1}, 8)
-  with pytest.raises(S.ShardingError, match="unknown mesh axis 'model'"):
-    S.parse_rules("mlp=model")
-  assert dict(S.parse_rules("mlp=_, batch=data"))["mlp"] is None
+  assert sharding.mesh_shape({"data": 2, "fsdp": -1, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert sharding.mesh_shape({}, 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+  with pytest.raises(sharding.ShardingError, match="at most one axis may be -1"):
+    sharding.mesh_shape({"data": -1, "fsdp": -1}, 8)
+  with pytest.raises(sharding.ShardingError, match="needs 6 devices; 8 are available"):
+    sharding.mesh_shape({"data": 3, "fsdp": 2, "tensor": 1}, 8)
+  with pytest.raises(sharding.ShardingError, match="unknown mesh axis 'model'"):
+    sharding.parse_rules("mlp=model")
+  assert dict(sharding.parse_rules("mlp=_, batch=data"))["mlp"] is None
 
 
 def test_default_specs_shard_base_fully_and_replicate_peft_leaves():
   mc = get_preset("t5-tiny")
   st = apply_peft(mc, abstract_params(mc), "lora", {"target_modules": ["q", "v"]})
   mesh = _mesh(fsdp=4, tensor=2)
-  specs, dropped = S.param_specs(mc, st.params, mesh, added=st.added)
+  specs, dropped = sharding.param_specs(mc, st.params, mesh, added=st.added)
   assert specs["encoder/layers/attn/q/kernel"] == P(None, "fsdp", "tensor")
   assert specs["encoder/layers/attn/o/kernel"] == P(None, "tensor", "fsdp")
   assert specs["shared/embedding"] == P("tensor", "fsdp")
@@ -55,12 +55,12 @@ def test_default_specs_shard_base_fully_and_replicate_peft_leaves():
   assert lora and all(specs[k] == P() for k in lora)
   assert not dropped
   # a regex rule overrides both: shard LoRA's B over tensor, keep q replicated
-  specs2, _ = S.param_specs(mc, st.params, mesh, param_rules=r"lora_B$ -> _,_,tensor; "
+  specs2, _ = sharding.param_specs(mc, st.params, mesh, param_rules=r"lora_B$ -> _,_,tensor; "
                             r"attn/q/kernel$ -> ")
   assert specs2["encoder/layers/attn/q/lora_B"] == P(None, None, "tensor")
   assert specs2["encoder/layers/attn/q/kernel"] == P()
   # a dimension the mesh cannot divide stays unsplit, and is reported
-  specs3, dropped3 = S.param_specs(mc, st.params, _mesh(fsdp=8), rules="heads_n=fsdp")
+  specs3, dropped3 = sharding.param_specs(mc, st.params, _mesh(fsdp=8), rules="heads_n=fsdp")
   assert specs3["encoder/rel_bias/embedding"] == P()    # 4 heads over 8 devices
   assert "encoder/rel_bias/embedding" in dropped3
 
@@ -93,9 +93,9 @@ def _train(preset, method, mesh, steps=3, accum=1, batch=8):
     opt, step = make_train_step(st, model, tx, accum_steps=accum)
     params, ost = st.params, opt.init(st.params)
   else:
-    psh = S.param_shardings(mc, st.params, mesh, added=st.added)
+    psh = sharding.param_shardings(mc, st.params, mesh, added=st.added)
     opt, step = make_train_step(st, model, tx, accum_steps=accum, mesh=mesh, param_shardings=psh)
-    params = S.put_tree(st.params, psh)
+    params = sharding.put_tree(st.params, psh)
     ost = jax.jit(opt.init, out_shardings=opt_state_shardings(opt, params, psh, mesh))(params)
   losses = []
   for i in range(steps):
@@ -133,7 +133,7 @@ def test_hf_loader_reads_each_shard_from_the_file(monkeypatch):
   path = saved_hf_model("t5_v11")[1]
   cfg, ref = hf.load_hf(path)
   mesh = _mesh(fsdp=4, tensor=2)
-  sh = S.param_shardings(cfg, abstract_params(cfg), mesh)
+  sh = sharding.param_shardings(cfg, abstract_params(cfg), mesh)
   # shards are read block by block; the whole-tensor reader is never used
   monkeypatch.setattr(hf._TensorSource, "get", lambda *a: pytest.fail("read a whole tensor"))
   _, got = hf.load_hf(path, cfg=cfg, shardings=sh)
@@ -149,8 +149,8 @@ def test_hf_loader_reads_each_shard_from_the_file(monkeypatch):
 def test_random_init_lands_in_shards():
   mc = get_preset("llama-tiny")
   mesh = _mesh(fsdp=4, tensor=2)
-  sh = S.param_shardings(mc, abstract_params(mc), mesh)
-  p = flatten(S.init_sharded(mc, jax.random.PRNGKey(0), sh))
+  sh = sharding.param_shardings(mc, abstract_params(mc), mesh)
+  p = flatten(sharding.init_sharded(mc, jax.random.PRNGKey(0), sh))
   ref = flatten(init_params(mc, jax.random.PRNGKey(0)))
   for k in ref:
     np.testing.assert_array_equal(np.asarray(p[k]), np.asarray(ref[k]), err_msg=k)
@@ -290,9 +290,9 @@ def test_plan_argument_bytes_shrink_as_the_mesh_grows(path, variant):
   arg = [res[n]["argument_bytes"] for n in (2, 4, 8)]
   assert arg[0] > arg[1] > arg[2], arg
   # the frozen base is split n ways (FSDP); the method's leaves are replicated
-  from peft_jax import run
-  mc = run.model_config(c)
-  st = apply_peft(mc, abstract_params(mc), c.peft.method, run.peft_overrides(c))
+  from peft_jax import inputs
+  mc = inputs.model_config(c)
+  st = apply_peft(mc, abstract_params(mc), c.peft.method, inputs.peft_overrides(c))
   nbytes = lambda x: int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
   flat = flatten(st.params)
   base = sum(nbytes(v) for k, v in flat.items() if k not in st.added)

@@ -1,4 +1,4 @@
-"""sweep.py / peft_jax.sweep: grid expansion, resumable runs, aggregation, table, plot, CLI."""
+"""sweep.py / peft_jax.grid_search: grid expansion, resumable runs, aggregation, table, plot, CLI."""
 import json
 import math
 import os
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from peft_jax import sweep
+from peft_jax import grid_search
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QS = os.path.join(REPO, "configs", "quickstart.py")
@@ -54,56 +54,56 @@ def _expected(lr, r, seed):
 
 
 def test_parse_grid_and_errors():
-  assert sweep.parse_grid_arg("train.learning_rate=1e-3,3e-3") == (
+  assert grid_search.parse_grid_arg("train.learning_rate=1e-3,3e-3") == (
       "train.learning_rate", ["1e-3", "3e-3"])
-  assert sweep.parse_grid_arg("config.peft.r=4, 8") == ("peft.r", ["4", "8"])
-  with pytest.raises(sweep.SweepError, match="expected KEY=V1,V2"):
-    sweep.parse_grid_arg("peft.r")
-  with pytest.raises(sweep.SweepError, match="empty value list"):
-    sweep.parse_grid_arg("peft.r=")
-  with pytest.raises(sweep.SweepError, match="empty value list"):
-    sweep.parse_grid_arg("peft.r=,")
-  assert sweep.parse_set_arg("config.train.num_steps=20") == ("train.num_steps", "20")
-  assert sweep.parse_seeds("0,1,2") == [0, 1, 2]
-  with pytest.raises(sweep.SweepError):
-    sweep.parse_seeds("a,b")
+  assert grid_search.parse_grid_arg("config.peft.r=4, 8") == ("peft.r", ["4", "8"])
+  with pytest.raises(grid_search.SweepError, match="expected KEY=V1,V2"):
+    grid_search.parse_grid_arg("peft.r")
+  with pytest.raises(grid_search.SweepError, match="empty value list"):
+    grid_search.parse_grid_arg("peft.r=")
+  with pytest.raises(grid_search.SweepError, match="empty value list"):
+    grid_search.parse_grid_arg("peft.r=,")
+  assert grid_search.parse_set_arg("config.train.num_steps=20") == ("train.num_steps", "20")
+  assert grid_search.parse_seeds("0,1,2") == [0, 1, 2]
+  with pytest.raises(grid_search.SweepError):
+    grid_search.parse_seeds("a,b")
 
 
 def test_expand_grid_cartesian_times_seeds_and_names():
-  pts = sweep.expand_grid({"train.learning_rate": ["1e-3", "3e-3"], "peft.r": [4, 8]}, [0, 1, 2])
+  pts = grid_search.expand_grid({"train.learning_rate": ["1e-3", "3e-3"], "peft.r": [4, 8]}, [0, 1, 2])
   assert len(pts) == 2 * 2 * 3
   names = sorted({p["name"] for p in pts})
   assert names == ["train.learning_rate=1e-3__peft.r=4", "train.learning_rate=1e-3__peft.r=8",
                    "train.learning_rate=3e-3__peft.r=4", "train.learning_rate=3e-3__peft.r=8"]
   assert pts[0] == {"name": "train.learning_rate=1e-3__peft.r=4",
                     "overrides": {"train.learning_rate": "1e-3", "peft.r": "4"}, "seed": 0}
-  assert sweep.point_name({"peft.target_modules": "q,v/x y"}) == "peft.target_modules=q_v_x_y"
-  assert sweep.point_name({}) == "base"
-  assert sweep.expand_grid({}, [0, 1]) == [{"name": "base", "overrides": {}, "seed": 0},
+  assert grid_search.point_name({"peft.target_modules": "q,v/x y"}) == "peft.target_modules=q_v_x_y"
+  assert grid_search.point_name({}) == "base"
+  assert grid_search.expand_grid({}, [0, 1]) == [{"name": "base", "overrides": {}, "seed": 0},
                                            {"name": "base", "overrides": {}, "seed": 1}]
-  with pytest.raises(sweep.SweepError, match="train.seed"):
-    sweep.expand_grid({"train.seed": [1]}, [0])
+  with pytest.raises(grid_search.SweepError, match="train.seed"):
+    grid_search.expand_grid({"train.seed": [1]}, [0])
 
 
 def test_config_grid_per_method_and_flat():
-  mod, _, variant = sweep.load_config_module(os.path.join(REPO, "configs", "superni.py") + ":adapter")
-  g = sweep.config_grid(mod, variant, sweep.build_config(mod, variant))
+  mod, _, variant = grid_search.load_config_module(os.path.join(REPO, "configs", "superni.py") + ":adapter")
+  g = grid_search.config_grid(mod, variant, grid_search.build_config(mod, variant))
   assert set(g) == {"peft.bottleneck_size", "train.learning_rate"}
-  mod, _, variant = sweep.load_config_module(os.path.join(REPO, "configs", "superni.py"))
-  assert set(sweep.config_grid(mod, variant, sweep.build_config(mod, variant))) == {
+  mod, _, variant = grid_search.load_config_module(os.path.join(REPO, "configs", "superni.py"))
+  assert set(grid_search.config_grid(mod, variant, grid_search.build_config(mod, variant))) == {
       "peft.r", "train.learning_rate"}  # default method lora
-  mod, _, variant = sweep.load_config_module(os.path.join(REPO, "configs", "survey.py"))
-  assert sweep.config_grid(mod, variant) == {"train.learning_rate": [1e-3, 1e-4, 1e-5]}
-  mod, _, variant = sweep.load_config_module(QS)
-  with pytest.raises(sweep.SweepError, match="no GRID"):
-    sweep.config_grid(mod, variant)
-  with pytest.raises(sweep.SweepError, match="does not exist"):
-    sweep.load_config_module("configs/nope.py:lora")
+  mod, _, variant = grid_search.load_config_module(os.path.join(REPO, "configs", "survey.py"))
+  assert grid_search.config_grid(mod, variant) == {"train.learning_rate": [1e-3, 1e-4, 1e-5]}
+  mod, _, variant = grid_search.load_config_module(QS)
+  with pytest.raises(grid_search.SweepError, match="no GRID"):
+    grid_search.config_grid(mod, variant)
+  with pytest.raises(grid_search.SweepError, match="does not exist"):
+    grid_search.load_config_module("configs/nope.py:lora")
 
 
 def test_unknown_field_is_a_clear_error(tmp_path, fake_train):
-  with pytest.raises(sweep.SweepError, match="unknown config field 'peft.rank'"):
-    sweep.run_sweep(QS, str(tmp_path / "s"), {"peft.rank": ["4"]}, [0], train_script=fake_train)
+  with pytest.raises(grid_search.SweepError, match="unknown config field 'peft.rank'"):
+    grid_search.run_sweep(QS, str(tmp_path / "s"), {"peft.rank": ["4"]}, [0], train_script=fake_train)
 
 
 # ----------------------------------------------------------------------------- running
@@ -115,7 +115,7 @@ def test_resumable_skips_finished_reruns_failed(tmp_path, fake_train, monkeypatc
   monkeypatch.setenv("FAKE_FAIL_R", "8")
   grid = {"train.learning_rate": ["1e-3", "3e-3"], "peft.r": ["4", "8"]}
   logs = []
-  st = sweep.run_sweep(QS, str(wd), grid, [0, 1], {"train.num_steps": "20"},
+  st = grid_search.run_sweep(QS, str(wd), grid, [0, 1], {"train.num_steps": "20"},
                        train_script=fake_train, log=logs.append)
   assert len(st["done"]) == 4 and len(st["failed"]) == 4 and not st["skipped"]
   assert any("[1/8]" in l for l in logs) and any("FAILED" in l and "boom" in l for l in logs)
@@ -129,14 +129,14 @@ def test_resumable_skips_finished_reruns_failed(tmp_path, fake_train, monkeypatc
   assert fail["returncode"] == 3 and "boom r=8" in fail["stderr_tail"]
   assert "--config.train.num_steps=20" in fail["cmd"]
   # the summary of a partly failed sweep lists the failures
-  s = sweep.aggregate(str(wd), plot=False)
+  s = grid_search.aggregate(str(wd), plot=False)
   assert len(s["rows"]) == 2 and len(s["failed"]) == 4
   assert "4 failed run(s)" in (wd / "summary.md").read_text()
 
   # second run: finished points skipped, failed ones rerun (and now succeed)
   monkeypatch.delenv("FAKE_FAIL_R")
   calls.write_text("")
-  st = sweep.run_sweep(QS, str(wd), grid, [0, 1], {"train.num_steps": "20"},
+  st = grid_search.run_sweep(QS, str(wd), grid, [0, 1], {"train.num_steps": "20"},
                        train_script=fake_train, log=lambda s: None)
   assert len(st["skipped"]) == 4 and len(st["done"]) == 4 and not st["failed"]
   rerun = calls.read_text().split()
@@ -144,7 +144,7 @@ def test_resumable_skips_finished_reruns_failed(tmp_path, fake_train, monkeypatc
   assert not (bad / "failed.json").exists() and (bad / "result.json").exists()
   # third run: nothing to do
   calls.write_text("")
-  st = sweep.run_sweep(QS, str(wd), grid, [0, 1], train_script=fake_train, log=lambda s: None)
+  st = grid_search.run_sweep(QS, str(wd), grid, [0, 1], train_script=fake_train, log=lambda s: None)
   assert len(st["skipped"]) == 8 and calls.read_text() == ""
 
 
@@ -163,7 +163,7 @@ def test_injectable_runner_and_bad_output(tmp_path):
       return R(0, json.dumps({"interrupted_at": 5}) + "\n")
     return R(0, json.dumps({"tuned": 0.25, "metric": "exact_match", "eval_loss": 1.0}) + "\n")
 
-  st = sweep.run_sweep(QS, str(tmp_path / "s"), {"peft.r": ["2", "4", "8"]}, [0], runner=runner,
+  st = grid_search.run_sweep(QS, str(tmp_path / "s"), {"peft.r": ["2", "4", "8"]}, [0], runner=runner,
                        log=lambda s: None)
   assert len(seen) == 3 and seen[0][0][1].endswith("train.py")
   assert len(st["done"]) == 1 and len(st["failed"]) == 2
@@ -181,7 +181,7 @@ def _write_results(wd, table, metric="exact_match"):
   for (lr, r), vals in table.items():
     ov = {"train.learning_rate": lr, "peft.r": r}
     for seed, v in enumerate(vals):
-      d = os.path.join(wd, sweep.point_name(ov), f"seed{seed}")
+      d = os.path.join(wd, grid_search.point_name(ov), f"seed{seed}")
       os.makedirs(d)
       with open(os.path.join(d, "result.json"), "w") as f:
         json.dump({"tuned": v, "metric": metric, "eval_loss": 1 - v, "best": v, "steps": 10,
@@ -195,7 +195,7 @@ TABLE = {("1e-3", "4"): [0.70, 0.80, 0.90], ("1e-3", "8"): [0.50, 0.60, 0.40],
 def test_aggregate_mean_and_two_sample_std(tmp_path):
   wd = str(tmp_path / "s")
   _write_results(wd, TABLE)
-  s = sweep.aggregate(wd)
+  s = grid_search.aggregate(wd)
   assert s["metric"] == "exact_match" and s["keys"] == ["train.learning_rate", "peft.r"]
   rows = {(r["point"]["train.learning_rate"], r["point"]["peft.r"]): r for r in s["rows"]}
   assert list(rows) == [(1e-3, 4), (1e-3, 8), (3e-3, 4), (3e-3, 8)]
@@ -213,7 +213,7 @@ def test_aggregate_mean_and_two_sample_std(tmp_path):
 def test_markdown_table(tmp_path):
   wd = str(tmp_path / "s")
   _write_results(wd, TABLE)
-  sweep.aggregate(wd, plot=False)
+  grid_search.aggregate(wd, plot=False)
   md = open(os.path.join(wd, "summary.md")).read().splitlines()
   assert md[0] == "| learning_rate | r | n | exact_match (mean ± 2std) |"
   assert md[1] == "|---|---|---|---|"
@@ -227,23 +227,23 @@ def test_markdown_table(tmp_path):
 def test_plot_is_a_png(tmp_path):
   wd = str(tmp_path / "s")
   _write_results(wd, TABLE)
-  s = sweep.aggregate(wd)
+  s = grid_search.aggregate(wd)
   assert s["plot"] == os.path.join(wd, "metric_vs_learning_rate.png")
   with open(s["plot"], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   # other axis, explicit
-  p = sweep.plot_summary(s, wd, x="peft.r", lines="train.learning_rate")
+  p = grid_search.plot_summary(s, wd, x="peft.r", lines="train.learning_rate")
   assert p.endswith("metric_vs_r.png") and open(p, "rb").read(4) == b"\x89PNG"
-  with pytest.raises(sweep.SweepError, match="not a swept key"):
-    sweep.plot_summary(s, wd, x="train.batch_size")
+  with pytest.raises(grid_search.SweepError, match="not a swept key"):
+    grid_search.plot_summary(s, wd, x="train.batch_size")
 
 
 def test_no_results_is_a_clear_error(tmp_path):
   (tmp_path / "empty").mkdir()
-  with pytest.raises(sweep.SweepError, match="no results to aggregate"):
-    sweep.aggregate(str(tmp_path / "empty"))
-  with pytest.raises(sweep.SweepError, match="does not exist"):
-    sweep.aggregate(str(tmp_path / "missing"))
+  with pytest.raises(grid_search.SweepError, match="no results to aggregate"):
+    grid_search.aggregate(str(tmp_path / "empty"))
+  with pytest.raises(grid_search.SweepError, match="does not exist"):
+    grid_search.aggregate(str(tmp_path / "missing"))
 
 
 # ----------------------------------------------------------------------------- command line
@@ -261,14 +261,14 @@ def test_cli_with_fake_train(tmp_path, fake_train):
   args = ["--config=configs/quickstart.py", f"--workdir={wd}", "--grid",
           "train.learning_rate=1e-3,1e-2", "--grid", "peft.r=4,8", "--seeds=0,1,2",
           "--set", "config.train.num_steps=20"]
-  r = _cli(*args, env={sweep.TRAIN_SCRIPT_ENV: fake_train})
+  r = _cli(*args, env={grid_search.TRAIN_SCRIPT_ENV: fake_train})
   assert r.returncode == 0, r.stderr[-3000:]
   assert "[12/12]" in r.stdout and "| learning_rate | r | n |" in r.stdout
   out = json.loads(r.stdout.strip().splitlines()[-1])
   assert out["best"] == {"train.learning_rate": 0.01, "peft.r": 8} and out["failed"] == 0
   assert out["best_mean"] == pytest.approx(_expected(1e-2, 8, 1))  # mean over seeds 0,1,2
   assert (wd / "metric_vs_learning_rate.png").exists() and (wd / "summary.json").exists()
-  r = _cli(*args, env={sweep.TRAIN_SCRIPT_ENV: fake_train})
+  r = _cli(*args, env={grid_search.TRAIN_SCRIPT_ENV: fake_train})
   assert r.returncode == 0 and r.stdout.count("skipped") >= 12
   r = _cli(f"--workdir={wd}", "--aggregate_only")
   assert r.returncode == 0, r.stderr

@@ -21,7 +21,7 @@ from peft_jax.peft import (full, lora, bitfit, ln_tuning, ia3, prompt_tuning,  #
 from peft_jax.peft import compacter, mam, unipelt  # noqa: F401,E402  (registers compacter, compacter_pp, mam, unipelt)
 from peft_jax.peft import krona, adalora  # noqa: F401,E402  (KronA, AdaLoRA)
 from peft_jax.peft.accounting import count, describe, summary, table
-from peft_jax.peft.training import apply_fn, make_optimizer, value_and_grad
+from peft_jax.peft.optimizer import apply_fn, make_optimizer, value_and_grad
 from peft_jax.peft.merging import merge, unmerge
 from peft_jax.peft.io import adapter_leaves, load_adapter, save_adapter
 from peft_jax.peft.hf_peft import export_hf_peft, import_hf_peft

@@ -45,7 +45,7 @@ PEFT's ``AdaLoraConfig`` / ``RankAllocator`` (PEFT 0.21):
 
 Hooks: :func:`peft_jax.peft.make_train_step` calls ``loss_terms`` / ``after_step`` for
 methods that define them and keeps its ``step(params, opt_state, *batch)`` contract (the
-hook state rides in ``opt_state``, a ``HookedOptState``), so ``peft_jax/training.py`` and
+hook state rides in ``opt_state``, a ``HookedOptState``), so ``peft_jax/step.py`` and
 ``train.py`` need no change.
 """
 
@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.fields import Field
-from peft_jax.peft import targets as T
+from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, dropout, AdditiveMerge
 
@@ -120,24 +120,24 @@ class AdaLora(AdditiveMerge, Method):
                                  "False: all N(0, 1)"),
       "target_modules": Field(None, "modules to adapt (none: q, k, v, o, wi, wo on T5; q, v on "
                               "LLaMA)", "names"),
-      **T.SELECTION,
+      **targets.SELECTION,
   }
 
   # ------------------------------------------------------------------ placement
-  def placement(self, cfg, hp, flat) -> T.Placement:
-    mods = T.linear_modules(flat)
-    defaults = DEFAULT_TARGETS[T.model_type(cfg)]
+  def placement(self, cfg, hp, flat) -> targets.Placement:
+    mods = targets.linear_modules(flat)
+    defaults = DEFAULT_TARGETS[targets.model_type(cfg)]
     if hp.get("target_modules") is None:
       # HF skips default names that match nothing (``wi`` on a gated T5)
       ok = []
       for t in defaults:
         try:
-          T.match_targets(cfg, mods, [t])
+          targets.match_targets(cfg, mods, [t])
           ok.append(t)
         except PeftConfigError:
           pass
       defaults = ok or defaults
-    return T.place(cfg, hp, flat, defaults, modules=mods)
+    return targets.place(cfg, hp, flat, defaults, modules=mods)
 
   def scaling(self, hp):
     r = int(hp["init_r"])
@@ -204,7 +204,7 @@ class AdaLora(AdditiveMerge, Method):
       e = rnd.normal(lead + (r,), 1.0) if not hp["init_lora_weights"] else jnp.zeros(lead + (r,))
       sel = pl.layers.get(m.path)
       for leaf, v in (("adalora_A", a), ("adalora_B", b), ("adalora_E", e)):
-        lm = T.layer_mask(m, sel, v.ndim)
+        lm = targets.layer_mask(m, sel, v.ndim)
         if lm is not None:
           v = jnp.where(lm, v, 0.0)
         out[f"{m.path}/{leaf}"] = v.astype(adapter_dtype(w.dtype))
@@ -215,13 +215,13 @@ class AdaLora(AdditiveMerge, Method):
     out = {}
     for m in pl.modules:
       for leaf, nd in (("adalora_A", 3), ("adalora_B", 3), ("adalora_E", 2)):
-        lm = T.layer_mask(m, pl.layers.get(m.path), nd)
+        lm = targets.layer_mask(m, pl.layers.get(m.path), nd)
         if lm is not None and f"{m.path}/{leaf}" in flat:
           out[f"{m.path}/{leaf}"] = lm
     return out
 
   def changed_params(self, cfg, hp, flat):
-    return T.dense_changed_params(self.placement(cfg, hp, flat))
+    return targets.dense_changed_params(self.placement(cfg, hp, flat))
 
   def handlers(self, cfg, hp):
     return (AdaLoraHandler(scale=float(self.scaling(hp)), rate=float(hp["lora_dropout"])),)
@@ -348,10 +348,10 @@ def _to_hf(leaf, v):
 def hf_tensors(state, params) -> Dict[str, np.ndarray]:
   """Our leaves as HF PEFT AdaLoRA tensors ``{"<hf module>.lora_A": [r, in], ...}`` (one per
   layer, full ``init_r``; HF's ``rank_pattern`` resizing is not applied)."""
-  return T.per_layer_tensors(state, params, _HF_LEAF, _to_hf)
+  return targets.per_layer_tensors(state, params, _HF_LEAF, _to_hf)
 
 
 def set_hf_tensors(state, params, tensors: Dict[str, np.ndarray]):
   """Inverse of :func:`hf_tensors`."""
-  return T.set_per_layer_tensors(state, params, tensors, _HF_LEAF,
+  return targets.set_per_layer_tensors(state, params, tensors, _HF_LEAF,
                                  lambda leaf, t: t[:, 0] if leaf == "adalora_E" else t.T)

@@ -23,24 +23,17 @@ from typing import Any, Callable, Dict, Mapping, Optional, Set, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
 
 from peft_jax.fields import Field, FieldError, did_you_mean
 from peft_jax.sites import Sites
+from peft_jax.tree import Flat, flatten, join, split_trainable, unflatten  # noqa: F401  (re-exported)
 
-Flat = Dict[str, Any]
 
 
 class PeftConfigError(ValueError):
   """A PEFT configuration is invalid (unknown method, bad target, bad hyperparameter)."""
 
 
-def flatten(tree) -> Flat:
-  return {"/".join(k): v for k, v in flatten_dict(tree).items()}
-
-
-def unflatten(flat: Mapping[str, Any]):
-  return unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
 class Method:
@@ -92,7 +85,7 @@ class Method:
     decay: ``"frozen"`` (a new leaf that is a constant, e.g. a per-layer on/off flag: no
     gradient, no optimizer state) or ``"no_decay"`` (trained without weight decay, e.g.
     scaling vectors). Biases and norm scales never decay, for every method
-    (:data:`peft_jax.training.NO_DECAY`)."""
+    (:data:`peft_jax.step.NO_DECAY`)."""
     return {}
 
   def changed_params(self, model_cfg, hp, flat: Flat) -> Optional[int]:
@@ -247,15 +240,3 @@ def apply_peft(model_cfg, params, method_name: str, overrides: Optional[Mapping[
                    added=tuple(sorted(new)), made_trainable=tuple(sorted(made)),
                    model_cfg=model_cfg, update_masks=dict(method.update_masks(model_cfg, hp, out)),
                    no_decay=tuple(sorted(k for k, r in roles.items() if r == "no_decay" and mask[k])))
-
-
-def split_trainable(params, trainable):
-  """(trainable subtree, frozen subtree) as flat dicts; differentiate only the first."""
-  fp, fm = flatten(params), flatten(trainable)
-  return ({k: v for k, v in fp.items() if fm[k]}, {k: v for k, v in fp.items() if not fm[k]})
-
-
-def join(trainable_flat: Flat, frozen_flat: Flat):
-  out = dict(frozen_flat)
-  out.update(trainable_flat)
-  return unflatten(out)

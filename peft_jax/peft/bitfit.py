@@ -23,7 +23,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from peft_jax.fields import Field
-from peft_jax.peft import targets as T
+from peft_jax.peft import targets
 from peft_jax.peft.base import Method, register
 from peft_jax.peft.common import adapter_dtype
 
@@ -46,11 +46,11 @@ class BitFit(Method):
   hparams = {
       "target_modules": Field("all-linear", "linear modules that get a trainable bias (default: "
                               "every attention and FFN projection)", "names"),
-      **T.SELECTION,
+      **targets.SELECTION,
   }
 
   def placement(self, cfg, hp, flat):
-    return T.place(cfg, hp, flat, "all-linear")
+    return targets.place(cfg, hp, flat, "all-linear")
 
   def validate(self, cfg, hp, flat):
     self.placement(cfg, hp, flat)
@@ -71,7 +71,7 @@ class BitFit(Method):
     pl = self.placement(cfg, hp, flat)
     out = {}
     for m in pl.modules:
-      lm = T.layer_mask(m, pl.layers.get(m.path), 2)
+      lm = targets.layer_mask(m, pl.layers.get(m.path), 2)
       if lm is not None:
         out[f"{m.path}/bias"] = lm
     return out

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 
 from peft_jax.fields import Field
 from peft_jax.models.config import as_dtype
-from peft_jax.peft import adapters as A
+from peft_jax.peft import adapters
 from peft_jax.peft.base import Flat, PeftConfigError, register
 
 SHARED = "compacter_shared"
@@ -79,8 +79,8 @@ PHM: Dict[str, Field] = {
     "phm_bias": Field(True, "a bias on the PHM down and up projections"),
 }
 
-COMPACTER = dict(A.with_defaults(A.HOULSBY, reduction_factor=32, non_linearity="gelu"), **PHM)
-COMPACTER_PP = dict(A.with_defaults(A.PFEIFFER, reduction_factor=32, non_linearity="gelu"), **PHM)
+COMPACTER = dict(adapters.with_defaults(adapters.HOULSBY, reduction_factor=32, non_linearity="gelu"), **PHM)
+COMPACTER_PP = dict(adapters.with_defaults(adapters.PFEIFFER, reduction_factor=32, non_linearity="gelu"), **PHM)
 
 
 def kron_sum(rule, w):
@@ -96,7 +96,7 @@ def _xavier_normal(key, shape):
   return std * jax.random.normal(key, shape, jnp.float32)
 
 
-class _Compacter(A._Bottleneck):
+class _Compacter(adapters._Bottleneck):
   example_hparams = {"reduction_factor": 8}     # a bottleneck phm_dim divides on tiny models
   mergeable = False
 
@@ -123,8 +123,8 @@ class _Compacter(A._Bottleneck):
     if not hp["learn_phm"]:
       raise PeftConfigError(f"{self.name}: learn_phm=False is not supported (AdapterHub's train_adapter "
                             "makes the rule trainable regardless)")
-    hidden = A._hidden(model_cfg)
-    sizes = A.bottleneck_sizes(model_cfg, self._bn_hp(hp))
+    hidden = adapters._hidden(model_cfg)
+    sizes = adapters.bottleneck_sizes(model_cfg, self._bn_hp(hp))
     for (prefix, site), m in sizes.items():
       for what, v in (("hidden size", hidden), ("bottleneck size", m)):
         if v % n:
@@ -155,7 +155,7 @@ class _Compacter(A._Bottleneck):
   def init_leaves(self, model_cfg, hp, flat: Flat, rng) -> Flat:
     bhp = self._bn_hp(hp)
     dtype = as_dtype(model_cfg.param_dtype)
-    hidden = A._hidden(model_cfg)
+    hidden = adapters._hidden(model_cfg)
     seed = hp["init_weights_seed"]
     out: Flat = {}
     counter = [0]
@@ -172,10 +172,10 @@ class _Compacter(A._Bottleneck):
       lim = 1.0 if shared else 0.01
       return jax.random.uniform(k, shape, jnp.float32, -lim, lim)
 
-    stacks = {p: n for p, n, _, _ in A._sites_of(model_cfg)}
-    for (prefix, site), m in sorted(A.bottleneck_sizes(model_cfg, bhp).items()):
+    stacks = {p: n for p, n, _, _ in adapters._sites_of(model_cfg)}
+    for (prefix, site), m in sorted(adapters.bottleneck_sizes(model_cfg, bhp).items()):
       L = stacks[prefix]
-      on = A.active_layers(model_cfg, bhp, prefix)
+      on = adapters.active_layers(model_cfg, bhp, prefix)
       leaves = {}
       for proj, (din, dout) in (("down", (hidden, m)), ("up", (m, hidden))):
         if not hp["shared_W_phm"]:
@@ -201,7 +201,7 @@ class _Compacter(A._Bottleneck):
       for nm, sh in self._rule_shapes(hp).items():
         out[f"{SHARED}/{nm}"] = rule(sh, shared=True).astype(dtype)
     if hp["shared_W_phm"]:
-      m = next(iter(A.bottleneck_sizes(model_cfg, bhp).values()))
+      m = next(iter(adapters.bottleneck_sizes(model_cfg, bhp).values()))
       for proj, (din, dout) in (("down", (hidden, m)), ("up", (m, hidden))):
         for nm, sh in self._factor_shapes(hp, din, dout).items():
           side = nm.split("_")[1]
@@ -214,10 +214,10 @@ class _Compacter(A._Bottleneck):
   # ------------------------------------------------------------------ forward
   def prepare_params(self, model_cfg, hp, flat: Flat) -> Flat:
     out = dict(flat)
-    hidden = A._hidden(model_cfg)
+    hidden = adapters._hidden(model_cfg)
     f32 = lambda k: jnp.asarray(flat[k], jnp.float32)  # noqa: E731
-    stacks = {p: n for p, n, _, _ in A._sites_of(model_cfg)}
-    for (prefix, site), m in A.bottleneck_sizes(model_cfg, self._bn_hp(hp)).items():
+    stacks = {p: n for p, n, _, _ in adapters._sites_of(model_cfg)}
+    for (prefix, site), m in adapters.bottleneck_sizes(model_cfg, self._bn_hp(hp)).items():
       head = f"{prefix}/adapter_{site}"
       for proj, dout in (("down", m), ("up", hidden)):
         if hp["shared_phm_rule"]:

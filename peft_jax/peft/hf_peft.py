@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from peft_jax.peft import targets as T
+from peft_jax.peft import targets
 from peft_jax.peft.base import PeftConfigError, PeftState, apply_peft, flatten, unflatten
 
 PREFIX = "base_model.model."
@@ -48,7 +48,7 @@ def _np(x):
 
 
 def _common(cfg) -> Dict[str, Any]:
-  return {"task_type": "SEQ_2_SEQ_LM" if T.is_t5(cfg) else "CAUSAL_LM", "inference_mode": True,
+  return {"task_type": "SEQ_2_SEQ_LM" if targets.is_t5(cfg) else "CAUSAL_LM", "inference_mode": True,
           "base_model_name_or_path": None, "revision": None}
 
 
@@ -72,7 +72,7 @@ def export_hf_peft(state: PeftState, params, out_dir: str) -> str:
     names = []
     for m in pl.modules:
       for l in pl.selected(m):
-        hf = T.hf_module_name(cfg, m, l)
+        hf = targets.hf_module_name(cfg, m, l)
         names.append(hf)
         sl = (lambda a: a[l]) if m.stacked else (lambda a: a)
         tensors[f"{PREFIX}{hf}.lora_A.weight"] = _np(sl(flat[f"{m.path}/lora_A"])).T
@@ -89,7 +89,7 @@ def export_hf_peft(state: PeftState, params, out_dir: str) -> str:
     names, ffn = [], []
     for m in pl.modules:
       for l in pl.selected(m):
-        hf = T.hf_module_name(cfg, m, l)
+        hf = targets.hf_module_name(cfg, m, l)
         names.append(hf)
         v = _np(flat[f"{m.path}/ia3_l"][l] if m.stacked else flat[f"{m.path}/ia3_l"])
         if m.path in ff:
@@ -102,11 +102,11 @@ def export_hf_peft(state: PeftState, params, out_dir: str) -> str:
                 init_ia3_weights=True, modules_to_save=None)
   elif name == "ln_tuning":
     names = []
-    mods = {m.leaf: m for m in T.norm_modules(flat)}
+    mods = {m.leaf: m for m in targets.norm_modules(flat)}
     for leaf in state.made_trainable:
       m = mods[leaf]
       for l in (range(m.n_layers) if m.stacked else [None]):
-        hf = T.hf_module_name(cfg, m, l)
+        hf = targets.hf_module_name(cfg, m, l)
         names.append(hf)
         tensors[f"{PREFIX}{hf}.ln_tuning_layers.weight"] = _np(flat[leaf][l] if m.stacked else flat[leaf])
     conf.update(peft_type="LN_TUNING", target_modules=_regex(names), modules_to_save=None)
@@ -125,13 +125,13 @@ def export_hf_peft(state: PeftState, params, out_dir: str) -> str:
       raise PeftConfigError("HF PEFT's prefix tuning shifts the token positions behind the prefix; "
                             "export needs prefix_positions='shift'")
     atts = PT.attentions(cfg, hp)
-    if T.is_t5(cfg) and [a[0] for a in atts] != ["decoder_self_attn"]:
+    if targets.is_t5(cfg) and [a[0] for a in atts] != ["decoder_self_attn"]:
       raise PeftConfigError("HF PEFT applies T5 prefixes to the decoder self-attention only; export "
                             f"needs prefix_attentions=['decoder_self_attn'], got {[a[0] for a in atts]}")
     _, path, L = atts[0]
     pk, pv = _np(flat[f"{path}/prefix_key"]), _np(flat[f"{path}/prefix_value"])   # [L, P, td]
     n, td = pk.shape[1], pk.shape[2]
-    sub = 2 if T.is_t5(cfg) else 1
+    sub = 2 if targets.is_t5(cfg) else 1
     rows = np.zeros((2 * L, n, td), np.float32)
     written = {}
     for l, (rk, rv) in enumerate(hf_prefix_rows(cfg, L, sub)):
@@ -145,7 +145,7 @@ def export_hf_peft(state: PeftState, params, out_dir: str) -> str:
         written[r] = l
     tensors["prompt_embeddings"] = np.ascontiguousarray(np.transpose(rows, (1, 0, 2)).reshape(n, 2 * L * td))
     conf.update(peft_type="PREFIX_TUNING", num_virtual_tokens=int(n), token_dim=int(td),
-                num_attention_heads=int(PT.token_dim(cfg) // (cfg.d_kv if T.is_t5(cfg) else cfg.head_dim)),
+                num_attention_heads=int(PT.token_dim(cfg) // (cfg.d_kv if targets.is_t5(cfg) else cfg.head_dim)),
                 num_layers=int(L), num_transformer_submodules=sub, encoder_hidden_size=int(td),
                 prefix_projection=False)
   else:
@@ -160,11 +160,11 @@ def export_hf_peft(state: PeftState, params, out_dir: str) -> str:
 
 
 def _heads(cfg):
-  return cfg.num_heads if T.is_t5(cfg) else cfg.num_attention_heads
+  return cfg.num_heads if targets.is_t5(cfg) else cfg.num_attention_heads
 
 
 def _layers(cfg):
-  return cfg.num_layers if T.is_t5(cfg) else cfg.num_hidden_layers
+  return cfg.num_layers if targets.is_t5(cfg) else cfg.num_hidden_layers
 
 
 # ----------------------------------------------------------------------------- import
@@ -192,7 +192,7 @@ def _module_index(cfg, mods):
   idx = {}
   for m in mods:
     for l in (range(m.n_layers) if m.stacked else [None]):
-      idx[T.hf_module_name(cfg, m, l)] = (m, l)
+      idx[targets.hf_module_name(cfg, m, l)] = (m, l)
   return idx
 
 
@@ -235,7 +235,7 @@ def import_hf_peft(path: str, model_cfg, base_params) -> Tuple[PeftState, Any]:
         raise PeftConfigError(f"LoRA {k}={conf[k]} is not supported (one rank/alpha for all modules)")
     if conf.get("bias", "none") != "none":
       raise PeftConfigError(f"LoRA bias={conf['bias']!r} is not supported")
-    idx = _module_index(cfg, T.linear_modules(base))
+    idx = _module_index(cfg, targets.linear_modules(base))
     found: Dict[str, Tuple[Any, set]] = {}
     for k in tensors:
       if k.endswith(".lora_A.weight"):
@@ -254,7 +254,7 @@ def import_hf_peft(path: str, model_cfg, base_params) -> Tuple[PeftState, Any]:
     flat = flatten(state.params)
     for p, (m, layers) in found.items():
       for l in layers:
-        hf = T.hf_module_name(cfg, m, l)
+        hf = targets.hf_module_name(cfg, m, l)
         vals = {"lora_A": tensors[f"{PREFIX}{hf}.lora_A.weight"].T,
                 "lora_B": tensors[f"{PREFIX}{hf}.lora_B.weight"].T}
         if dora:
@@ -263,7 +263,7 @@ def import_hf_peft(path: str, model_cfg, base_params) -> Tuple[PeftState, Any]:
           flat[f"{p}/{nm}"] = _set(flat[f"{p}/{nm}"], l, v, f"{hf}.{nm}")
     return state, unflatten(flat)
   if ptype == "IA3":
-    idx = _module_index(cfg, T.linear_modules(base))
+    idx = _module_index(cfg, targets.linear_modules(base))
     found, ff = {}, set()
     for k in tensors:
       if k.endswith(".ia3_l"):
@@ -280,11 +280,11 @@ def import_hf_peft(path: str, model_cfg, base_params) -> Tuple[PeftState, Any]:
     flat = flatten(state.params)
     for p, (m, layers) in found.items():
       for l in layers:
-        hf = T.hf_module_name(cfg, m, l)
+        hf = targets.hf_module_name(cfg, m, l)
         flat[f"{p}/ia3_l"] = _set(flat[f"{p}/ia3_l"], l, tensors[f"{PREFIX}{hf}.ia3_l"].reshape(-1), hf)
     return state, unflatten(flat)
   if ptype == "LN_TUNING":
-    mods = T.norm_modules(base)
+    mods = targets.norm_modules(base)
     idx = _module_index(cfg, mods)
     found = {}
     for k in tensors:
@@ -302,7 +302,7 @@ def import_hf_peft(path: str, model_cfg, base_params) -> Tuple[PeftState, Any]:
     flat = flatten(state.params)
     for p, (m, layers) in found.items():
       for l in layers:
-        hf = T.hf_module_name(cfg, m, l)
+        hf = targets.hf_module_name(cfg, m, l)
         flat[m.leaf] = _set(flat[m.leaf], l, tensors[f"{PREFIX}{hf}.ln_tuning_layers.weight"], hf)
     return state, unflatten(flat)
   if ptype == "PROMPT_TUNING":
@@ -330,7 +330,7 @@ def import_hf_peft(path: str, model_cfg, base_params) -> Tuple[PeftState, Any]:
     if emb.shape != (n, 2 * L * td):
       raise PeftConfigError(f"prompt_embeddings has shape {emb.shape}, expected {(n, 2 * L * td)}")
     rows = emb.reshape(n, 2 * L, td).transpose(1, 0, 2)
-    sub = int(conf.get("num_transformer_submodules") or (2 if T.is_t5(cfg) else 1))
+    sub = int(conf.get("num_transformer_submodules") or (2 if targets.is_t5(cfg) else 1))
     flat = flatten(state.params)
     pk, pv = np.zeros((L, n, td), np.float32), np.zeros((L, n, td), np.float32)
     for l, (rk, rv) in enumerate(hf_prefix_rows(cfg, L, sub)):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.fields import Field
-from peft_jax.peft import targets as T
+from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype, path_of
 
@@ -59,19 +59,19 @@ class Ia3(Method):
                                    "a subset of target_modules", "names"),
       "init_ia3_weights": Field(True, "True: vectors start at ones (the base model); False: "
                                 "random normal"),
-      **T.SELECTION,
+      **targets.SELECTION,
   }
 
   def placement(self, cfg, hp, flat):
-    pl = T.place(cfg, hp, flat, DEFAULT_TARGETS[T.model_type(cfg)])
+    pl = targets.place(cfg, hp, flat, DEFAULT_TARGETS[targets.model_type(cfg)])
     ffs = hp["feedforward_modules"]
     if ffs is None:
-      ffs = DEFAULT_FF[T.model_type(cfg)] if hp["target_modules"] is None else []
+      ffs = DEFAULT_FF[targets.model_type(cfg)] if hp["target_modules"] is None else []
     ff = set()
     if ffs:
-      ff_mods = T.match_targets(cfg, T.linear_modules(flat), ffs, "feedforward_modules")
-      all_targets = T.match_targets(cfg, T.linear_modules(flat),
-                                    hp["target_modules"] or DEFAULT_TARGETS[T.model_type(cfg)])
+      ff_mods = targets.match_targets(cfg, targets.linear_modules(flat), ffs, "feedforward_modules")
+      all_targets = targets.match_targets(cfg, targets.linear_modules(flat),
+                                    hp["target_modules"] or DEFAULT_TARGETS[targets.model_type(cfg)])
       extra = sorted({m.path for m in ff_mods} - {m.path for m in all_targets})
       if extra:
         raise PeftConfigError(f"feedforward_modules must be a subset of target_modules; not "
@@ -95,7 +95,7 @@ class Ia3(Method):
         v = jnp.ones(shape, jnp.float32)
       else:
         v = rnd.normal(shape)
-      lm = T.layer_mask(m, pl.layers.get(m.path), 2)
+      lm = targets.layer_mask(m, pl.layers.get(m.path), 2)
       if lm is not None:
         v = jnp.where(lm, v, 1.0)
       out[f"{m.path}/ia3_l"] = v.astype(adapter_dtype(flat[m.leaf].dtype))
@@ -109,7 +109,7 @@ class Ia3(Method):
     pl, _ = self.placement(cfg, hp, flat)
     out = {}
     for m in pl.modules:
-      lm = T.layer_mask(m, pl.layers.get(m.path), 2)
+      lm = targets.layer_mask(m, pl.layers.get(m.path), 2)
       if lm is not None:
         out[f"{m.path}/ia3_l"] = lm
     return out
@@ -119,7 +119,7 @@ class Ia3(Method):
     return int(sum(m.d_in * m.d_out * len(pl.selected(m)) for m in pl.modules))
 
   def handlers(self, cfg, hp):
-    return (Ia3Handler(ff_paths=self._ff(cfg, hp, T.abstract_flat(cfg))),)
+    return (Ia3Handler(ff_paths=self._ff(cfg, hp, targets.abstract_flat(cfg))),)
 
   def _ff(self, cfg, hp, flat):
     return self.placement(cfg, hp, flat)[1]

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.fields import Field
-from peft_jax.peft import targets as T
+from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, AdditiveMerge
 
@@ -187,16 +187,16 @@ class Krona(AdditiveMerge, Method):
       "init_weights": Field(True, "True: W1 zero (the base model at init); 'lycoris': W2 zero "
                             "instead; False: all random", "bool_or_str", choices=("lycoris",)),
       "target_modules": Field(None, "modules to adapt (none: q, v on T5 and LLaMA)", "names"),
-      **T.SELECTION,
+      **targets.SELECTION,
   }
 
-  def placement(self, cfg, hp, flat) -> T.Placement:
-    return T.place(cfg, hp, flat, DEFAULT_TARGETS[T.model_type(cfg)])
+  def placement(self, cfg, hp, flat) -> targets.Placement:
+    return targets.place(cfg, hp, flat, DEFAULT_TARGETS[targets.model_type(cfg)])
 
   def scaling(self, hp):
     return hp["alpha"] / hp["r"]
 
-  def layout(self, hp, m: T.Module) -> Layout:
+  def layout(self, hp, m: targets.Module) -> Layout:
     return layout(m.d_in, m.d_out, int(hp["r"]), bool(hp["decompose_both"]),
                   int(hp["decompose_factor"]))
 
@@ -224,7 +224,7 @@ class Krona(AdditiveMerge, Method):
     for m in pl.modules:
       w = flat[m.leaf]
       lead = (m.n_layers,) if m.stacked else ()
-      lm = T.layer_mask(m, pl.layers.get(m.path), 3)
+      lm = targets.layer_mask(m, pl.layers.get(m.path), 3)
       zero = {"lokr_w1", "lokr_w1_a"} if init is True else (
           {"lokr_w2", "lokr_w2_b"} if init == "lycoris" else set())
       for leaf, shape in self.layout(hp, m).shapes(r).items():
@@ -241,7 +241,7 @@ class Krona(AdditiveMerge, Method):
     pl = self.placement(cfg, hp, flat)
     out = {}
     for m in pl.modules:
-      lm = T.layer_mask(m, pl.layers.get(m.path), 3)
+      lm = targets.layer_mask(m, pl.layers.get(m.path), 3)
       if lm is None:
         continue
       for leaf in LEAVES:
@@ -250,7 +250,7 @@ class Krona(AdditiveMerge, Method):
     return out
 
   def changed_params(self, cfg, hp, flat):
-    return T.dense_changed_params(self.placement(cfg, hp, flat))
+    return targets.dense_changed_params(self.placement(cfg, hp, flat))
 
   def handlers(self, cfg, hp):
     return (KronaHandler(scale=float(self.scaling(hp)), rank_dropout=float(hp["rank_dropout"]),
@@ -274,10 +274,10 @@ class Krona(AdditiveMerge, Method):
 def hf_tensors(state, params) -> Dict[str, np.ndarray]:
   """Our adapter leaves as HF PEFT LoKr tensors: ``{"<hf module>.<leaf>": array}`` (torch
   layout, one entry per layer), e.g. ``encoder.block.0.layer.0.SelfAttention.q.lokr_w1``."""
-  return T.per_layer_tensors(state, params, {leaf: leaf for leaf in LEAVES}, lambda _, v: v.T)
+  return targets.per_layer_tensors(state, params, {leaf: leaf for leaf in LEAVES}, lambda _, v: v.T)
 
 
 def set_hf_tensors(state, params, tensors: Dict[str, np.ndarray]):
   """Inverse of :func:`hf_tensors`: copies HF LoKr tensors into our leaves."""
-  return T.set_per_layer_tensors(state, params, tensors, {leaf: leaf for leaf in LEAVES},
+  return targets.set_per_layer_tensors(state, params, tensors, {leaf: leaf for leaf in LEAVES},
                                  lambda _, t: t.T)

@@ -17,7 +17,7 @@ trainable counts are equal.
 from __future__ import annotations
 
 from peft_jax.fields import Field
-from peft_jax.peft import targets as T
+from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, register
 
 
@@ -30,8 +30,8 @@ def _norms_from_paths(paths):
     parts = path.split("/")
     stacked = "layers" in parts
     stack = ("layers" if parts[0] == "layers" else parts[0]) if stacked else None
-    out.append(T.Module(path=path, leaf=leaf, name=parts[-1], stack=stack,
-                        sublayer=T._sublayer(parts), n_layers=1 if stacked else None, d_in=0,
+    out.append(targets.Module(path=path, leaf=leaf, name=parts[-1], stack=stack,
+                        sublayer=targets._sublayer(parts), n_layers=1 if stacked else None, d_in=0,
                         d_out=0, kind="norm"))
   return out
 
@@ -53,7 +53,7 @@ class LnTuning(Method):
     tg = hp["target_modules"]
     if tg is None:
       return mods
-    return T.match_targets(cfg, mods, tg, "target_modules", all_linear_ok=False)
+    return targets.match_targets(cfg, mods, tg, "target_modules", all_linear_ok=False)
 
   def validate(self, cfg, hp, flat):
     self._selected(cfg, hp, list(flat))

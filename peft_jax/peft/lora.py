@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.fields import Field
-from peft_jax.peft import targets as T
+from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, dropout
 
@@ -88,14 +88,14 @@ class Lora(Method):
                                  "'gaussian': A ~ N(0, 1/r); False: B random too",
                                  "bool_or_str", choices=("gaussian",)),
       "use_dora": Field(False, "DoRA: add a magnitude vector (method 'dora' sets it)"),
-      **T.SELECTION,
+      **targets.SELECTION,
   }
 
   def _dora(self, hp):
     return bool(hp["use_dora"])
 
-  def placement(self, cfg, hp, flat) -> T.Placement:
-    return T.place(cfg, hp, flat, DEFAULT_TARGETS[T.model_type(cfg)])
+  def placement(self, cfg, hp, flat) -> targets.Placement:
+    return targets.place(cfg, hp, flat, DEFAULT_TARGETS[targets.model_type(cfg)])
 
   def scaling(self, hp):
     r = hp["r"]
@@ -136,7 +136,7 @@ class Lora(Method):
       else:
         b = jnp.zeros(lead + (m.d_out, r), jnp.float32)
       a, b = jnp.swapaxes(a, -1, -2), jnp.swapaxes(b, -1, -2)
-      lm = T.layer_mask(m, pl.layers.get(m.path), 3)
+      lm = targets.layer_mask(m, pl.layers.get(m.path), 3)
       if lm is not None:
         a = jnp.where(lm, a, 0.0)
         b = jnp.where(lm, b, 0.0)
@@ -158,13 +158,13 @@ class Lora(Method):
     for m in pl.modules:
       sel = pl.layers.get(m.path)
       for leaf, nd in (("lora_A", 3), ("lora_B", 3), ("lora_magnitude", 2)):
-        lm = T.layer_mask(m, sel, nd)
+        lm = targets.layer_mask(m, sel, nd)
         if lm is not None and f"{m.path}/{leaf}" in flat:
           out[f"{m.path}/{leaf}"] = lm
     return out
 
   def changed_params(self, cfg, hp, flat):
-    return T.dense_changed_params(self.placement(cfg, hp, flat))
+    return targets.dense_changed_params(self.placement(cfg, hp, flat))
 
   def handlers(self, cfg, hp):
     return (LoraHandler(scale=float(self.scaling(hp)), rate=float(hp["lora_dropout"]),

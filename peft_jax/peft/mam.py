@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from peft_jax.fields import Field
 from peft_jax.models.config import T5Config, as_dtype
-from peft_jax.peft import adapters as A
+from peft_jax.peft import adapters
 from peft_jax.peft.base import Flat, Method, PeftConfigError, register
 from peft_jax.peft.common import Rand
 from peft_jax.peft.prefix_tuning import token_dim
@@ -60,7 +60,7 @@ PREFIX: Dict[str, Field] = {
     "prefix_bottleneck_size": Field(512, "hidden width of the prefix MLP (unless prefix_flat)",
                                     ge=1),
     "prefix_non_linearity": Field("tanh", "activation of the prefix MLP (transformers names, any "
-                                  "case)", check_fn=A._activation_problem),
+                                  "case)", check_fn=adapters._activation_problem),
     "prefix_flat": Field(False, "train the prefixes directly, without the MLP reparameterisation"),
     "encoder_prefix": Field(True, "T5: prefixes in the encoder self-attention too"),
     "cross_prefix": Field(True, "T5: prefixes in the decoder cross-attention too"),
@@ -90,7 +90,7 @@ def validate_prefix(name, cfg, hp, flat):
   if isinstance(b, bool) or not isinstance(b, int) or b < 1:
     raise PeftConfigError(f"{name}: prefix_bottleneck_size must be a positive int, got {b!r}")
   nl = hp["prefix_non_linearity"]
-  if not isinstance(nl, str) or nl.lower() not in A.ACTIVATIONS:
+  if not isinstance(nl, str) or nl.lower() not in adapters.ACTIVATIONS:
     raise PeftConfigError(f"{name}: unknown prefix_non_linearity {nl!r}")
   if hp["prefix_dropout"]:
     raise PeftConfigError(f"{name}: prefix_dropout > 0 is not supported")
@@ -129,7 +129,7 @@ def init_prefix(cfg, hp, rng) -> Flat:
 def project_prefix(cfg, hp, flat) -> Flat:
   """The stored reparameterisation -> ``{<attention>/prefix_key|prefix_value: [L, P, td]}``."""
   P, td = hp["prefix_length"], token_dim(cfg)
-  act = A.ACTIVATIONS[hp["prefix_non_linearity"].lower()]
+  act = adapters.ACTIVATIONS[hp["prefix_non_linearity"].lower()]
   f32 = lambda k: jnp.asarray(flat[k], jnp.float32)  # noqa: E731
   out = {}
   for loc, path, L in prefix_locations(cfg, hp):
@@ -229,7 +229,7 @@ def adapter_hp(hp, names) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------- method
 
-MAM = dict(A.with_defaults(PREFIX, prefix_bottleneck_size=800), **A.PARALLEL)
+MAM = dict(adapters.with_defaults(PREFIX, prefix_bottleneck_size=800), **adapters.PARALLEL)
 
 
 @register
@@ -241,7 +241,7 @@ class MAM(Method):
   mergeable = False
 
   def _bn(self, hp):
-    return adapter_hp(hp, A.PARALLEL)
+    return adapter_hp(hp, adapters.PARALLEL)
 
   def validate(self, cfg, hp, flat):
     validate_prefix(self.name, cfg, hp, flat)
@@ -265,13 +265,13 @@ class MAM(Method):
     return out
 
   def handlers(self, cfg, hp):
-    return (prefix_handler(cfg, hp), A.BottleneckHandler(A.AdapterSpec.from_hp(self._bn(hp), cfg.dtype),
+    return (prefix_handler(cfg, hp), adapters.BottleneckHandler(adapters.AdapterSpec.from_hp(self._bn(hp), cfg.dtype),
                                                          self.name))
 
 
-class _ParallelImpl(A._Bottleneck):
+class _ParallelImpl(adapters._Bottleneck):
   name = "parallel(mam)"
-  hparams = A.PARALLEL
+  hparams = adapters.PARALLEL
 
 
 _PAR = _ParallelImpl()

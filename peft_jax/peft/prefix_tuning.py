@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.fields import Field
-from peft_jax.peft import targets as T
+from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, apply_peft, flatten, register, unflatten
 from peft_jax.peft.common import Rand, adapter_dtype
 from peft_jax.peft.prompt_tuning import MAX_INPUT_LENGTH, check_num_virtual_tokens, max_input_length
@@ -62,7 +62,7 @@ PROJ = "prefix_encoder"
 
 def attentions(cfg, hp) -> List[Tuple[str, str, int]]:
   """``[(kind, attention path, n_layers)]`` in canonical order."""
-  if T.is_t5(cfg):
+  if targets.is_t5(cfg):
     kinds = hp.get("prefix_attentions") or ["decoder_self_attn"]
     if isinstance(kinds, str):
       kinds = [kinds]
@@ -81,7 +81,7 @@ def attentions(cfg, hp) -> List[Tuple[str, str, int]]:
 
 
 def token_dim(cfg):
-  if T.is_t5(cfg):
+  if targets.is_t5(cfg):
     return cfg.num_heads * cfg.d_kv
   return cfg.n_kv_heads * cfg.head_dim
 
@@ -164,7 +164,7 @@ class PrefixTuning(Method):
 
   def init_leaves(self, cfg, hp, flat, rng):
     n, td = int(hp["num_virtual_tokens"]), token_dim(cfg)
-    dtype = flat[T.linear_modules(flat)[0].leaf].dtype
+    dtype = flat[targets.linear_modules(flat)[0].leaf].dtype
     zero = hp["init_weights"] == "zero"
     out = {}
     rnd = Rand(rng)
@@ -201,7 +201,7 @@ class PrefixTuning(Method):
         stacks.add("encoder")
       if kind == "decoder_self_attn":
         stacks.add("decoder")
-    mx = max_input_length(cfg, hp) if T.is_t5(cfg) else int(cfg.max_position_embeddings)
+    mx = max_input_length(cfg, hp) if targets.is_t5(cfg) else int(cfg.max_position_embeddings)
     return (PrefixHandler(n=int(hp["num_virtual_tokens"]), shift=hp["prefix_positions"] == "shift",
                           self_stacks=frozenset(stacks), max_len=mx),)
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.fields import Field
-from peft_jax.peft import targets as T
+from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype
 
@@ -55,15 +55,15 @@ def _init_problem(init: str):
 def max_input_length(cfg, hp):
   if hp.get("max_input_length") is not None:
     return int(hp["max_input_length"])
-  return 512 if T.is_t5(cfg) else int(cfg.max_position_embeddings)
+  return 512 if targets.is_t5(cfg) else int(cfg.max_position_embeddings)
 
 
 def prompt_leaf(cfg):
-  return "encoder/prompt_embeddings" if T.is_t5(cfg) else "prompt_embeddings"
+  return "encoder/prompt_embeddings" if targets.is_t5(cfg) else "prompt_embeddings"
 
 
 def embedding_leaf(cfg):
-  return "shared/embedding" if T.is_t5(cfg) else "embed/embedding"
+  return "shared/embedding" if targets.is_t5(cfg) else "embed/embedding"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +95,7 @@ def check_num_virtual_tokens(cfg, hp, what):
     if hp.get("max_input_length") is not None:
       src = "max_input_length"
     else:
-      src = "T5 default max_input_length" if T.is_t5(cfg) else "max_position_embeddings"
+      src = "T5 default max_input_length" if targets.is_t5(cfg) else "max_position_embeddings"
     raise PeftConfigError(f"num_virtual_tokens={n} leaves no room for input: the maximum input "
                           f"length is {mx} ({src}); expected num_virtual_tokens < {mx}")
 

@@ -48,19 +48,19 @@ import jax.numpy as jnp
 
 from peft_jax.fields import Field
 from peft_jax.models.config import as_dtype
-from peft_jax.peft import adapters as A
-from peft_jax.peft import mam as M
-from peft_jax.peft import targets as T
+from peft_jax.peft import adapters
+from peft_jax.peft import mam
+from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, compute_dtype, dropout
 
 #: the prefix fields of ``mam``, pfeiffer's adapter fields (gated) and LoRA's, with
 #: UniPELTConfig's defaults.
 UNIPELT = {
-    **A.with_defaults(M.PREFIX, prefix_length=10),
+    **adapters.with_defaults(mam.PREFIX, prefix_length=10),
     "prefix_shared_gating": Field(True, "one prefix gate output for keys and values (False: "
                                   "one each)"),
-    **A.PFEIFFER,
+    **adapters.PFEIFFER,
     "use_gating": Field(True, "gate every component (UniPELT itself; False is rejected)"),
     "lora_r": Field(8, "rank of the gated LoRA on the attention projections", ge=1),
     "lora_alpha": Field(2, "LoRA scale numerator; no effect here: the gate replaces alpha / r",
@@ -72,17 +72,17 @@ UNIPELT = {
 LORA = "gated_lora"
 
 
-def gated_bottleneck_out(p, spec: A.AdapterSpec, y, x, dropout_rng=None):
+def gated_bottleneck_out(p, spec: adapters.AdapterSpec, y, x, dropout_rng=None):
   """:func:`peft_jax.peft.adapters.bottleneck_out` of a sequential adapter whose bottleneck
   output is multiplied by AdapterHub's gate ``mean_t sigmoid(inp W_g + b_g)`` (before the
   residual and the optional ``ln_after``)."""
   dt = jnp.dtype(spec.dtype)
-  act = A.ACTIVATIONS[spec.non_linearity]
+  act = adapters.ACTIVATIONS[spec.non_linearity]
   yy, xx = y.astype(dt), x.astype(dt)
   inp = yy + xx if spec.original_ln_before else yy
   res = yy if spec.residual_before_ln else inp
-  z = A._layer_norm(p["ln_before"], inp) if spec.ln_before else inp
-  up = A._dense(p["up"], act(A._dense(p["down"], z, dt)), dt)
+  z = adapters._layer_norm(p["ln_before"], inp) if spec.ln_before else inp
+  up = adapters._dense(p["up"], act(adapters._dense(p["down"], z, dt)), dt)
   if isinstance(spec.scaling, str):
     up = up * p["scaling"].astype(dt)
   elif spec.scaling != 1.0:
@@ -90,15 +90,15 @@ def gated_bottleneck_out(p, spec: A.AdapterSpec, y, x, dropout_rng=None):
   if dropout_rng is not None and spec.dropout > 0:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - spec.dropout, up.shape)
     up = jnp.where(keep, up / (1.0 - spec.dropout), 0).astype(up.dtype)
-  g = M._gate_value(p["gate"], inp)[:, None, :]          # [B, 1, 1]
+  g = mam._gate_value(p["gate"], inp)[:, None, :]          # [B, 1, 1]
   out = up * g.astype(dt)
   if spec.adapter_residual_before_ln:
     out = out + res
     if spec.ln_after:
-      out = A._layer_norm(p["ln_after"], out)
+      out = adapters._layer_norm(p["ln_after"], out)
   else:
     if spec.ln_after:
-      out = A._layer_norm(p["ln_after"], out)
+      out = adapters._layer_norm(p["ln_after"], out)
     out = out + res
   if not spec.original_ln_after:
     out = out - xx
@@ -106,13 +106,13 @@ def gated_bottleneck_out(p, spec: A.AdapterSpec, y, x, dropout_rng=None):
 
 
 @dataclasses.dataclass(frozen=True)
-class UniPeltHandler(M.AHPrefixHandler):
-  spec: A.AdapterSpec = A.AdapterSpec()
+class UniPeltHandler(mam.AHPrefixHandler):
+  spec: adapters.AdapterSpec = adapters.AdapterSpec()
   lora_rate: float = 0.0
 
   def linear(self, module, x, call_next, deterministic):
     if module.name == "q":
-      M._ATTN_INPUT[tuple(module.scope.path[:-1])] = x
+      mam._ATTN_INPUT[tuple(module.scope.path[:-1])] = x
     y = call_next(x)
     if not module.has_variable("params", LORA):
       return y
@@ -120,7 +120,7 @@ class UniPeltHandler(M.AHPrefixHandler):
     dt = compute_dtype(module)
     xd = dropout(module, x, self.lora_rate, deterministic)
     delta = jnp.dot(jnp.dot(xd.astype(dt), p["A"].astype(dt)), p["B"].astype(dt))
-    g = M._gate_value(p["gate"], x)[:, None, :]           # [B, 1, 1]
+    g = mam._gate_value(p["gate"], x)[:, None, :]           # [B, 1, 1]
     return y + (delta * g.astype(dt)).astype(y.dtype)
 
   def sublayer(self, module, name, h_in, y, deterministic=True, x=None):
@@ -138,9 +138,9 @@ class UniPeltHandler(M.AHPrefixHandler):
     return out
 
 
-class _SeqImpl(A._Bottleneck):
+class _SeqImpl(adapters._Bottleneck):
   name = "pfeiffer(unipelt)"
-  hparams = A.PFEIFFER
+  hparams = adapters.PFEIFFER
 
 
 _SEQ = _SeqImpl()
@@ -149,7 +149,7 @@ _SEQ = _SeqImpl()
 def lora_modules(cfg, hp, flat):
   mats = hp["lora_attn_matrices"]
   mats = [mats] if isinstance(mats, str) else list(mats)
-  return [m for m in T.linear_modules(flat) if m.kind == "attn" and m.name in mats]
+  return [m for m in targets.linear_modules(flat) if m.kind == "attn" and m.name in mats]
 
 
 @register
@@ -162,7 +162,7 @@ class UniPELT(Method):
   mergeable = False
 
   def _bn(self, hp):
-    return dict(M.adapter_hp(hp, A.PFEIFFER), use_gating=False)
+    return dict(mam.adapter_hp(hp, adapters.PFEIFFER), use_gating=False)
 
   def validate(self, cfg, hp, flat):
     if hp["use_gating"] is not True:
@@ -170,7 +170,7 @@ class UniPELT(Method):
                             "use 'pfeiffer', 'lora', 'mam' for ungated parts)")
     if hp["is_parallel"]:
       raise PeftConfigError("unipelt: a parallel adapter component is not supported")
-    M.validate_prefix(self.name, cfg, hp, flat)
+    mam.validate_prefix(self.name, cfg, hp, flat)
     _SEQ.validate(cfg, self._bn(hp), flat)
     r = hp["lora_r"]
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -184,11 +184,11 @@ class UniPELT(Method):
 
   def init_leaves(self, cfg, hp, flat, rng):
     dt = as_dtype(cfg.param_dtype)
-    out = dict(M.init_prefix(cfg, hp, jax.random.fold_in(rng, 1)))
+    out = dict(mam.init_prefix(cfg, hp, jax.random.fold_in(rng, 1)))
     rnd = Rand(jax.random.fold_in(rng, 3))
-    d = M._hidden(cfg)
+    d = mam._hidden(cfg)
     n_out = 1 if hp["prefix_shared_gating"] else 2
-    for _, path, L in M.prefix_locations(cfg, hp):
+    for _, path, L in mam.prefix_locations(cfg, hp):
       out[f"{path}/prefix_gate/kernel"] = rnd.normal((L, d, n_out), 0.02)
       out[f"{path}/prefix_gate/bias"] = rnd.uniform((L, n_out), -1 / math.sqrt(d), 1 / math.sqrt(d))
     r = hp["lora_r"]
@@ -201,9 +201,9 @@ class UniPELT(Method):
       out[f"{m.path}/{LORA}/gate/bias"] = rnd.uniform(lead + (1,), -b, b)
     bhp = self._bn(hp)
     ad = _SEQ.init_leaves(cfg, bhp, flat, jax.random.fold_in(rng, 2))
-    for prefix, site in A.bottleneck_sizes(cfg, bhp):
-      L = dict((p, n) for p, n, _, _ in A._sites_of(cfg))[prefix]
-      on = A.active_layers(cfg, bhp, prefix)
+    for prefix, site in adapters.bottleneck_sizes(cfg, bhp):
+      L = dict((p, n) for p, n, _, _ in adapters._sites_of(cfg))[prefix]
+      on = adapters.active_layers(cfg, bhp, prefix)
       k = rnd.normal((L, d, 1), 0.02)
       out[f"{prefix}/adapter_{site}/gate/kernel"] = jnp.where(on[:, None, None], k, 0.0)
       out[f"{prefix}/adapter_{site}/gate/bias"] = jnp.zeros((L, 1), jnp.float32)
@@ -219,11 +219,11 @@ class UniPELT(Method):
 
   def prepare_params(self, cfg, hp, flat):
     out = dict(flat)
-    out.update(M.project_prefix(cfg, hp, flat))
+    out.update(mam.project_prefix(cfg, hp, flat))
     return out
 
   def handlers(self, cfg, hp):
-    base = M.prefix_handler(cfg, hp, gated=True)
+    base = mam.prefix_handler(cfg, hp, gated=True)
     return (UniPeltHandler(n=base.n, self_stacks=base.self_stacks, gated=True,
-                           spec=A.AdapterSpec.from_hp(self._bn(hp), cfg.dtype),
+                           spec=adapters.AdapterSpec.from_hp(self._bn(hp), cfg.dtype),
                            lora_rate=float(hp["lora_dropout"])),)

@@ -1,4 +1,7 @@
-"""Pieces shared by ``train.py`` and ``eval.py``: config -> model, tokenizer, data."""
+"""What a run reads, from its config: the model config, the base weights (and their
+fingerprint), the tokenizer, the data rows, the method's hyperparameters, the device mesh.
+Used by :mod:`peft_jax.builder` and the entry points; the command line is
+:mod:`peft_jax.cli`."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax.models import LlamaConfig, T5Config, build_model, get_preset, init_params
+from peft_jax.models import T5Config, get_preset, init_params
 
 
 from peft_jax.config_lib import ConfigError  # noqa: E402  (one error type for bad configs)
@@ -221,74 +224,3 @@ def start_and_pad(mc, tok):
   pad = tok.pad_token_id if tok.pad_token_id is not None else 0
   start = mc.decoder_start_token_id if isinstance(mc, T5Config) else pad
   return pad, start
-
-
-def split_config_args(argv: List[str]) -> Tuple[List[Tuple[str, str]], List[str]]:
-  """``--config.<section>.<field>=<value>`` (or ``... <value>``) arguments out of ``argv``:
-  (overrides in order, the other arguments)."""
-  from peft_jax.config_lib import parse_override
-  overrides, rest, i = [], [], 0
-  while i < len(argv):
-    a = argv[i]
-    if a.startswith("--config."):
-      if "=" not in a:
-        if i + 1 >= len(argv):
-          raise ConfigError(f"{a} needs a value: {a}=<value>")
-        a, i = f"{a}={argv[i + 1]}", i + 1
-      overrides.append(parse_override(a))
-    else:
-      rest.append(a)
-    i += 1
-  return overrides, rest
-
-
-#: the ``--config.*`` overrides of this process's command line (set by :func:`run_cli`)
-CONFIG_OVERRIDES: List[Tuple[str, str]] = []
-
-
-def load_config(spec: str, say=print):
-  """The resolved config of ``--config=spec`` plus this command line's overrides; the
-  notes (a switched method or data set) are printed."""
-  from peft_jax import config_lib
-  cfg, notes = config_lib.load(spec, CONFIG_OVERRIDES)
-  for n in notes:
-    say(f"note: {n}")
-  return cfg
-
-
-def run_cli(main_fn):
-  """Runs ``main_fn`` under absl. A bad command line, config, checkpoint or data set
-  prints one line (``error: ...``) and exits with status 2, before any compute."""
-  import sys
-  from absl import app, flags
-  from peft_jax.checkpoint.hf import CheckpointError
-  from peft_jax.peft.base import PeftConfigError
-  from peft_jax.data.common import DataError
-
-  def fail(msg, code=2):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(code)
-
-  try:
-    overrides, rest = split_config_args(sys.argv[1:])
-  except ConfigError as e:
-    fail(e)
-  CONFIG_OVERRIDES[:] = overrides
-
-  def parse_flags(argv):
-    try:
-      return flags.FLAGS(argv)
-    except flags.Error as e:
-      fail(str(e).splitlines()[0] + " (see --help)")
-
-  def wrapped(argv):
-    try:
-      return main_fn(argv)
-    except (PeftConfigError, CheckpointError, ConfigError, DataError) as e:
-      fail(e)
-    except RuntimeError as e:
-      if type(e).__name__ != "TrainingDiverged":
-        raise
-      fail(e, 3)
-
-  app.run(wrapped, argv=[sys.argv[0]] + rest, flags_parser=parse_flags)

@@ -2,7 +2,7 @@
 
 Running (see ``sweep.py`` at the repository root for the command line)::
 
-  from peft_jax import sweep
+  from peft_jax import grid_search
   sweep.run_sweep("configs/quickstart.py", "runs/sweep1",
                   grid={"train.learning_rate": ["1e-3", "3e-3"], "peft.r": ["4", "8"]},
                   seeds=[0, 1, 2])

@@ -2,7 +2,7 @@
 
 The step differentiates only the trainable subtree and masks the optimizer with
 ``optax.multi_transform`` (frozen branch ``set_to_zero``, no state); see
-:mod:`peft_jax.peft.training`. It is one ``jax.jit`` with the parameter and
+:mod:`peft_jax.peft.optimizer`. It is one ``jax.jit`` with the parameter and
 optimizer buffers donated.
 """
 
@@ -106,14 +106,14 @@ def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool 
     so that each stays split over the same devices as the whole batch.
   """
   from peft_jax.peft.base import flatten, join, split_trainable, unflatten
-  from peft_jax.peft.training import make_optimizer
+  from peft_jax.peft.optimizer import make_optimizer
 
   base_opt = make_optimizer(state, tx)
   masks = {k: jnp.asarray(m) for k, m in state.update_masks.items()}
   trainable_mask = state.trainable
   hooked = state.has_step_hooks       # methods with per-step hooks (AdaLoRA); the loop never
   if hooked:                          # names them: regulariser + after-step update
-    from peft_jax.peft.training import HookedOptState
+    from peft_jax.peft.optimizer import HookedOptState
 
     def _init(p):
       st = HookedOptState(base_opt.init(p), state.init_hook_state(p), jnp.zeros((), jnp.int32))

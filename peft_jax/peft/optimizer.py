@@ -9,7 +9,7 @@
   feeds the multi-transform optimizer.
 * :class:`HookedOptState`: the optimizer state of methods with per-step hooks.
 
-The training step itself is :func:`peft_jax.training.make_train_step` (one for the
+The training step itself is :func:`peft_jax.step.make_train_step` (one for the
 trainer and the tests).
 * :func:`apply_fn`: the model forward on the stored tree (applies the method's
   ``prepare`` reparameterisation, e.g. prefix tuning's MLP).

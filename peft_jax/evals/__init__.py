@@ -1,0 +1,1 @@
+"""Evaluation: generation scored against references (``generation``)."""
