@@ -34,7 +34,7 @@ import numpy as np
 
 from peft_jax.models import llama as llama_lib
 from peft_jax.models import t5 as t5_lib
-from peft_jax.models.config import LlamaConfig, T5Config
+from peft_jax.models.family import family_of
 
 _NEG = -1.0e9   # "impossible" score, as in transformers' beam search
 
@@ -64,8 +64,7 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
     row's EOS (and after the point where all rows finished).
   """
   cfg = model.cfg
-  if not isinstance(cfg, (T5Config, LlamaConfig)):
-    raise TypeError(f"generate supports T5 and LLaMA models, got config {type(cfg).__name__}")
+  family_of(cfg)        # a TypeError for a model config of no known family
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   if num_beams < 1 or (num_beams > 1 and do_sample):
@@ -242,7 +241,7 @@ def _beam_search(first_logits, cache, step, n, eos, pad, k, length_penalty):
                                              "do_sample", "top_k"))
 def _generate_jit(model, params, ids, mask, rng, temperature, top_p, length_penalty, eos, pad,
                   *, max_new_tokens, num_beams, do_sample, top_k):
-  start = _t5_start if isinstance(model.cfg, T5Config) else _llama_start
+  start = _STARTS[family_of(model.cfg).layout]
   first_logits, cache, step = start(model, params, ids, mask, max_new_tokens, num_beams)
   if num_beams > 1:
     return _beam_search(first_logits, cache, step, max_new_tokens, eos, pad, num_beams,
@@ -264,3 +263,7 @@ def pad_prompts(prompts, pad_id: int = 0, side: str = "left"):
     sl = slice(p - len(x), p) if side == "left" else slice(0, len(x))
     ids[i, sl], mask[i, sl] = x, True
   return ids, mask
+
+
+#: prefill + cached step per batch layout (peft_jax.models.family)
+_STARTS = {"seq2seq": _t5_start, "causal": _llama_start}

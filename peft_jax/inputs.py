@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax.models import T5Config, get_preset, init_params
+from peft_jax.models import family_of, get_preset, init_params
 
 
 from peft_jax.config_lib import ConfigError  # noqa: E402  (one error type for bad configs)
@@ -44,7 +44,7 @@ def model_config(cfg):
     raise ConfigError("config.model needs `name` (a preset) or `checkpoint` (a local directory "
                      "or hub id)")
   kw = {k: m[k] for k in ("dtype", "param_dtype", "remat", "vocab_size") if m.get(k)}
-  if isinstance(mc, T5Config) and m.get("dropout_rate") is not None:
+  if family_of(mc).has_dropout and m.get("dropout_rate") is not None:
     kw["dropout_rate"] = m.dropout_rate
   return mc.replace(**kw)
 
@@ -217,10 +217,10 @@ def peft_overrides(cfg):
 
 
 def layout(mc) -> str:
-  return "seq2seq" if isinstance(mc, T5Config) else "causal"
+  return family_of(mc).layout
 
 
 def start_and_pad(mc, tok):
   pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-  start = mc.decoder_start_token_id if isinstance(mc, T5Config) else pad
+  start = family_of(mc).start_token(mc, pad)
   return pad, start

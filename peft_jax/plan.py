@@ -33,21 +33,10 @@ HEADROOM = 0.9
 
 
 def abstract_batch(cfg, mc, batch_size: int) -> Dict[str, jax.ShapeDtypeStruct]:
-  """The largest bucket's batch: seq2seq ``[B, source]`` + ``[B, target]``; causal
-  ``[B, source + target]``."""
-  from peft_jax.models import T5Config
-  d = cfg.data
-  i32 = jnp.int32
-  if isinstance(mc, T5Config):
-    s, t = int(d.max_source_len), int(d.max_target_len)
-    return {"inputs": jax.ShapeDtypeStruct((batch_size, s), i32),
-            "input_mask": jax.ShapeDtypeStruct((batch_size, s), i32),
-            "decoder_inputs": jax.ShapeDtypeStruct((batch_size, t), i32),
-            "targets": jax.ShapeDtypeStruct((batch_size, t), i32),
-            "target_mask": jax.ShapeDtypeStruct((batch_size, t), i32)}
-  n = int(d.max_source_len) + int(d.max_target_len)
-  return {k: jax.ShapeDtypeStruct((batch_size, n), i32)
-          for k in ("inputs", "input_mask", "targets", "target_mask")}
+  """The largest bucket's batch of ``cfg`` (see :meth:`peft_jax.models.Family.abstract_batch`)."""
+  from peft_jax.models import family_of
+  return family_of(mc).abstract_batch(batch_size, int(cfg.data.max_source_len),
+                                      int(cfg.data.max_target_len))
 
 
 def jaxpr_flops(jaxpr) -> float:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from peft_jax.models import T5Config
+from peft_jax.models import family_of
 
 #: leaves never decayed whatever the method: biases and norm scales (a method adds its own,
 #: e.g. (IA)^3's scaling vectors, through ``Method.leaf_roles``)
@@ -66,14 +66,7 @@ def make_tx(tc, params, no_decay=()) -> optax.GradientTransformation:
 def loss_fn(model, params, batch, rng, deterministic: bool):
   """Token-level cross entropy averaged over target tokens; returns (loss, n_tokens)."""
   rngs = None if deterministic else {"dropout": rng}
-  if isinstance(model.cfg, T5Config):
-    logits = model.apply({"params": params}, batch["inputs"], batch["input_mask"],
-                         batch["decoder_inputs"], None, deterministic, rngs=rngs)
-  else:
-    logits = model.apply({"params": params}, batch["inputs"], batch["input_mask"], None,
-                         deterministic, rngs=rngs)
-  # methods that prepend tokens (prompt tuning on LLaMA) lengthen the output: keep the tail
-  logits = logits[:, -batch["targets"].shape[1]:]
+  logits = family_of(model.cfg).logits(model, params, batch, deterministic, rngs)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
   m = batch["target_mask"].astype(jnp.float32)

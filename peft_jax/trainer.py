@@ -26,6 +26,7 @@ from peft_jax.data.batching import encode, epoch_order, make_batch
 from peft_jax.evals.generation import evaluate_generation
 from peft_jax.metrics_log import MetricsWriter
 from peft_jax.builder import build
+from peft_jax.models import family_of
 from peft_jax.peft import summary
 from peft_jax.peft.base import flatten, split_trainable, unflatten
 
@@ -87,8 +88,9 @@ class Trainer:
     self.train_rows, self.val_rows = inputs.dataset(cfg)
     self.layout = inputs.layout(self.mc)
     self.pad, self.start = inputs.start_and_pad(self.mc, self.tok)
+    source_eos = family_of(self.mc).source_eos
     self.enc = encode(self.tok, self.train_rows, d.max_source_len, d.max_target_len,
-                      source_eos=self.layout == "seq2seq")
+                      source_eos=source_eos)
     # conversations (TULU): the whole chat, loss on every assistant turn (open-instruct)
     self.chat = None
     if self.layout == "causal" and all("messages" in r for r in self.train_rows):
@@ -96,7 +98,7 @@ class Trainer:
       self.chat = list(tokenize_rows(self.tok, self.train_rows,
                                      max_length=d.max_source_len + d.max_target_len))
     self.val_enc = encode(self.tok, self.val_rows, d.max_source_len, d.max_target_len,
-                          source_eos=self.layout == "seq2seq")
+                          source_eos=source_eos)
     self.n_train = len(self.chat) if self.chat is not None else len(self.enc.source)
     self.steps_per_epoch = max(self.n_train // tc.batch_size, 1)
     self.total = tc.num_steps if tc.num_steps > 0 else max(1, tc.num_epochs) * self.steps_per_epoch

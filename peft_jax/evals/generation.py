@@ -12,11 +12,13 @@ from peft_jax.data.batching import bucket_length
 def generate_texts(model, params, tok, mc, rows, *, max_source_len: int, max_new_tokens: int,
                    batch_size: int, num_beams: int = 1, input_key="input") -> List[str]:
   from peft_jax.decoding import generate
+  from peft_jax.models import family_of
   eos = tok.eos_token_id
+  source_eos = family_of(mc).source_eos     # T5's encoder input ends with EOS
   out: List[str] = []
   for i in range(0, len(rows), batch_size):
     chunk = rows[i:i + batch_size]
-    ids = [list(t[: max_source_len - 1]) + [eos] if mc.model_type == "t5" else list(t[:max_source_len])
+    ids = [list(t[: max_source_len - 1]) + [eos] if source_eos else list(t[:max_source_len])
            for t in tok([r[input_key] for r in chunk], add_special_tokens=False)["input_ids"]]
     n = bucket_length(max(len(x) for x in ids), max_source_len)
     bs = batch_size  # fixed batch shape: one compile for the whole split

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.models.config import PRESETS, LlamaConfig, T5Config, as_dtype, get_preset
+from peft_jax.models.family import Family, family_of
 from peft_jax.models.llama import Llama
 from peft_jax.models.t5 import T5
 from peft_jax.sites import NO_SITES, Sites
@@ -63,5 +64,5 @@ def count_params(tree) -> int:
   return int(sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree)))
 
 
-__all__ = ["PRESETS", "T5Config", "LlamaConfig", "get_preset", "build_model", "abstract_params",
+__all__ = ["PRESETS", "T5Config", "LlamaConfig", "get_preset", "Family", "family_of", "build_model", "abstract_params",
            "logical_axes", "init_params", "count_params", "as_dtype"]
