@@ -138,6 +138,13 @@ def _cases(kind):
       "prefix_projection": ("prefix_tuning", {"num_virtual_tokens": 3, "prefix_projection": True},
                             lambda: hfpeft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3,
                                                               prefix_projection=True, **pk)),
+      # KronA <-> LoKr, AdaLoRA <-> ADALORA (full init_r tensors, no rank_pattern)
+      "krona": ("krona", {"r": 4, "alpha": 8, "target_modules": qv},
+                lambda: hfpeft.LoKrConfig(task_type=task, r=4, alpha=8, target_modules=qv)),
+      "adalora": ("adalora", {"init_r": 4, "target_r": 2, "total_step": 10, "lora_alpha": 8,
+                              "target_modules": qv},
+                  lambda: hfpeft.AdaLoraConfig(task_type=task, init_r=4, target_r=2, total_step=10,
+                                               lora_alpha=8, target_modules=qv)),
   }
 
 
@@ -147,7 +154,10 @@ CASES += [("t5_v11", "lora_layers"), ("llama_gqa", "lora_layers"), ("t5_v11", "l
           ("t5_v11", "prefix_projection"), ("llama_gqa", "prefix_projection")]
 
 
-@pytest.mark.parametrize("kind,case", CASES)
+LOGIT_CASES = CASES + [(k, m) for k in ("t5_v11", "llama_gqa") for m in ("krona", "adalora")]
+
+
+@pytest.mark.parametrize("kind,case", LOGIT_CASES)
 def test_hf_peft_logits_both_ways(kind, case, tmp_path):
   _, _, cfg, base = loaded(kind)
   method, hp, hf_cfg = _cases(kind)[case]

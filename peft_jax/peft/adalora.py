@@ -322,6 +322,47 @@ class AdaLora(AdditiveMerge, Method):
     e = jnp.asarray(flat[f"{p}/adalora_E"], jnp.float32)
     return jnp.einsum("...ir,...ro->...io", a * e[..., None, :], b) * self.scaling(hp)
 
+  # ------------------------------------------------------------------ HF PEFT (AdaLoraConfig)
+  hf_peft_type = "ADALORA"
+
+  def hf_export(self, state, params):
+    """``...<module>.lora_A [r, in]``, ``lora_B [out, r]``, ``lora_E [r, 1]`` at the full
+    ``init_r`` (:func:`hf_tensors`); pruned ranks are the zeros of ``lora_E``, so the
+    exported adapter computes what ours does without HF's ``rank_pattern`` resizing."""
+    from peft_jax.peft import hf_peft
+    hp = state.hparams
+    tensors = {f"{hf_peft.PREFIX}{k}": hf_peft.np32(v) for k, v in hf_tensors(state, params).items()}
+    names = sorted({k.rsplit(".", 1)[0][len(hf_peft.PREFIX):] for k in tensors})
+    fields = dict(init_r=int(hp["init_r"]), target_r=int(hp["target_r"]), tinit=int(hp["tinit"]),
+                  tfinal=int(hp["tfinal"]), deltaT=int(hp["deltaT"]), beta1=float(hp["beta1"]),
+                  beta2=float(hp["beta2"]), orth_reg_weight=float(hp["orth_reg_weight"]),
+                  total_step=hp["total_step"], r=int(hp["init_r"]), lora_alpha=hp["lora_alpha"],
+                  lora_dropout=float(hp["lora_dropout"]), target_modules=hf_peft.regex(names),
+                  rank_pattern=None, bias="none", fan_in_fan_out=False, init_lora_weights=True,
+                  layers_to_transform=None, layers_pattern=None, modules_to_save=None)
+    return fields, tensors
+
+  def hf_import(self, conf, tensors, cfg, base_params, path):
+    from peft_jax.peft import hf_peft
+    from peft_jax.peft.base import apply_peft
+    from peft_jax.tree import flatten
+    if conf.get("rank_pattern"):
+      raise PeftConfigError("AdaLoRA rank_pattern (tensors resized to the kept ranks) is not "
+                            "supported yet; export the adapter before its final rank allocation")
+    if conf.get("bias", "none") != "none":
+      raise PeftConfigError(f"AdaLoRA bias={conf['bias']!r} is not supported")
+    found = hf_peft.found_modules(cfg, flatten(base_params), tensors, ".lora_E")
+    if not found:
+      raise PeftConfigError(f"no lora_E tensors in {path}")
+    hp = {k: conf[k] for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1",
+                                 "beta2", "orth_reg_weight", "total_step", "lora_alpha")
+          if conf.get(k) is not None}
+    hp["lora_dropout"] = float(conf.get("lora_dropout") or 0.0)
+    hp.update(hf_peft.selection(found))
+    state = apply_peft(cfg, base_params, "adalora", hp)
+    ours = {k[len(hf_peft.PREFIX):] if k.startswith(hf_peft.PREFIX) else k: v for k, v in tensors.items()}
+    return state, set_hf_tensors(state, state.params, ours)
+
 
 
 def count_nonzero_ranks(state, params) -> int:

@@ -123,6 +123,18 @@ class Method:
     return any(getattr(cls, n) is not getattr(Method, n)
                for n in ("loss_terms", "init_hook_state", "after_step"))
 
+  # Hugging Face PEFT mapping (peft_jax.peft.hf_peft): the peft_type, and the conversion
+  #: the HF PEFT ``peft_type`` this method maps to (None: no mapping)
+  hf_peft_type: Optional[str] = None
+
+  def hf_export(self, state, params) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(adapter_config fields, {tensor name: array})`` in HF PEFT's layout."""
+    raise PeftConfigError(f"method {self.name!r} has no HF PEFT mapping")
+
+  def hf_import(self, conf, tensors, model_cfg, base_params, path: str):
+    """``(state, params)`` from an HF PEFT adapter of this method's ``peft_type``."""
+    raise PeftConfigError(f"method {self.name!r} has no HF PEFT mapping")
+
   # reparameterisations
   def merge(self, model_cfg, hp, flat: Flat) -> Flat:
     raise PeftConfigError(f"method {self.name!r} cannot be merged into the base weights")

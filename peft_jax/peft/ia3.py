@@ -151,3 +151,49 @@ class Ia3(Method):
       s = l[..., :, None] if p in ff else l[..., None, :]
       out[f"{p}/kernel"] = (w.astype(jnp.float32) / s).astype(w.dtype)
     return out
+
+  # ------------------------------------------------------------------ HF PEFT (IA3Config)
+  hf_peft_type = "IA3"
+
+  def hf_export(self, state, params):
+    """``...<module>.ia3_l``: ``[out, 1]``, or ``[1, in]`` for feed-forward modules."""
+    from peft_jax.peft import hf_peft
+    from peft_jax.tree import flatten
+    cfg, hp, flat = state.model_cfg, state.hparams, flatten(params)
+    pl, ff = self.placement(cfg, hp, flat)
+    names, ffn, tensors = [], [], {}
+    for m in pl.modules:
+      for l in pl.selected(m):
+        hf = targets.hf_module_name(cfg, m, l)
+        names.append(hf)
+        v = hf_peft.np32(flat[f"{m.path}/ia3_l"][l] if m.stacked else flat[f"{m.path}/ia3_l"])
+        if m.path in ff:
+          ffn.append(hf)
+          tensors[f"{hf_peft.PREFIX}{hf}.ia3_l"] = v[None, :]
+        else:
+          tensors[f"{hf_peft.PREFIX}{hf}.ia3_l"] = v[:, None]
+    fields = dict(target_modules=hf_peft.regex(names),
+                  feedforward_modules=hf_peft.regex(ffn) if ffn else [], fan_in_fan_out=False,
+                  init_ia3_weights=True, modules_to_save=None)
+    return fields, tensors
+
+  def hf_import(self, conf, tensors, cfg, base_params, path):
+    from peft_jax.peft import hf_peft
+    from peft_jax.peft.base import apply_peft
+    from peft_jax.tree import flatten, unflatten
+    found = hf_peft.found_modules(cfg, flatten(base_params), tensors, ".ia3_l")
+    ff = set()
+    for p, (m, layers) in found.items():
+      t = tensors[f"{hf_peft.PREFIX}{targets.hf_module_name(cfg, m, min(layers) if m.stacked else None)}.ia3_l"]
+      if t.shape[0] == 1 and t.shape[1] == m.d_in and m.d_out != 1:
+        ff.add(p)
+    hp = hf_peft.selection(found)
+    hp["feedforward_modules"] = hf_peft.regex(sorted(ff)) if ff else []
+    state = apply_peft(cfg, base_params, "ia3", hp)
+    flat = flatten(state.params)
+    for p, (m, layers) in found.items():
+      for l in layers:
+        hf = targets.hf_module_name(cfg, m, l)
+        flat[f"{p}/ia3_l"] = hf_peft.set_layer(flat[f"{p}/ia3_l"], l,
+                                               tensors[f"{hf_peft.PREFIX}{hf}.ia3_l"].reshape(-1), hf)
+    return state, unflatten(flat)

@@ -269,6 +269,49 @@ class Krona(AdditiveMerge, Method):
       return jnp.asarray(flat[k], jnp.float32) if k in flat else None
     return kron_delta(_factor(get, "w1"), _factor(get, "w2")) * self.scaling(hp)
 
+  # ------------------------------------------------------------------ HF PEFT (LoKrConfig)
+  hf_peft_type = "LOKR"
+
+  def hf_export(self, state, params):
+    """``...<module>.lokr_w1`` etc. (:func:`hf_tensors`), one per selected layer."""
+    from peft_jax.peft import hf_peft
+    hp = state.hparams
+    tensors = {f"{hf_peft.PREFIX}{k}": hf_peft.np32(v) for k, v in hf_tensors(state, params).items()}
+    names = sorted({k.rsplit(".", 1)[0][len(hf_peft.PREFIX):] for k in tensors})
+    fields = dict(r=int(hp["r"]), alpha=hp["alpha"], rank_dropout=float(hp["rank_dropout"]),
+                  module_dropout=float(hp["module_dropout"]),
+                  rank_dropout_scale=bool(hp["rank_dropout_scale"]),
+                  decompose_both=bool(hp["decompose_both"]),
+                  decompose_factor=int(hp["decompose_factor"]), use_effective_conv2d=False,
+                  init_weights=True, target_modules=hf_peft.regex(names),
+                  layers_to_transform=None, layers_pattern=None, rank_pattern={},
+                  alpha_pattern={}, modules_to_save=None)
+    return fields, tensors
+
+  def hf_import(self, conf, tensors, cfg, base_params, path):
+    from peft_jax.peft import hf_peft
+    from peft_jax.peft.base import apply_peft
+    from peft_jax.tree import flatten
+    for k in ("rank_pattern", "alpha_pattern"):
+      if conf.get(k):
+        raise PeftConfigError(f"LoKr {k}={conf[k]} is not supported (one rank/alpha for all modules)")
+    if conf.get("use_effective_conv2d"):
+      raise PeftConfigError("LoKr use_effective_conv2d is for convolutions; these models have none")
+    found = {}
+    for suffix in (".lokr_w1", ".lokr_w1_a"):
+      found.update(hf_peft.found_modules(cfg, flatten(base_params), tensors, suffix))
+    if not found:
+      raise PeftConfigError(f"no lokr_w1 tensors in {path}")
+    hp = {"r": int(conf["r"]), "alpha": conf["alpha"],
+          "rank_dropout": float(conf.get("rank_dropout") or 0.0),
+          "module_dropout": float(conf.get("module_dropout") or 0.0),
+          "rank_dropout_scale": bool(conf.get("rank_dropout_scale")),
+          "decompose_both": bool(conf.get("decompose_both")),
+          "decompose_factor": int(conf.get("decompose_factor", -1)), **hf_peft.selection(found)}
+    state = apply_peft(cfg, base_params, "krona", hp)
+    ours = {k[len(hf_peft.PREFIX):] if k.startswith(hf_peft.PREFIX) else k: v for k, v in tensors.items()}
+    return state, set_hf_tensors(state, state.params, ours)
+
 
 
 def hf_tensors(state, params) -> Dict[str, np.ndarray]:

@@ -60,3 +60,41 @@ class LnTuning(Method):
 
   def trainable_existing(self, cfg, hp, paths):
     return {m.leaf for m in self._selected(cfg, hp, paths)}
+
+  # ------------------------------------------------------------------ HF PEFT (LNTuningConfig)
+  hf_peft_type = "LN_TUNING"
+
+  def hf_export(self, state, params):
+    """``...<norm>.ln_tuning_layers.weight`` for every layer of each tuned norm."""
+    from peft_jax.peft import hf_peft
+    from peft_jax.tree import flatten
+    cfg, flat = state.model_cfg, flatten(params)
+    names, tensors = [], {}
+    mods = {m.leaf: m for m in targets.norm_modules(flat)}
+    for leaf in state.made_trainable:
+      m = mods[leaf]
+      for l in (range(m.n_layers) if m.stacked else [None]):
+        hf = targets.hf_module_name(cfg, m, l)
+        names.append(hf)
+        tensors[f"{hf_peft.PREFIX}{hf}.ln_tuning_layers.weight"] = hf_peft.np32(
+            flat[leaf][l] if m.stacked else flat[leaf])
+    return dict(target_modules=hf_peft.regex(names), modules_to_save=None), tensors
+
+  def hf_import(self, conf, tensors, cfg, base_params, path):
+    from peft_jax.peft import hf_peft
+    from peft_jax.peft.base import apply_peft
+    from peft_jax.tree import flatten, unflatten
+    base = flatten(base_params)
+    found = hf_peft.found_modules(cfg, base, tensors, ".ln_tuning_layers.weight",
+                                  targets.norm_modules(base))
+    for p, (m, layers) in found.items():
+      if m.stacked and len(layers) != m.n_layers:
+        raise PeftConfigError(f"LN tuning adapter covers only layers {sorted(layers)} of {p}")
+    state = apply_peft(cfg, base_params, "ln_tuning", {"target_modules": hf_peft.regex(sorted(found))})
+    flat = flatten(state.params)
+    for p, (m, layers) in found.items():
+      for l in layers:
+        hf = targets.hf_module_name(cfg, m, l)
+        flat[m.leaf] = hf_peft.set_layer(flat[m.leaf], l,
+                                         tensors[f"{hf_peft.PREFIX}{hf}.ln_tuning_layers.weight"], hf)
+    return state, unflatten(flat)

@@ -206,6 +206,63 @@ class Lora(Method):
       out[f"{p}/kernel"] = (new - delta).astype(w.dtype)
     return out
 
+  # ------------------------------------------------------------------ HF PEFT (LoraConfig)
+  hf_peft_type = "LORA"
+
+  def hf_export(self, state, params):
+    """``...<module>.lora_A.weight [r, in] = A.T``, ``lora_B.weight [out, r] = B.T``, DoRA
+    ``lora_magnitude_vector [out]``; ``target_modules`` names the exact modules and layers."""
+    from peft_jax.peft import hf_peft
+    from peft_jax.tree import flatten
+    cfg, hp, flat = state.model_cfg, state.hparams, flatten(params)
+    pl = self.placement(cfg, hp, flat)
+    names, tensors = [], {}
+    for m in pl.modules:
+      for l in pl.selected(m):
+        hf = targets.hf_module_name(cfg, m, l)
+        names.append(hf)
+        sl = (lambda a, l=l: a[l]) if m.stacked else (lambda a: a)
+        key = f"{hf_peft.PREFIX}{hf}"
+        tensors[f"{key}.lora_A.weight"] = hf_peft.np32(sl(flat[f"{m.path}/lora_A"])).T
+        tensors[f"{key}.lora_B.weight"] = hf_peft.np32(sl(flat[f"{m.path}/lora_B"])).T
+        if hp["use_dora"]:
+          tensors[f"{key}.lora_magnitude_vector"] = hf_peft.np32(sl(flat[f"{m.path}/lora_magnitude"]))
+    fields = dict(r=int(hp["r"]), lora_alpha=hp["lora_alpha"], lora_dropout=float(hp["lora_dropout"]),
+                  use_rslora=bool(hp["use_rslora"]), use_dora=bool(hp["use_dora"]),
+                  target_modules=hf_peft.regex(names), bias="none", fan_in_fan_out=False,
+                  init_lora_weights=True, layers_to_transform=None, layers_pattern=None,
+                  rank_pattern={}, alpha_pattern={}, modules_to_save=None)
+    return fields, tensors
+
+  def hf_import(self, conf, tensors, cfg, base_params, path):
+    from peft_jax.peft import hf_peft
+    from peft_jax.peft.base import apply_peft
+    from peft_jax.tree import flatten, unflatten
+    for k in ("rank_pattern", "alpha_pattern"):
+      if conf.get(k):
+        raise PeftConfigError(f"LoRA {k}={conf[k]} is not supported (one rank/alpha for all modules)")
+    if conf.get("bias", "none") != "none":
+      raise PeftConfigError(f"LoRA bias={conf['bias']!r} is not supported")
+    found = hf_peft.found_modules(cfg, flatten(base_params), tensors, ".lora_A.weight")
+    if not found:
+      raise PeftConfigError(f"no lora_A tensors in {path}")
+    dora = bool(conf.get("use_dora"))
+    hp = {"r": int(conf["r"]), "lora_alpha": conf["lora_alpha"],
+          "lora_dropout": float(conf.get("lora_dropout") or 0.0),
+          "use_rslora": bool(conf.get("use_rslora")), **hf_peft.selection(found)}
+    state = apply_peft(cfg, base_params, "dora" if dora else "lora", hp)
+    flat = flatten(state.params)
+    for p, (m, layers) in found.items():
+      for l in layers:
+        hf = targets.hf_module_name(cfg, m, l)
+        key = f"{hf_peft.PREFIX}{hf}"
+        vals = {"lora_A": tensors[f"{key}.lora_A.weight"].T, "lora_B": tensors[f"{key}.lora_B.weight"].T}
+        if dora:
+          vals["lora_magnitude"] = tensors[f"{key}.lora_magnitude_vector"]
+        for nm, v in vals.items():
+          flat[f"{p}/{nm}"] = hf_peft.set_layer(flat[f"{p}/{nm}"], l, v, f"{hf}.{nm}")
+    return state, unflatten(flat)
+
 
 @register
 class Dora(Lora):

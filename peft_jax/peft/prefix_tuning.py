@@ -205,6 +205,72 @@ class PrefixTuning(Method):
     return (PrefixHandler(n=int(hp["num_virtual_tokens"]), shift=hp["prefix_positions"] == "shift",
                           self_stacks=frozenset(stacks), max_len=mx),)
 
+  # ------------------------------------------------------------------ HF PEFT (PrefixTuningConfig)
+  hf_peft_type = "PREFIX_TUNING"
+
+  def hf_export(self, state, params):
+    """``prompt_embeddings [P, 2 L token_dim]``: the folded prefixes
+    (``prefix_projection=False``); rows ``2l`` / ``2l+1`` are layer ``l``'s key / value for
+    LLaMA, HF's seq2seq row mapping for T5 (``hf_peft.hf_prefix_rows``)."""
+    from peft_jax.peft import hf_peft
+    cfg = state.model_cfg
+    state, params = fold_projection(state, params)
+    hp, flat = dict(state.hparams), flatten(params)
+    if hp["prefix_positions"] != "shift":
+      raise PeftConfigError("HF PEFT's prefix tuning shifts the token positions behind the prefix; "
+                            "export needs prefix_positions='shift'")
+    atts = attentions(cfg, hp)
+    if targets.is_t5(cfg) and [a[0] for a in atts] != ["decoder_self_attn"]:
+      raise PeftConfigError("HF PEFT applies T5 prefixes to the decoder self-attention only; export "
+                            f"needs prefix_attentions=['decoder_self_attn'], got {[a[0] for a in atts]}")
+    _, path, L = atts[0]
+    pk, pv = hf_peft.np32(flat[f"{path}/prefix_key"]), hf_peft.np32(flat[f"{path}/prefix_value"])
+    n, td = pk.shape[1], pk.shape[2]
+    sub = 2 if targets.is_t5(cfg) else 1
+    rows = np.zeros((2 * L, n, td), np.float32)
+    written = {}
+    for l, (rk, rv) in enumerate(hf_peft.hf_prefix_rows(cfg, L, sub)):
+      for r, val in ((rk, pk[l]), (rv, pv[l])):
+        if r in written and not np.array_equal(rows[r], val):
+          raise PeftConfigError(
+              f"HF PEFT's T5 prefix layout gives decoder layers {written[r]} and {l} the same prefix "
+              f"(row {r} of {2 * L}; with an even number of decoder layers, layers l and l+L/2 share "
+              "one); these layers have different prefixes, so HF PEFT cannot represent them")
+        rows[r] = val
+        written[r] = l
+    emb = np.ascontiguousarray(np.transpose(rows, (1, 0, 2)).reshape(n, 2 * L * td))
+    fields = dict(num_virtual_tokens=int(n), token_dim=int(td),
+                  num_attention_heads=int(token_dim(cfg) // (cfg.d_kv if targets.is_t5(cfg)
+                                                             else cfg.head_dim)),
+                  num_layers=int(L), num_transformer_submodules=sub, encoder_hidden_size=int(td),
+                  prefix_projection=False)
+    return fields, {"prompt_embeddings": emb}
+
+  def hf_import(self, conf, tensors, cfg, base_params, path):
+    from peft_jax.peft import hf_peft
+    n = int(conf["num_virtual_tokens"])
+    emb = tensors["prompt_embeddings"]
+    L_hf, td = int(conf["num_layers"]), int(conf["token_dim"])
+    if td != token_dim(cfg):
+      raise PeftConfigError(f"prefix adapter token_dim={td}, but this model's attention keys are "
+                            f"{token_dim(cfg)} wide (kv_heads * head_dim)")
+    state = apply_peft(cfg, base_params, "prefix_tuning", {"num_virtual_tokens": n})
+    _, apath, L = attentions(cfg, state.hparams)[0]
+    if L_hf != L:
+      raise PeftConfigError(f"prefix adapter has num_layers={L_hf}, the model's prefixed attention has "
+                            f"{L} layers")
+    if emb.shape != (n, 2 * L * td):
+      raise PeftConfigError(f"prompt_embeddings has shape {emb.shape}, expected {(n, 2 * L * td)}")
+    rows = emb.reshape(n, 2 * L, td).transpose(1, 0, 2)
+    sub = int(conf.get("num_transformer_submodules") or (2 if targets.is_t5(cfg) else 1))
+    flat = flatten(state.params)
+    pk, pv = np.zeros((L, n, td), np.float32), np.zeros((L, n, td), np.float32)
+    for l, (rk, rv) in enumerate(hf_peft.hf_prefix_rows(cfg, L, sub)):
+      pk[l], pv[l] = rows[rk], rows[rv]
+    flat[f"{apath}/prefix_key"] = pk.astype(flat[f"{apath}/prefix_key"].dtype)
+    flat[f"{apath}/prefix_value"] = pv.astype(flat[f"{apath}/prefix_value"].dtype)
+    return state, unflatten(flat)
+
 
 def project(cfg, hp, flat):
   """The MLP reparameterisation -> ``{<attention>/prefix_key|value: [L, P, token_dim]}``."""

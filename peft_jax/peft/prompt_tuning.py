@@ -146,3 +146,30 @@ class PromptTuning(Method):
 
   def handlers(self, cfg, hp):
     return (PromptHandler(max_len=max_input_length(cfg, hp)),)
+
+  # ------------------------------------------------------------------ HF PEFT (PromptTuningConfig)
+  hf_peft_type = "PROMPT_TUNING"
+
+  def hf_export(self, state, params):
+    """``prompt_embeddings [P, d_model]``, ``num_transformer_submodules=1``."""
+    from peft_jax.peft import hf_peft
+    from peft_jax.tree import flatten
+    cfg = state.model_cfg
+    p = hf_peft.np32(flatten(params)[prompt_leaf(cfg)])
+    fields = dict(num_virtual_tokens=int(p.shape[0]), token_dim=int(p.shape[1]),
+                  num_transformer_submodules=1, num_attention_heads=hf_peft.n_heads(cfg),
+                  num_layers=hf_peft.n_layers(cfg), prompt_tuning_init="RANDOM",
+                  prompt_tuning_init_text=None, tokenizer_name_or_path=None)
+    return fields, {"prompt_embeddings": p}
+
+  def hf_import(self, conf, tensors, cfg, base_params, path):
+    """The first ``num_virtual_tokens`` rows of ``prompt_embeddings``."""
+    from peft_jax.peft import hf_peft
+    from peft_jax.peft.base import apply_peft
+    from peft_jax.tree import flatten, unflatten
+    n = int(conf["num_virtual_tokens"])
+    state = apply_peft(cfg, base_params, "prompt_tuning", {"num_virtual_tokens": n})
+    flat = flatten(state.params)
+    flat[prompt_leaf(cfg)] = hf_peft.set_layer(flat[prompt_leaf(cfg)], None,
+                                               tensors["prompt_embeddings"][:n], "prompt_embeddings")
+    return state, unflatten(flat)
