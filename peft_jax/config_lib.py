@@ -44,7 +44,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 def _preset_ok(name):
   from peft_jax.models import PRESETS
   if name and name not in PRESETS:
-    return f"unknown model preset; known presets: {', '.join(sorted(PRESETS))}"
+    return f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}"
   return None
 
 
@@ -177,9 +177,9 @@ def method_fields(method: str) -> Dict[str, Field]:
   try:
     m = get_method(method)
   except PeftConfigError:
-    raise ConfigError(f"peft.method={method!r} is not a PEFT method; expected one of "
-                      f"{', '.join(registered_methods())}{did_you_mean(method, registered_methods())}"
-                      ) from None
+    raise ConfigError(f"peft.method: unknown PEFT method {method!r}"
+                      f"{did_you_mean(method, registered_methods())} (known methods: "
+                      f"{', '.join(registered_methods())})") from None
   return {"method": Field(method, "the PEFT method (peft_jax.peft)",
                           choices=tuple(registered_methods())), **m.hparams}
 
