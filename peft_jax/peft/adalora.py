@@ -336,7 +336,7 @@ class AdaLora(AdditiveMerge, Method):
     fields = dict(init_r=int(hp["init_r"]), target_r=int(hp["target_r"]), tinit=int(hp["tinit"]),
                   tfinal=int(hp["tfinal"]), deltaT=int(hp["deltaT"]), beta1=float(hp["beta1"]),
                   beta2=float(hp["beta2"]), orth_reg_weight=float(hp["orth_reg_weight"]),
-                  total_step=hp["total_step"], r=int(hp["init_r"]), lora_alpha=hp["lora_alpha"],
+                  total_step=hp["total_step"], lora_alpha=hp["lora_alpha"],
                   lora_dropout=float(hp["lora_dropout"]), target_modules=hf_peft.regex(names),
                   rank_pattern=None, bias="none", fan_in_fan_out=False, init_lora_weights=True,
                   layers_to_transform=None, layers_pattern=None, modules_to_save=None)
