@@ -60,7 +60,7 @@ def get_config(variant: str = ""):
   c.eval.metric = TASKS[v["task"]]
   c.eval.max_new_tokens = c.data.max_target_len
   if v["model"] == "tiny":
-    tiny_model(c, "t5")
+    tiny_model(c, "t5-tiny", vocab_size=32128)
     c.tokenizer = "../shared/data/tokenizers/t5"
     c.train.micro_batch_size = 2
     c.train.eval_every = 0

@@ -60,7 +60,7 @@ def get_config(variant: str = ""):
   c.eval.metric = "rougeL"
   c.eval.max_new_tokens = 128
   if v["model"] == "tiny":
-    tiny_model(c, "t5")
+    tiny_model(c, "t5-tiny", vocab_size=32128)
     c.tokenizer = "../shared/data/tokenizers/t5"
     c.train.micro_batch_size = 2
     c.train.eval_every = 0

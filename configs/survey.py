@@ -56,7 +56,7 @@ def get_config(variant: str = ""):
   c.eval.metric = TASKS[v["task"]]
   c.eval.max_new_tokens = c.data.max_target_len
   if v["model"] == "tiny":
-    tiny_model(c, "t5")
+    tiny_model(c, "t5-tiny", vocab_size=32128)
     c.tokenizer = "../shared/data/tokenizers/t5"
     c.train.min_steps = 0
     small = {"prefix_tuning": {"num_virtual_tokens": 4, "encoder_hidden_size": 8},

@@ -41,7 +41,7 @@ def get_config(variant: str = ""):
   c.eval.metric = "rougeL"
   c.eval.max_new_tokens = 256
   if v["model"] == "tiny":
-    tiny_model(c, "llama")
+    tiny_model(c, "llama-tiny", vocab_size=32000)
     c.tokenizer = "../shared/data/tokenizers/llama"
     c.model.dtype = c.model.param_dtype = "float32"
     c.model.remat = "none"

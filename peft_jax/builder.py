@@ -36,7 +36,7 @@ class Built:
   """A run's setup (immutable). ``state.params`` are ``ShapeDtypeStruct``s until
   :meth:`with_weights`."""
   cfg: Any
-  mc: Any                      # the model config (T5Config / LlamaConfig)
+  mc: Any                      # the model config (its family: peft_jax.models.family_of)
   state: PeftState
   model: Any                   # the Flax module with the method's sites
   mesh: Any

@@ -426,10 +426,11 @@ def parse_variant(variant: str, slots: Dict[str, Sequence[str]], defaults: Dict[
   return out
 
 
-def tiny_model(c: ml_collections.ConfigDict, family: str):
-  """Swaps the model for a tiny random one that still reads the family's tokenizer."""
-  c.model.name = "t5-tiny" if family == "t5" else "llama-tiny"
-  c.model.vocab_size = 32128 if family == "t5" else 32000
+def tiny_model(c: ml_collections.ConfigDict, preset: str, vocab_size: int):
+  """Swaps the model for the tiny random ``preset`` with the vocabulary of the experiment's
+  tokenizer (``vocab_size``)."""
+  c.model.name = preset
+  c.model.vocab_size = vocab_size
   c.train.batch_size = 4
   c.train.num_steps = 3
   c.train.num_epochs = 0

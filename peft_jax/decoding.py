@@ -32,8 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax.models import llama as llama_lib
-from peft_jax.models import t5 as t5_lib
 from peft_jax.models.family import family_of
 
 _NEG = -1.0e9   # "impossible" score, as in transformers' beam search
@@ -106,55 +104,6 @@ def sample_logits(logits, rng, temperature, top_p, top_k: int = 0):
   threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
   logits = jnp.where(logits < threshold, -jnp.inf, logits)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-
-
-# ----------------------------------------------------------------------------- model adapters
-# Each returns (first logits [B, V], cache for B rows, step). ``step(cache, tokens, t)``
-# feeds the token chosen at generation step ``t`` for all B * repeat rows (the row
-# order of beam search: batch-major) and returns (next logits, new cache).
-
-def _t5_start(model, params, ids, mask, max_new_tokens, repeat):
-  cfg, v = model.cfg, {"params": params}
-  enc, enc_mask = model.apply(v, ids, mask, method=model.encode)
-  b = ids.shape[0]
-  cache = t5_lib.init_cache(cfg, b, max_new_tokens, enc.shape[1])
-  start = jnp.full((b, 1), cfg.decoder_start_token_id, jnp.int32)
-  logits, cache = model.apply(v, start, enc, enc_mask, None, True, cache, 0, "fill",
-                              method=model.decode)
-  enc, enc_mask = jnp.repeat(enc, repeat, 0), jnp.repeat(enc_mask, repeat, 0)
-
-  def step(cache, tokens, t):
-    # slot 0 holds the start token, so the token of step t goes to slot t + 1
-    logits, cache = model.apply(v, tokens[:, None], enc, enc_mask, None, True, cache, t + 1,
-                                "step", method=model.decode)
-    return logits[:, -1], cache
-
-  return logits[:, -1], cache, step
-
-
-def _llama_start(model, params, ids, mask, max_new_tokens, repeat):
-  cfg, v = model.cfg, {"params": params}
-  b, p = ids.shape
-  # Move the padding to the left (stable sort puts pads first, tokens keep their order).
-  order = jnp.argsort(mask.astype(jnp.int32), axis=1, stable=True)
-  ids = jnp.take_along_axis(ids, order, 1)
-  mask = jnp.take_along_axis(mask, order, 1)
-  positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-  # Tokens a method prepends at the input (prompt tuning) take the first cache slots.
-  n_pre = jax.eval_shape(lambda: model.apply(v, ids, mask)).shape[1] - p
-  n_valid = jnp.sum(mask, axis=1).astype(jnp.int32) + n_pre
-  slots = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), bool)], axis=1)
-  cache = llama_lib.init_cache(cfg, b, n_pre + p + max_new_tokens)
-  logits, cache = model.apply(v, ids, slots, positions, True, cache, 0, use_embed_site=True)
-  slots = jnp.concatenate([jnp.ones((b, n_pre), bool), slots], axis=1)
-  slots, n_valid = jnp.repeat(slots, repeat, 0), jnp.repeat(n_valid, repeat, 0)
-
-  def step(cache, tokens, t):
-    logits, cache = model.apply(v, tokens[:, None], slots, (n_valid + t)[:, None], True, cache,
-                                n_pre + p + t, use_embed_site=False)
-    return logits[:, -1], cache
-
-  return logits[:, -1], cache, step
 
 
 # ----------------------------------------------------------------------------- search loops
@@ -241,8 +190,8 @@ def _beam_search(first_logits, cache, step, n, eos, pad, k, length_penalty):
                                              "do_sample", "top_k"))
 def _generate_jit(model, params, ids, mask, rng, temperature, top_p, length_penalty, eos, pad,
                   *, max_new_tokens, num_beams, do_sample, top_k):
-  start = _STARTS[family_of(model.cfg).layout]
-  first_logits, cache, step = start(model, params, ids, mask, max_new_tokens, num_beams)
+  first_logits, cache, step = family_of(model.cfg).prefill(model, params, ids, mask,
+                                                           max_new_tokens, num_beams)
   if num_beams > 1:
     return _beam_search(first_logits, cache, step, max_new_tokens, eos, pad, num_beams,
                         length_penalty)
@@ -264,6 +213,3 @@ def pad_prompts(prompts, pad_id: int = 0, side: str = "left"):
     ids[i, sl], mask[i, sl] = x, True
   return ids, mask
 
-
-#: prefill + cached step per batch layout (peft_jax.models.family)
-_STARTS = {"seq2seq": _t5_start, "causal": _llama_start}

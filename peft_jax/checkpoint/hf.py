@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from peft_jax.models.config import LlamaConfig, T5Config
+from peft_jax.models.family import families, family_for_hf, family_of
 
 
 class CheckpointError(ValueError):
@@ -28,146 +27,33 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- configs
+# The family (peft_jax.models) owns the config conversion and the weight names.
 
 def config_from_hf(hf: Dict[str, Any], tensor_names=()) -> Any:
   mt = hf.get("model_type")
-  archs = hf.get("architectures") or []
-  if mt == "t5" or mt == "mt5":
-    tie = hf.get("tie_word_embeddings", True) is not False
-    if "scale_decoder_outputs" in hf:
-      scale = bool(hf["scale_decoder_outputs"])
-      tie = tie and "lm_head.weight" not in tensor_names
-    else:
-      scale = tie
-    return T5Config(
-        vocab_size=hf["vocab_size"], d_model=hf["d_model"], d_kv=hf["d_kv"], d_ff=hf["d_ff"],
-        num_heads=hf["num_heads"], num_layers=hf["num_layers"],
-        num_decoder_layers=hf.get("num_decoder_layers"),
-        feed_forward_proj=hf.get("feed_forward_proj", "relu"), tie_word_embeddings=tie,
-        scale_decoder_outputs=scale,
-        relative_attention_num_buckets=hf.get("relative_attention_num_buckets", 32),
-        relative_attention_max_distance=hf.get("relative_attention_max_distance", 128),
-        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-6),
-        dropout_rate=hf.get("dropout_rate", 0.1), pad_token_id=hf.get("pad_token_id", 0) or 0,
-        eos_token_id=_first(hf.get("eos_token_id", 1)),
-        decoder_start_token_id=hf.get("decoder_start_token_id", hf.get("pad_token_id", 0)) or 0)
-  if mt == "llama":
-    for flag in ("attention_bias", "mlp_bias"):
-      if hf.get(flag):
-        raise CheckpointError(f"unsupported LLaMA variant: {flag}=true (peft-jax's LLaMA has no biases)")
-    if hf.get("hidden_act", "silu") != "silu":
-      raise CheckpointError(f"unsupported LLaMA hidden_act {hf['hidden_act']!r}; expected 'silu'")
-    rp = dict(hf.get("rope_parameters") or {})
-    theta = rp.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    rs = hf.get("rope_scaling") or rp
-    rs = {k: v for k, v in rs.items() if v is not None} if rs else None
-    if rs and rs.get("rope_type", rs.get("type", "default")) == "default":
-      rs = None
-    return LlamaConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_attention_heads=hf["num_attention_heads"],
-        num_key_value_heads=hf.get("num_key_value_heads"),
-        num_hidden_layers=hf["num_hidden_layers"], head_dim_=hf.get("head_dim"),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-        rope_scaling=None if not rs else tuple(sorted(rs.items())),
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=_first(hf.get("bos_token_id", 1)), eos_token_id=_first(hf.get("eos_token_id", 2)),
-        pad_token_id=hf.get("pad_token_id"))
-  raise CheckpointError(
-      f"unsupported architecture: model_type={mt!r} architectures={archs}; "
-      "peft-jax supports model_type 't5' (T5ForConditionalGeneration) and 'llama' (LlamaForCausalLM)")
-
-
-def _first(x):
-  return x[0] if isinstance(x, (list, tuple)) else x
+  fam = family_for_hf(mt)
+  if fam is None:
+    supported = ", ".join(f"{t!r} ({f.hf_architecture})" for f in families()
+                          for t in f.hf_model_types)
+    raise CheckpointError(f"unsupported architecture: model_type={mt!r} "
+                          f"architectures={hf.get('architectures') or []}; peft-jax supports "
+                          f"model_type {supported}")
+  try:
+    return fam.config_from_hf(hf, tensor_names)
+  except ValueError as e:
+    raise CheckpointError(str(e)) from None
+  except KeyError as e:
+    raise CheckpointError(f"config.json lacks {e.args[0]!r}, which a {fam.name} config needs") from None
 
 
 def config_to_hf(cfg) -> Dict[str, Any]:
-  if isinstance(cfg, T5Config):
-    return {
-        "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
-        "vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "d_kv": cfg.d_kv, "d_ff": cfg.d_ff,
-        "num_heads": cfg.num_heads, "num_layers": cfg.num_layers,
-        "num_decoder_layers": cfg.n_decoder_layers, "feed_forward_proj": cfg.feed_forward_proj,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "scale_decoder_outputs": cfg.scales_decoder_outputs,
-        "relative_attention_num_buckets": cfg.relative_attention_num_buckets,
-        "relative_attention_max_distance": cfg.relative_attention_max_distance,
-        "layer_norm_epsilon": cfg.layer_norm_epsilon, "dropout_rate": cfg.dropout_rate,
-        "pad_token_id": cfg.pad_token_id, "eos_token_id": cfg.eos_token_id,
-        "decoder_start_token_id": cfg.decoder_start_token_id, "is_encoder_decoder": True,
-        "dtype": "float32",
-    }
-  if isinstance(cfg, LlamaConfig):
-    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
-    if cfg.rope_scaling:
-      rope.update(cfg.rope_scaling_dict)
-    legacy_scaling = None if not cfg.rope_scaling else cfg.rope_scaling_dict
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "num_hidden_layers": cfg.num_hidden_layers,
-        "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
-        "rope_parameters": rope, "rope_scaling": legacy_scaling,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings, "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "dtype": "float32",
-    }
-  raise TypeError(type(cfg))
+  return family_of(cfg).config_to_hf(cfg)
 
 
-# ----------------------------------------------------------------------------- name maps
-# Each entry: (our flattened path, HF name template with {i} for the layer, layer count or
-# None, transpose). Kernels are [in, out] here and [out, in] in torch.
-
-def _t5_map(cfg: T5Config) -> List[Tuple[str, str, Optional[int], bool]]:
-  m = [("shared/embedding", "shared.weight", None, False)]
-  mlp = ["wi_0", "wi_1", "wo"] if cfg.is_gated else ["wi", "wo"]
-  for stack, n, subs in (("encoder", cfg.num_layers, [("attn", "SelfAttention")]),
-                         ("decoder", cfg.n_decoder_layers,
-                          [("self_attn", "SelfAttention"), ("cross_attn", "EncDecAttention")])):
-    p = f"{stack}.block.{{i}}.layer"
-    for j, (ours, theirs) in enumerate(subs):
-      for w in "qkvo":
-        m.append((f"{stack}/layers/{ours}/{w}/kernel", f"{p}.{j}.{theirs}.{w}.weight", n, True))
-      m.append((f"{stack}/layers/{ours}_norm/scale", f"{p}.{j}.layer_norm.weight", n, False))
-    j = len(subs)
-    for w in mlp:
-      m.append((f"{stack}/layers/mlp/{w}/kernel", f"{p}.{j}.DenseReluDense.{w}.weight", n, True))
-    m.append((f"{stack}/layers/mlp_norm/scale", f"{p}.{j}.layer_norm.weight", n, False))
-    m.append((f"{stack}/rel_bias/embedding",
-              f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", None, False))
-    m.append((f"{stack}/final_norm/scale", f"{stack}.final_layer_norm.weight", None, False))
-  if not cfg.tie_word_embeddings:
-    m.append(("lm_head/kernel", "lm_head.weight", None, True))
-  return m
-
-
-def _llama_map(cfg: LlamaConfig):
-  n = cfg.num_hidden_layers
-  p = "model.layers.{i}"
-  m = [("embed/embedding", "model.embed_tokens.weight", None, False)]
-  for w in "qkvo":
-    m.append((f"layers/attn/{w}/kernel", f"{p}.self_attn.{w}_proj.weight", n, True))
-  for w in ("gate", "up", "down"):
-    m.append((f"layers/mlp/{w}/kernel", f"{p}.mlp.{w}_proj.weight", n, True))
-  m.append(("layers/attn_norm/scale", f"{p}.input_layernorm.weight", n, False))
-  m.append(("layers/mlp_norm/scale", f"{p}.post_attention_layernorm.weight", n, False))
-  m.append(("final_norm/scale", "model.norm.weight", None, False))
-  if not cfg.tie_word_embeddings:
-    m.append(("lm_head/kernel", "lm_head.weight", None, True))
-  return m
-
-
-def name_map(cfg):
-  return _t5_map(cfg) if isinstance(cfg, T5Config) else _llama_map(cfg)
-
-
-_ALIASES = {"shared.weight": ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"],
-            "model.embed_tokens.weight": ["embed_tokens.weight"]}
+def name_map(cfg) -> List[Tuple[str, str, Optional[int], bool]]:
+  """(our flattened path, HF name with ``{i}`` for the layer, layer count or None, transpose)
+  for every weight; kernels are [in, out] here and [out, in] in torch."""
+  return family_of(cfg).hf_weight_names(cfg)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -334,7 +220,7 @@ def _resolve_names(src, names, path, cfg, shapes):
     for i in (range(n) if n is not None else [None]):
       name = theirs.format(i=i)
       if name not in names:
-        alt = [a for a in _ALIASES.get(name, []) if a in names]
+        alt = [a for a in family_of(cfg).hf_weight_aliases.get(name, ()) if a in names]
         if not alt:
           raise CheckpointError(f"checkpoint {path} lacks tensor {name!r} (for {ours})")
         name = alt[0]

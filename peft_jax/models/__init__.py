@@ -3,39 +3,26 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Tuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.models.config import PRESETS, LlamaConfig, T5Config, as_dtype, get_preset
-from peft_jax.models.family import Family, family_of
-from peft_jax.models.llama import Llama
-from peft_jax.models.t5 import T5
+from peft_jax.models.family import Family, families, family_for_hf, family_of
+# the families (each registers itself)
+from peft_jax.models import llama_family, t5_family  # noqa: F401
 from peft_jax.sites import NO_SITES, Sites
 
 
 def build_model(cfg, sites: Sites = NO_SITES) -> nn.Module:
-  if isinstance(cfg, T5Config):
-    return T5(cfg, sites)
-  if isinstance(cfg, LlamaConfig):
-    return Llama(cfg, sites)
-  raise TypeError(f"unsupported model config {type(cfg).__name__}")
-
-
-def _dummy_inputs(cfg):
-  ids = jnp.zeros((1, 4), jnp.int32)
-  if isinstance(cfg, T5Config):
-    return (ids, None, ids)
-  return (ids,)
+  return family_of(cfg).build(cfg, sites)
 
 
 def init_boxed(cfg, rng):
   """Parameters wrapped in ``nn.Partitioned`` boxes that carry logical axis names."""
   model = build_model(cfg)
-  return model.init(rng, *_dummy_inputs(cfg))["params"]
+  return model.init(rng, *family_of(cfg).dummy_inputs(cfg))["params"]
 
 
 @functools.lru_cache(maxsize=32)
@@ -64,5 +51,5 @@ def count_params(tree) -> int:
   return int(sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree)))
 
 
-__all__ = ["PRESETS", "T5Config", "LlamaConfig", "get_preset", "Family", "family_of", "build_model", "abstract_params",
+__all__ = ["PRESETS", "T5Config", "LlamaConfig", "get_preset", "Family", "families", "family_for_hf", "family_of", "build_model", "abstract_params",
            "logical_axes", "init_params", "count_params", "as_dtype"]

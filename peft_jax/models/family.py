@@ -1,34 +1,82 @@
-"""Model families: what training and evaluation need to know about a model's kind, behind
-one interface, so that no code outside this package branches on T5 versus LLaMA for it.
+"""Model families: everything the rest of peft-jax needs to know about a model's kind,
+behind one interface, so that no code outside this package branches on T5 versus LLaMA.
 
-A :class:`Family` says how a batch is laid out (``seq2seq``: encoder inputs plus decoder
-inputs; ``causal``: one sequence), which keys it has and their abstract shapes (for
-``--plan``), the first decoder token, whether the encoder input ends with EOS, whether the
-config has a dropout rate, and how the model's forward reads a batch (with the logits cut to
-the target positions: methods that prepend tokens lengthen a causal model's output).
+A :class:`Family` says
 
-Adding a family: its model module and presets in this package, and an entry in
-:data:`FAMILIES`.
+* how a batch is laid out (``seq2seq``: encoder inputs plus decoder inputs; ``causal``: one
+  sequence), its abstract shapes (for ``--plan``), the first decoder token, whether the
+  encoder input ends with EOS, and how the forward reads a batch;
+* the model's dimensions in common terms (hidden width, heads, head width, key/value width);
+* where PEFT methods can act, in the path language of the parameter tree: the sub-layer
+  of a module path and its aliases, every attention (with its kind), the residual sites
+  of bottleneck adapters, the prompt and token-embedding leaves;
+* the Hugging Face side: ``transformers``' module name of each of our modules, the config
+  and weight-name conversion of a checkpoint, HF PEFT's task type and its per-model default
+  target modules.
+
+Attention kinds are a fixed vocabulary shared by all families: ``self_attn`` (a decoder-only
+model), ``encoder_self_attn``, ``decoder_self_attn`` and ``cross_attn`` (an encoder-decoder).
+Residual-site kinds: ``self_attn``, ``cross_attn``, ``mlp``.
+
+Adding a family: its config class and presets (``config.py``), its model module, a module
+defining its :class:`Family` subclass, registered with :func:`register` and imported in
+``peft_jax/models/__init__.py``. Nothing outside this package changes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Dict
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from peft_jax.models.config import LlamaConfig, T5Config
+#: the self-attention kinds of an encoder-decoder -> their stack (the ``is_decoder`` of the
+#: model's stack modules)
+SELF_ATTENTION_STACK = {"encoder_self_attn": "encoder", "decoder_self_attn": "decoder"}
+#: one HF weight: (our flattened path, HF name with ``{i}`` for the layer, layer count or
+#: None, transpose: kernels are ``[in, out]`` here and ``[out, in]`` in torch)
+WeightName = Tuple[str, str, Optional[int], bool]
+#: one attention: (kind, layer-agnostic path of the attention module, layers)
+Attention = Tuple[str, str, int]
+#: one stack's residual sites: (stack path prefix, layers, global id of the stack's first
+#: layer (encoder layers first, as AdapterHub counts), ((site name, kind), ...))
+ResidualSites = Tuple[str, int, int, Tuple[Tuple[str, str], ...]]
 
 
-@dataclasses.dataclass(frozen=True)
 class Family:
-  name: str                  # the config's model_type
-  layout: str                # "seq2seq" | "causal" (peft_jax.data.batching)
-  source_eos: bool           # the encoder input ends with EOS
-  has_dropout: bool          # the config has dropout_rate
+  """The interface; one subclass instance per family (see the module docstring)."""
 
+  name: str = ""                          # the config's model_type
+  config_class: type = object
+  layout: str = ""                        # "seq2seq" | "causal" (peft_jax.data.batching)
+  source_eos: bool = False                # the encoder input ends with EOS
+  has_dropout: bool = False               # the config has dropout_rate
+  prompt_leaf: str = ""                   # where prompt tuning's virtual tokens live
+  embedding_leaf: str = ""                # the token embedding read by the prompt's stack
+  hf_model_types: Tuple[str, ...] = ()    # config.json model_type values this family reads
+  hf_architecture: str = ""               # transformers class, for messages
+  hf_task_type: str = ""                  # HF PEFT task_type
+  #: HF PEFT's default ``target_modules`` for this model type, per PEFT type
+  #: (``LORA``, ``IA3``, ``IA3_FEEDFORWARD``, ``ADALORA``), from HF PEFT's mapping tables
+  hf_peft_default_targets: Mapping[str, Sequence[str]] = {}
+  #: checkpoint tensors that may stand in for one the name map names (tied embeddings)
+  hf_weight_aliases: Mapping[str, Sequence[str]] = {}
+  #: ``target_sublayers`` names -> the sub-layers they select
+  sublayer_aliases: Mapping[str, frozenset] = {}
+
+  def __repr__(self):
+    return f"<Family {self.name}>"
+
+  # ------------------------------------------------------------------ model
+  def build(self, cfg, sites):
+    raise NotImplementedError
+
+  def dummy_inputs(self, cfg) -> tuple:
+    """Positional inputs that ``init`` traces the model with."""
+    ids = jnp.zeros((1, 4), jnp.int32)
+    return (ids, None, ids) if self.layout == "seq2seq" else (ids,)
+
+  # ------------------------------------------------------------------ batches
   def start_token(self, cfg, pad_id: int) -> int:
     """The first decoder token of a target (seq2seq) or the pad (causal)."""
     return cfg.decoder_start_token_id if self.layout == "seq2seq" else pad_id
@@ -47,7 +95,8 @@ class Family:
     return {k: n for k in ("inputs", "input_mask", "targets", "target_mask")}
 
   def logits(self, model, params, batch, deterministic: bool, rngs=None):
-    """The model's logits at the target positions of ``batch``, ``[B, T, vocab]``."""
+    """The model's logits at the target positions of ``batch``, ``[B, T, vocab]`` (methods
+    that prepend tokens lengthen a causal model's output)."""
     if self.layout == "seq2seq":
       out = model.apply({"params": params}, batch["inputs"], batch["input_mask"],
                         batch["decoder_inputs"], None, deterministic, rngs=rngs)
@@ -56,17 +105,94 @@ class Family:
                         deterministic, rngs=rngs)
     return out[:, -batch["targets"].shape[1]:]
 
+  # ------------------------------------------------------------------ dimensions
+  def hidden_size(self, cfg) -> int:
+    raise NotImplementedError
 
-FAMILIES = {
-    T5Config: Family("t5", "seq2seq", source_eos=True, has_dropout=True),
-    LlamaConfig: Family("llama", "causal", source_eos=False, has_dropout=False),
-}
+  def num_heads(self, cfg) -> int:
+    raise NotImplementedError
+
+  def head_dim(self, cfg) -> int:
+    raise NotImplementedError
+
+  def kv_width(self, cfg) -> int:
+    """Width of an attention's projected keys (= values): key/value heads * head width."""
+    raise NotImplementedError
+
+  def num_layers(self, cfg) -> int:
+    """The layer count HF PEFT's configs record (``num_layers``)."""
+    raise NotImplementedError
+
+  def max_input_length(self, cfg) -> Tuple[int, str]:
+    """The longest input (virtual tokens included) and where that number comes from."""
+    raise NotImplementedError
+
+  # ------------------------------------------------------------------ sites
+  def attentions(self, cfg) -> List[Attention]:
+    """Every attention of the model, in canonical order."""
+    raise NotImplementedError
+
+  def residual_sites(self, cfg) -> Tuple[ResidualSites, ...]:
+    """Each stack's sub-layers where a bottleneck adapter can sit."""
+    raise NotImplementedError
+
+  def hf_module_name(self, path: str, kind: str, name: str, layer: Optional[int]) -> str:
+    """``transformers``' name of our module ``path`` (``kind``: attn/mlp/head/norm; ``name``:
+    its last path part) in layer ``layer``."""
+    raise NotImplementedError
+
+  # ------------------------------------------------------------------ generation
+  def prefill(self, model, params, ids, mask, max_new_tokens: int, repeat: int):
+    """Generation's start (:mod:`peft_jax.decoding`): ``(first logits [B, V], cache for B rows,
+    step)``; ``step(cache, tokens, t)`` feeds the token chosen at step ``t`` for all
+    ``B * repeat`` rows (batch-major, as beam search orders them) and returns
+    ``(next logits, new cache)``."""
+    raise NotImplementedError
+
+  # ------------------------------------------------------------------ HF checkpoints
+  def config_from_hf(self, hf: Dict[str, Any], tensor_names=()) -> Any:
+    """Our config from a ``config.json`` dict (``ValueError`` for an unsupported variant)."""
+    raise NotImplementedError
+
+  def config_to_hf(self, cfg) -> Dict[str, Any]:
+    raise NotImplementedError
+
+  def hf_weight_names(self, cfg) -> List[WeightName]:
+    raise NotImplementedError
+
+
+_FAMILIES: List[Family] = []
+
+
+def register(family: Family) -> Family:
+  """Adds ``family`` (replacing a registered one of the same name)."""
+  _FAMILIES[:] = [f for f in _FAMILIES if f.name != family.name] + [family]
+  return family
+
+
+def unregister(name: str) -> None:
+  _FAMILIES[:] = [f for f in _FAMILIES if f.name != name]
+
+
+def families() -> Tuple[Family, ...]:
+  return tuple(_FAMILIES)
 
 
 def family_of(cfg) -> Family:
   """The family of a model config."""
-  for cls, fam in FAMILIES.items():
-    if isinstance(cfg, cls):
+  for fam in _FAMILIES:              # the exact class first: a family may extend another's config
+    if type(cfg) is fam.config_class:
+      return fam
+  for fam in _FAMILIES:
+    if isinstance(cfg, fam.config_class):
       return fam
   raise TypeError(f"unsupported model config {type(cfg).__name__}; expected one of "
-                  f"{[c.__name__ for c in FAMILIES]}")
+                  f"{[f.config_class.__name__ for f in _FAMILIES]}")
+
+
+def family_for_hf(model_type: Optional[str]) -> Optional[Family]:
+  """The family reading HF checkpoints of ``model_type``, or None."""
+  for fam in _FAMILIES:
+    if model_type in fam.hf_model_types:
+      return fam
+  return None

@@ -62,7 +62,6 @@ from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, dropout, AdditiveMerge
 
-DEFAULT_TARGETS = {"t5": ["q", "k", "v", "o", "wi", "wo"], "llama": ["q_proj", "v_proj"]}
 LEAVES = ("adalora_A", "adalora_B", "adalora_E")
 
 
@@ -126,7 +125,7 @@ class AdaLora(AdditiveMerge, Method):
   # ------------------------------------------------------------------ placement
   def placement(self, cfg, hp, flat) -> targets.Placement:
     mods = targets.linear_modules(flat)
-    defaults = DEFAULT_TARGETS[targets.model_type(cfg)]
+    defaults = targets.default_targets(cfg, "ADALORA")
     if hp.get("target_modules") is None:
       # HF skips default names that match nothing (``wi`` on a gated T5)
       ok = []

@@ -116,7 +116,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.fields import Field
-from peft_jax.models.config import LlamaConfig, T5Config, as_dtype
+from peft_jax.models.config import as_dtype
+from peft_jax.models.family import family_of
 from peft_jax.peft.base import Flat, Method, PeftConfigError, register
 
 # ----------------------------------------------------------------------------- configuration
@@ -243,22 +244,18 @@ ACTIVATIONS = {
 }
 
 
+#: residual-site kind (the model family's) -> the AdapterHub flag that enables an adapter there
+SITE_FLAGS = {"self_attn": "mh_adapter", "cross_attn": "cross_adapter", "mlp": "output_adapter"}
+
+
 def _sites_of(model_cfg) -> Tuple[Tuple[str, int, int, Tuple[Tuple[str, str], ...]], ...]:
   """``(stack prefix, layers, AdapterHub id of the stack's first layer, ((site, flag), ...))``."""
-  if isinstance(model_cfg, T5Config):
-    return (("encoder/layers", model_cfg.num_layers, 0,
-             (("attn", "mh_adapter"), ("mlp", "output_adapter"))),
-            ("decoder/layers", model_cfg.n_decoder_layers, model_cfg.num_layers,
-             (("self_attn", "mh_adapter"), ("cross_attn", "cross_adapter"),
-              ("mlp", "output_adapter"))))
-  if isinstance(model_cfg, LlamaConfig):
-    return (("layers", model_cfg.num_hidden_layers, 0,
-             (("attn", "mh_adapter"), ("mlp", "output_adapter"))),)
-  raise PeftConfigError(f"bottleneck adapters support T5 and LLaMA configs, not {type(model_cfg).__name__}")
+  return tuple((prefix, n, first, tuple((site, SITE_FLAGS[kind]) for site, kind in subs))
+               for prefix, n, first, subs in family_of(model_cfg).residual_sites(model_cfg))
 
 
 def _hidden(model_cfg) -> int:
-  return model_cfg.d_model if isinstance(model_cfg, T5Config) else model_cfg.hidden_size
+  return family_of(model_cfg).hidden_size(model_cfg)
 
 
 def _rf_for_layer(rf, layer_id: int):
@@ -454,7 +451,7 @@ class _Bottleneck(Method):
         or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < n_ids
                    for i in lo)):
       raise PeftConfigError(f"{self.name}: leave_out must be a list of layer ids in [0, {n_ids}) "
-                            f"(T5: encoder layers first, then decoder layers), got {lo!r}")
+                            f"(encoder layers first, then decoder layers), got {lo!r}")
     for k, ok in (("use_gating", lambda v: not v),
                   ("phm_layer", lambda v: not v), ("inv_adapter", lambda v: v is None),
                   ("stochastic_depth", lambda v: not v)):
@@ -464,8 +461,9 @@ class _Bottleneck(Method):
     if not (hp["mh_adapter"] or hp["output_adapter"] or hp["cross_adapter"]):
       raise PeftConfigError(f"{self.name}: none of mh_adapter, output_adapter, cross_adapter is set")
     if (hp["cross_adapter"] and not hp["mh_adapter"] and not hp["output_adapter"]
-        and not isinstance(model_cfg, T5Config)):
-      raise PeftConfigError(f"{self.name}: cross_adapter only applies to T5's decoder")
+        and not any(f == "cross_adapter" for *_, subs in _sites_of(model_cfg) for _, f in subs)):
+      raise PeftConfigError(f"{self.name}: cross_adapter only applies to an encoder-decoder's "
+                            "decoder (cross-attention)")
     nl = hp["non_linearity"]
     if not isinstance(nl, str) or nl.lower() not in ACTIVATIONS:
       raise PeftConfigError(f"{self.name}: unknown non_linearity {nl!r}; expected one of "

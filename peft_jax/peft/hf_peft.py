@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from peft_jax.models.family import family_of
 from peft_jax.peft import targets
 from peft_jax.peft.base import PeftConfigError, PeftState, apply_peft, flatten, unflatten
 
@@ -52,7 +53,7 @@ def np32(x):
 
 
 def common_config(cfg) -> Dict[str, Any]:
-  return {"task_type": "SEQ_2_SEQ_LM" if targets.is_t5(cfg) else "CAUSAL_LM", "inference_mode": True,
+  return {"task_type": family_of(cfg).hf_task_type, "inference_mode": True,
           "base_model_name_or_path": None, "revision": None}
 
 
@@ -89,14 +90,6 @@ def hf_methods() -> List[str]:
   """The registered methods with an HF PEFT mapping."""
   from peft_jax.peft.base import _REGISTRY
   return sorted(n for n, m in _REGISTRY.items() if m.hf_peft_type is not None)
-
-
-def n_heads(cfg):
-  return cfg.num_heads if targets.is_t5(cfg) else cfg.num_attention_heads
-
-
-def n_layers(cfg):
-  return cfg.num_layers if targets.is_t5(cfg) else cfg.num_hidden_layers
 
 
 # ----------------------------------------------------------------------------- import

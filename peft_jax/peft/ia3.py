@@ -28,8 +28,6 @@ from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype, path_of
 
-DEFAULT_TARGETS = {"t5": ["k", "v", "wo"], "llama": ["k", "v", "down"]}
-DEFAULT_FF = {"t5": ["wo"], "llama": ["down"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +61,15 @@ class Ia3(Method):
   }
 
   def placement(self, cfg, hp, flat):
-    pl = targets.place(cfg, hp, flat, DEFAULT_TARGETS[targets.model_type(cfg)])
+    pl = targets.place(cfg, hp, flat, targets.default_targets(cfg, "IA3"))
     ffs = hp["feedforward_modules"]
     if ffs is None:
-      ffs = DEFAULT_FF[targets.model_type(cfg)] if hp["target_modules"] is None else []
+      ffs = targets.default_targets(cfg, "IA3_FEEDFORWARD") if hp["target_modules"] is None else []
     ff = set()
     if ffs:
       ff_mods = targets.match_targets(cfg, targets.linear_modules(flat), ffs, "feedforward_modules")
       all_targets = targets.match_targets(cfg, targets.linear_modules(flat),
-                                    hp["target_modules"] or DEFAULT_TARGETS[targets.model_type(cfg)])
+                                    hp["target_modules"] or targets.default_targets(cfg, "IA3"))
       extra = sorted({m.path for m in ff_mods} - {m.path for m in all_targets})
       if extra:
         raise PeftConfigError(f"feedforward_modules must be a subset of target_modules; not "

@@ -19,7 +19,7 @@ from typing import Any, Dict, Tuple
 import jax
 import numpy as np
 
-from peft_jax.peft import targets
+from peft_jax.models.family import family_of
 from peft_jax.peft.base import PeftConfigError, PeftState, apply_peft, flatten, unflatten
 
 CONFIG = "peft_config.json"
@@ -60,7 +60,7 @@ def save_adapter(state: PeftState, params, out_dir: str, format: str = "safetens
   else:
     np.savez(os.path.join(out_dir, "adapter.npz"), **store)
   cfg = {"method": state.method.name, "hparams": _jsonable(state.hparams),
-         "model_type": targets.model_type(state.model_cfg), "format": format,
+         "model_type": family_of(state.model_cfg).name, "format": format,
          "leaves": {k: {"shape": list(v.shape), "dtype": dtypes[k]} for k, v in leaves.items()}}
   if base is not None:
     cfg["base"] = _jsonable(base)
@@ -92,7 +92,7 @@ def read_adapter(path: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
 def load_adapter(path: str, model_cfg, base_params) -> Tuple[PeftState, Any]:
   """(state, params): the base tree with the adapter's method applied and its leaves."""
   cfg = read_adapter_config(path)
-  mt = targets.model_type(model_cfg)
+  mt = family_of(model_cfg).name
   if cfg["model_type"] != mt:
     raise PeftConfigError(f"adapter in {path} is for a {cfg['model_type']} model, not {mt}")
   state = apply_peft(model_cfg, base_params, cfg["method"], cfg["hparams"])
@@ -103,7 +103,7 @@ def load_adapter_leaves(path: str, state: PeftState):
   """``state.params`` with the adapter's saved leaves put in (names and shapes checked;
   each leaf keeps the sharding of the leaf it replaces)."""
   cfg, arrs = read_adapter(path)
-  mt = targets.model_type(state.model_cfg)
+  mt = family_of(state.model_cfg).name
   if cfg["model_type"] != mt:
     raise PeftConfigError(f"adapter in {path} is for a {cfg['model_type']} model, not {mt}")
   if cfg["method"] != state.method.name:

@@ -47,7 +47,6 @@ from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, AdditiveMerge
 
-DEFAULT_TARGETS = {"t5": ["q", "v"], "llama": ["q", "v"]}
 LEAVES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
 
@@ -191,7 +190,7 @@ class Krona(AdditiveMerge, Method):
   }
 
   def placement(self, cfg, hp, flat) -> targets.Placement:
-    return targets.place(cfg, hp, flat, DEFAULT_TARGETS[targets.model_type(cfg)])
+    return targets.place(cfg, hp, flat, targets.default_targets(cfg, "LORA"))
 
   def scaling(self, hp):
     return hp["alpha"] / hp["r"]

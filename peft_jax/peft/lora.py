@@ -40,9 +40,6 @@ from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, dropout
 
-DEFAULT_TARGETS = {"t5": ["q", "v"], "llama": ["q", "v"]}
-
-
 @dataclasses.dataclass(frozen=True)
 class LoraHandler:
   scale: float
@@ -95,7 +92,7 @@ class Lora(Method):
     return bool(hp["use_dora"])
 
   def placement(self, cfg, hp, flat) -> targets.Placement:
-    return targets.place(cfg, hp, flat, DEFAULT_TARGETS[targets.model_type(cfg)])
+    return targets.place(cfg, hp, flat, targets.default_targets(cfg, "LORA"))
 
   def scaling(self, hp):
     r = hp["r"]

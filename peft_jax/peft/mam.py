@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 
 from peft_jax.fields import Field
-from peft_jax.models.config import T5Config, as_dtype
+from peft_jax.models.config import as_dtype
+from peft_jax.models.family import SELF_ATTENTION_STACK, family_of
 from peft_jax.peft import adapters
 from peft_jax.peft.base import Flat, Method, PeftConfigError, register
 from peft_jax.peft.common import Rand
@@ -69,17 +70,20 @@ PREFIX: Dict[str, Field] = {
 }
 
 
+#: attention kind -> (AdapterHub's location key, the hyperparameter that enables it or None)
+LOCATIONS = {"encoder_self_attn": ("encoder_prefix", "encoder_prefix"),
+             "decoder_self_attn": ("self_prefix", None), "self_attn": ("self_prefix", None),
+             "cross_attn": ("cross_prefix", "cross_prefix")}
+
+
 def prefix_locations(cfg, hp) -> List[Tuple[str, str, int]]:
   """``[(AdapterHub location key, attention path, layers)]``."""
-  if isinstance(cfg, T5Config):
-    out = []
-    if hp["encoder_prefix"]:
-      out.append(("encoder_prefix", "encoder/layers/attn", cfg.num_layers))
-    out.append(("self_prefix", "decoder/layers/self_attn", cfg.n_decoder_layers))
-    if hp["cross_prefix"]:
-      out.append(("cross_prefix", "decoder/layers/cross_attn", cfg.n_decoder_layers))
-    return out
-  return [("self_prefix", "layers/attn", cfg.num_hidden_layers)]
+  out = []
+  for kind, path, n in family_of(cfg).attentions(cfg):
+    loc, flag = LOCATIONS[kind]
+    if flag is None or hp[flag]:
+      out.append((loc, path, n))
+  return out
 
 
 def validate_prefix(name, cfg, hp, flat):
@@ -96,17 +100,17 @@ def validate_prefix(name, cfg, hp, flat):
     raise PeftConfigError(f"{name}: prefix_dropout > 0 is not supported")
   if tuple(hp["prefix_leave_out"]):
     raise PeftConfigError(f"{name}: prefix_leave_out is not supported")
-  if not isinstance(cfg, T5Config):
-    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
-      raise PeftConfigError(f"{name}: AdapterHub sizes LLaMA prefixes with hidden_size // heads; "
-                            "this config has head_dim * heads != hidden_size")
+  fam = family_of(cfg)
+  if fam.layout == "causal" and fam.head_dim(cfg) * fam.num_heads(cfg) != fam.hidden_size(cfg):
+    raise PeftConfigError(f"{name}: AdapterHub sizes a decoder-only model's prefixes with "
+                          "hidden_size // heads; this config has head_dim * heads != hidden_size")
   for _, path, _ in prefix_locations(cfg, hp):
     if f"{path}/k/kernel" not in flat:
       raise PeftConfigError(f"{name}: the model has no attention at {path}")
 
 
 def _hidden(cfg):
-  return cfg.d_model if isinstance(cfg, T5Config) else cfg.hidden_size
+  return family_of(cfg).hidden_size(cfg)
 
 
 def init_prefix(cfg, hp, rng) -> Flat:
@@ -175,11 +179,11 @@ class AHPrefixHandler:
   """Prefix keys/values in front (``attention_kv``), AdapterHub's positions (``positions``),
   optionally AdapterHub's per-attention prefix gate (leaf ``<attention>/prefix_gate``)."""
   n: int
-  self_stacks: FrozenSet[str]     # T5 stacks whose self-attention has a prefix
+  self_stacks: FrozenSet[str]     # encoder-decoder stacks whose self-attention has a prefix
   gated: bool = False
 
   def positions(self, module, q_pos, k_pos, deterministic):
-    if k_pos is None:               # LLaMA: RoPE positions unchanged
+    if k_pos is None:               # rotary positions (decoder-only): unchanged
       return q_pos, k_pos
     stack = "decoder" if getattr(module, "is_decoder", False) else "encoder"
     if stack not in self.self_stacks:
@@ -216,11 +220,9 @@ class AHPrefixHandler:
 
 
 def prefix_handler(cfg, hp, gated=False) -> AHPrefixHandler:
-  stacks = set()
-  for loc, _, _ in prefix_locations(cfg, hp):
-    if isinstance(cfg, T5Config):
-      stacks.add({"encoder_prefix": "encoder", "self_prefix": "decoder"}.get(loc, ""))
-  return AHPrefixHandler(n=int(hp["prefix_length"]), self_stacks=frozenset(stacks - {""}), gated=gated)
+  stacks = {SELF_ATTENTION_STACK[kind] for kind, _, _ in family_of(cfg).attentions(cfg)
+            if kind in SELF_ATTENTION_STACK and (LOCATIONS[kind][1] is None or hp[LOCATIONS[kind][1]])}
+  return AHPrefixHandler(n=int(hp["prefix_length"]), self_stacks=frozenset(stacks), gated=gated)
 
 
 def adapter_hp(hp, names) -> Dict[str, Any]:

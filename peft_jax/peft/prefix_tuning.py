@@ -50,56 +50,66 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.fields import Field
+from peft_jax.models.family import SELF_ATTENTION_STACK, family_of
 from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, apply_peft, flatten, register, unflatten
 from peft_jax.peft.common import Rand, adapter_dtype
-from peft_jax.peft.prompt_tuning import MAX_INPUT_LENGTH, check_num_virtual_tokens, max_input_length
+from peft_jax.peft.prompt_tuning import MAX_INPUT_LENGTH, check_num_virtual_tokens
 
-T5_ATTN = {"encoder_self_attn": "encoder/layers/attn", "decoder_self_attn": "decoder/layers/self_attn",
-           "cross_attn": "decoder/layers/cross_attn"}
 PROJ = "prefix_encoder"
 
 
+#: HF PEFT's prefixes: the self-attention of the stack that generates
+HF_ATTENTIONS = ("decoder_self_attn", "self_attn")
+
+
 def attentions(cfg, hp) -> List[Tuple[str, str, int]]:
-  """``[(kind, attention path, n_layers)]`` in canonical order."""
-  if targets.is_t5(cfg):
-    kinds = hp.get("prefix_attentions") or ["decoder_self_attn"]
-    if isinstance(kinds, str):
-      kinds = [kinds]
-    bad = [k for k in kinds if k not in T5_ATTN]
-    if bad:
-      raise PeftConfigError(f"prefix_attentions: unknown {bad}; expected some of {list(T5_ATTN)}")
-    out = []
-    for k in T5_ATTN:
-      if k in kinds:
-        out.append((k, T5_ATTN[k], cfg.num_layers if k == "encoder_self_attn" else cfg.n_decoder_layers))
-    return out
+  """``[(kind, attention path, n_layers)]`` in canonical order (the model family's
+  attention kinds; default: HF PEFT's, the generating stack's self-attention)."""
+  fam = family_of(cfg)
+  every = fam.attentions(cfg)
   kinds = hp.get("prefix_attentions")
-  if kinds not in (None, ["self_attn"], ("self_attn",), "self_attn"):
-    raise PeftConfigError(f"prefix_attentions: LLaMA has only 'self_attn', got {kinds!r}")
-  return [("self_attn", "layers/attn", cfg.num_hidden_layers)]
+  if isinstance(kinds, str):
+    kinds = [kinds]
+  if not kinds:
+    kinds = [k for k, _, _ in every if k in HF_ATTENTIONS][:1]
+  bad = [k for k in kinds if k not in [a[0] for a in every]]
+  if bad:
+    raise PeftConfigError(f"prefix_attentions: unknown {bad} for a {fam.name} model; expected "
+                          f"some of {[a[0] for a in every]}")
+  return [a for a in every if a[0] in kinds]
+
+
+def is_hf_layout(cfg, atts) -> bool:
+  """Whether HF PEFT can hold prefixes at ``atts``: the default attention only."""
+  return [a[0] for a in atts] == [a[0] for a in attentions(cfg, {})]
 
 
 def token_dim(cfg):
-  if targets.is_t5(cfg):
-    return cfg.num_heads * cfg.d_kv
-  return cfg.n_kv_heads * cfg.head_dim
+  """Width of the prefixed keys and values (key/value heads * head width)."""
+  return family_of(cfg).kv_width(cfg)
+
+
+def transformer_submodules(cfg) -> int:
+  """HF PEFT's ``num_transformer_submodules``: 2 for an encoder-decoder, else 1."""
+  return 2 if family_of(cfg).layout == "seq2seq" else 1
 
 
 @dataclasses.dataclass(frozen=True)
 class PrefixHandler:
   n: int
   shift: bool
-  self_stacks: FrozenSet[str]   # T5 stacks whose self-attention has a prefix
-  max_len: int
+  self_stacks: FrozenSet[str]   # encoder-decoder stacks whose self-attention has a prefix
+  max_len: int                  # the most positions the model encodes
+  max_src: str = "max_position_embeddings"
 
   def positions(self, module, q_pos, k_pos, deterministic):
     if not self.shift:
       return q_pos, k_pos
-    if k_pos is None:   # LLaMA RoPE positions [B, T]
+    if k_pos is None:   # rotary positions [B, T] (decoder-only)
       if q_pos.shape[1] + self.n > self.max_len:
         raise PeftConfigError(f"prefix tuning: {self.n} prefix positions + {q_pos.shape[1]} tokens "
-                              f"exceed max_position_embeddings={self.max_len}")
+                              f"exceed {self.max_src}={self.max_len}")
       return q_pos + self.n, None
     stack = "decoder" if getattr(module, "is_decoder", False) else "encoder"
     if stack not in self.self_stacks:
@@ -195,15 +205,10 @@ class PrefixTuning(Method):
     return out
 
   def handlers(self, cfg, hp):
-    stacks = set()
-    for kind, _, _ in attentions(cfg, hp):
-      if kind == "encoder_self_attn":
-        stacks.add("encoder")
-      if kind == "decoder_self_attn":
-        stacks.add("decoder")
-    mx = max_input_length(cfg, hp) if targets.is_t5(cfg) else int(cfg.max_position_embeddings)
+    stacks = {SELF_ATTENTION_STACK[k] for k, _, _ in attentions(cfg, hp) if k in SELF_ATTENTION_STACK}
+    mx, src = family_of(cfg).max_input_length(cfg)
     return (PrefixHandler(n=int(hp["num_virtual_tokens"]), shift=hp["prefix_positions"] == "shift",
-                          self_stacks=frozenset(stacks), max_len=mx),)
+                          self_stacks=frozenset(stacks), max_len=mx, max_src=src),)
 
   # ------------------------------------------------------------------ HF PEFT (PrefixTuningConfig)
   hf_peft_type = "PREFIX_TUNING"
@@ -220,13 +225,14 @@ class PrefixTuning(Method):
       raise PeftConfigError("HF PEFT's prefix tuning shifts the token positions behind the prefix; "
                             "export needs prefix_positions='shift'")
     atts = attentions(cfg, hp)
-    if targets.is_t5(cfg) and [a[0] for a in atts] != ["decoder_self_attn"]:
-      raise PeftConfigError("HF PEFT applies T5 prefixes to the decoder self-attention only; export "
-                            f"needs prefix_attentions=['decoder_self_attn'], got {[a[0] for a in atts]}")
+    if not is_hf_layout(cfg, atts):
+      want = [a[0] for a in attentions(cfg, {})]
+      raise PeftConfigError("HF PEFT applies prefixes to the decoder self-attention only; export "
+                            f"needs prefix_attentions={want}, got {[a[0] for a in atts]}")
     _, path, L = atts[0]
     pk, pv = hf_peft.np32(flat[f"{path}/prefix_key"]), hf_peft.np32(flat[f"{path}/prefix_value"])
     n, td = pk.shape[1], pk.shape[2]
-    sub = 2 if targets.is_t5(cfg) else 1
+    sub = transformer_submodules(cfg)
     rows = np.zeros((2 * L, n, td), np.float32)
     written = {}
     for l, (rk, rv) in enumerate(hf_peft.hf_prefix_rows(cfg, L, sub)):
@@ -240,8 +246,7 @@ class PrefixTuning(Method):
         written[r] = l
     emb = np.ascontiguousarray(np.transpose(rows, (1, 0, 2)).reshape(n, 2 * L * td))
     fields = dict(num_virtual_tokens=int(n), token_dim=int(td),
-                  num_attention_heads=int(token_dim(cfg) // (cfg.d_kv if targets.is_t5(cfg)
-                                                             else cfg.head_dim)),
+                  num_attention_heads=int(token_dim(cfg) // family_of(cfg).head_dim(cfg)),
                   num_layers=int(L), num_transformer_submodules=sub, encoder_hidden_size=int(td),
                   prefix_projection=False)
     return fields, {"prompt_embeddings": emb}
@@ -262,7 +267,7 @@ class PrefixTuning(Method):
     if emb.shape != (n, 2 * L * td):
       raise PeftConfigError(f"prompt_embeddings has shape {emb.shape}, expected {(n, 2 * L * td)}")
     rows = emb.reshape(n, 2 * L, td).transpose(1, 0, 2)
-    sub = int(conf.get("num_transformer_submodules") or (2 if targets.is_t5(cfg) else 1))
+    sub = int(conf.get("num_transformer_submodules") or transformer_submodules(cfg))
     flat = flatten(state.params)
     pk, pv = np.zeros((L, n, td), np.float32), np.zeros((L, n, td), np.float32)
     for l, (rk, rv) in enumerate(hf_peft.hf_prefix_rows(cfg, L, sub)):

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.fields import Field
-from peft_jax.peft import targets
+from peft_jax.models.family import family_of
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype
 
@@ -55,15 +55,15 @@ def _init_problem(init: str):
 def max_input_length(cfg, hp):
   if hp.get("max_input_length") is not None:
     return int(hp["max_input_length"])
-  return 512 if targets.is_t5(cfg) else int(cfg.max_position_embeddings)
+  return family_of(cfg).max_input_length(cfg)[0]
 
 
 def prompt_leaf(cfg):
-  return "encoder/prompt_embeddings" if targets.is_t5(cfg) else "prompt_embeddings"
+  return family_of(cfg).prompt_leaf
 
 
 def embedding_leaf(cfg):
-  return "shared/embedding" if targets.is_t5(cfg) else "embed/embedding"
+  return family_of(cfg).embedding_leaf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +95,7 @@ def check_num_virtual_tokens(cfg, hp, what):
     if hp.get("max_input_length") is not None:
       src = "max_input_length"
     else:
-      src = "T5 default max_input_length" if targets.is_t5(cfg) else "max_position_embeddings"
+      src = family_of(cfg).max_input_length(cfg)[1]
     raise PeftConfigError(f"num_virtual_tokens={n} leaves no room for input: the maximum input "
                           f"length is {mx} ({src}); expected num_virtual_tokens < {mx}")
 
@@ -157,8 +157,8 @@ class PromptTuning(Method):
     cfg = state.model_cfg
     p = hf_peft.np32(flatten(params)[prompt_leaf(cfg)])
     fields = dict(num_virtual_tokens=int(p.shape[0]), token_dim=int(p.shape[1]),
-                  num_transformer_submodules=1, num_attention_heads=hf_peft.n_heads(cfg),
-                  num_layers=hf_peft.n_layers(cfg), prompt_tuning_init="RANDOM",
+                  num_transformer_submodules=1, num_attention_heads=family_of(cfg).num_heads(cfg),
+                  num_layers=family_of(cfg).num_layers(cfg), prompt_tuning_init="RANDOM",
                   prompt_tuning_init_text=None, tokenizer_name_or_path=None)
     return fields, {"prompt_embeddings": p}
 

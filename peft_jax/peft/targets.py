@@ -6,8 +6,8 @@ it works on an abstract tree (``abstract_params``) as well as on real weights.
 
 Targets (``target_modules``, names and semantics as in HF PEFT)
 ----------------------------------------------------------------
-* ``None``: the method's per-model default (HF PEFT's mapping for ``t5`` /
-  ``llama``).
+* ``None``: the method's per-model default (HF PEFT's mapping for the model
+  type, declared by the model's family: ``Family.hf_peft_default_targets``).
 * a list of names: a module matches when a name equals its short name
   (``q``; for LLaMA also the HF name ``q_proj``) or a ``/``-suffix of its
   layer-agnostic path (``cross_attn/q``); HF's dotted suffixes of the HF name
@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from peft_jax.models.config import LlamaConfig, T5Config
+from peft_jax.models.family import family_of
 from peft_jax.fields import Field
 from peft_jax.peft.base import Flat, PeftConfigError
 
@@ -60,10 +60,6 @@ SELECTION = {
 }
 SELECTION_DEFAULTS = {k: f.default for k, f in SELECTION.items()}
 
-_LLAMA_HF = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
-             "up": "up_proj", "down": "down_proj"}
-
-
 @dataclasses.dataclass(frozen=True)
 class Module:
   """A linear module (kernel ``[in, out]``, stacked ``[layers, in, out]``) or a norm."""
@@ -82,16 +78,9 @@ class Module:
     return self.n_layers is not None
 
 
-def is_t5(cfg):
-  return isinstance(cfg, T5Config)
-
-
-def model_type(cfg):
-  if isinstance(cfg, T5Config):
-    return "t5"
-  if isinstance(cfg, LlamaConfig):
-    return "llama"
-  raise PeftConfigError(f"unsupported model config {type(cfg).__name__}; expected T5Config or LlamaConfig")
+def default_targets(cfg, peft_type: str):
+  """HF PEFT's default ``target_modules`` of ``peft_type`` for this model's family."""
+  return list(family_of(cfg).hf_peft_default_targets[peft_type])
 
 
 def _sublayer(parts):
@@ -151,33 +140,7 @@ def norm_modules(flat: Flat) -> List[Module]:
 
 def hf_module_name(cfg, m: Module, layer: Optional[int]) -> str:
   """The ``transformers`` module name of ``m`` (in layer ``layer``)."""
-  parts = m.path.split("/")
-  if is_t5(cfg):
-    if m.path == "lm_head":
-      return "lm_head"
-    stack = parts[0]
-    if m.kind == "norm":
-      if m.name == "final_norm":
-        return f"{stack}.final_layer_norm"
-      j = {"attn_norm": 0, "self_attn_norm": 0, "cross_attn_norm": 1,
-           "mlp_norm": 1 if stack == "encoder" else 2}[m.name]
-      return f"{stack}.block.{layer}.layer.{j}.layer_norm"
-    sub = parts[2]
-    if sub == "mlp":
-      j = 1 if stack == "encoder" else 2
-      return f"{stack}.block.{layer}.layer.{j}.DenseReluDense.{m.name}"
-    j, att = {"attn": (0, "SelfAttention"), "self_attn": (0, "SelfAttention"),
-              "cross_attn": (1, "EncDecAttention")}[sub]
-    return f"{stack}.block.{layer}.layer.{j}.{att}.{m.name}"
-  if m.path == "lm_head":
-    return "lm_head"
-  if m.kind == "norm":
-    if m.name == "final_norm":
-      return "model.norm"
-    return f"model.layers.{layer}." + {"attn_norm": "input_layernorm",
-                                        "mlp_norm": "post_attention_layernorm"}[m.name]
-  sub = "self_attn" if parts[1] == "attn" else "mlp"
-  return f"model.layers.{layer}.{sub}.{_LLAMA_HF[m.name]}"
+  return family_of(cfg).hf_module_name(m.path, m.kind, m.name, layer)
 
 
 def hf_short_name(cfg, m: Module) -> str:
@@ -240,19 +203,8 @@ def _names(cfg, mods):
 
 def _no_match_msg(cfg, mods, t, what):
   paths = sorted({m.path for m in mods})
-  return (f"{what}: {t!r} matches no module of this {model_type(cfg)} model; modules that exist: "
+  return (f"{what}: {t!r} matches no module of this {family_of(cfg).name} model; modules that exist: "
           f"{', '.join(_names(cfg, mods))} (layer-agnostic paths: {', '.join(paths)})")
-
-
-_SUBLAYER_ALIASES = {
-    "t5": {"encoder_self_attn": {"encoder_self_attn"}, "decoder_self_attn": {"decoder_self_attn"},
-           "cross_attn": {"cross_attn"}, "encoder_mlp": {"encoder_mlp"},
-           "decoder_mlp": {"decoder_mlp"},
-           "self_attn": {"encoder_self_attn", "decoder_self_attn"},
-           "attn": {"encoder_self_attn", "decoder_self_attn", "cross_attn"},
-           "mlp": {"encoder_mlp", "decoder_mlp"}},
-    "llama": {"self_attn": {"self_attn"}, "attn": {"self_attn"}, "mlp": {"mlp"}},
-}
 
 
 def filter_sublayers(cfg, mods: List[Module], sublayers) -> List[Module]:
@@ -260,11 +212,12 @@ def filter_sublayers(cfg, mods: List[Module], sublayers) -> List[Module]:
     return mods
   if isinstance(sublayers, str):
     sublayers = [sublayers]
-  al = _SUBLAYER_ALIASES[model_type(cfg)]
+  fam = family_of(cfg)
+  al = fam.sublayer_aliases
   want = set()
   for s in sublayers:
     if s not in al:
-      raise PeftConfigError(f"target_sublayers: unknown sub-layer {s!r} for {model_type(cfg)}; "
+      raise PeftConfigError(f"target_sublayers: unknown sub-layer {s!r} for {fam.name}; "
                             f"expected some of {sorted(al)}")
     want |= al[s]
   sel = [m for m in mods if m.sublayer in want]
@@ -394,10 +347,6 @@ def _abstract_flat(cfg):
 def abstract_flat(cfg) -> Flat:
   """The base model's flattened abstract tree (shapes only; cached per config)."""
   return dict(_abstract_flat(cfg))
-
-
-def t5_dims(cfg):
-  return cfg.num_heads, cfg.d_kv
 
 
 def dense_changed_params(placement) -> int:

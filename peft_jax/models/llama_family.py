@@ -1,0 +1,167 @@
+"""The LLaMA family (LLaMA 1/2/3; ``transformers``' LlamaForCausalLM): a decoder-only model
+with RoPE, read as ``causal`` batches."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import jax
+import jax.numpy as jnp
+
+from peft_jax.models.config import LlamaConfig
+from peft_jax.models.family import Family, register
+from peft_jax.models.llama import Llama, init_cache
+
+_HF_PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
+            "up": "up_proj", "down": "down_proj"}
+
+
+def _first(x):
+  return x[0] if isinstance(x, (list, tuple)) else x
+
+
+class LlamaFamily(Family):
+  name = "llama"
+  config_class = LlamaConfig
+  layout = "causal"
+  source_eos = False
+  has_dropout = False
+  prompt_leaf = "prompt_embeddings"
+  embedding_leaf = "embed/embedding"
+  hf_model_types = ("llama",)
+  hf_architecture = "LlamaForCausalLM"
+  hf_task_type = "CAUSAL_LM"
+  hf_peft_default_targets = {"LORA": ("q_proj", "v_proj"),
+                             "IA3": ("k_proj", "v_proj", "down_proj"),
+                             "IA3_FEEDFORWARD": ("down_proj",),
+                             "ADALORA": ("q_proj", "v_proj")}
+  hf_weight_aliases = {"model.embed_tokens.weight": ("embed_tokens.weight",)}
+  sublayer_aliases = {"self_attn": frozenset({"self_attn"}), "attn": frozenset({"self_attn"}),
+                      "mlp": frozenset({"mlp"})}
+
+  def build(self, cfg, sites):
+    return Llama(cfg, sites)
+
+  # dimensions
+  def hidden_size(self, cfg):
+    return cfg.hidden_size
+
+  def num_heads(self, cfg):
+    return cfg.num_attention_heads
+
+  def head_dim(self, cfg):
+    return cfg.head_dim
+
+  def kv_width(self, cfg):
+    return cfg.n_kv_heads * cfg.head_dim
+
+  def num_layers(self, cfg):
+    return cfg.num_hidden_layers
+
+  def max_input_length(self, cfg):
+    return int(cfg.max_position_embeddings), "max_position_embeddings"
+
+  # sites
+  def attentions(self, cfg):
+    return [("self_attn", "layers/attn", cfg.num_hidden_layers)]
+
+  def residual_sites(self, cfg):
+    return (("layers", cfg.num_hidden_layers, 0, (("attn", "self_attn"), ("mlp", "mlp"))),)
+
+  def hf_module_name(self, path, kind, name, layer):
+    if path == "lm_head":
+      return "lm_head"
+    if kind == "norm":
+      if name == "final_norm":
+        return "model.norm"
+      return f"model.layers.{layer}." + {"attn_norm": "input_layernorm",
+                                          "mlp_norm": "post_attention_layernorm"}[name]
+    sub = "self_attn" if path.split("/")[1] == "attn" else "mlp"
+    return f"model.layers.{layer}.{sub}.{_HF_PROJ[name]}"
+
+  # generation
+  def prefill(self, model, params, ids, mask, max_new_tokens, repeat):
+
+    cfg, v = model.cfg, {"params": params}
+    b, p = ids.shape
+    # Move the padding to the left (stable sort puts pads first, tokens keep their order).
+    order = jnp.argsort(mask.astype(jnp.int32), axis=1, stable=True)
+    ids = jnp.take_along_axis(ids, order, 1)
+    mask = jnp.take_along_axis(mask, order, 1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    # Tokens a method prepends at the input (prompt tuning) take the first cache slots.
+    n_pre = jax.eval_shape(lambda: model.apply(v, ids, mask)).shape[1] - p
+    n_valid = jnp.sum(mask, axis=1).astype(jnp.int32) + n_pre
+    slots = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), bool)], axis=1)
+    cache = init_cache(cfg, b, n_pre + p + max_new_tokens)
+    logits, cache = model.apply(v, ids, slots, positions, True, cache, 0, use_embed_site=True)
+    slots = jnp.concatenate([jnp.ones((b, n_pre), bool), slots], axis=1)
+    slots, n_valid = jnp.repeat(slots, repeat, 0), jnp.repeat(n_valid, repeat, 0)
+
+    def step(cache, tokens, t):
+      logits, cache = model.apply(v, tokens[:, None], slots, (n_valid + t)[:, None], True, cache,
+                                  n_pre + p + t, use_embed_site=False)
+      return logits[:, -1], cache
+
+    return logits[:, -1], cache, step
+
+  # HF checkpoints
+  def config_from_hf(self, hf: Dict[str, Any], tensor_names=()):
+    for flag in ("attention_bias", "mlp_bias"):
+      if hf.get(flag):
+        raise ValueError(f"unsupported LLaMA variant: {flag}=true (peft-jax's LLaMA has no biases)")
+    if hf.get("hidden_act", "silu") != "silu":
+      raise ValueError(f"unsupported LLaMA hidden_act {hf['hidden_act']!r}; expected 'silu'")
+    rp = dict(hf.get("rope_parameters") or {})
+    theta = rp.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    rs = hf.get("rope_scaling") or rp
+    rs = {k: v for k, v in rs.items() if v is not None} if rs else None
+    if rs and rs.get("rope_type", rs.get("type", "default")) == "default":
+      rs = None
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads"),
+        num_hidden_layers=hf["num_hidden_layers"], head_dim_=hf.get("head_dim"),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+        rope_scaling=None if not rs else tuple(sorted(rs.items())),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=_first(hf.get("bos_token_id", 1)),
+        eos_token_id=_first(hf.get("eos_token_id", 2)), pad_token_id=hf.get("pad_token_id"))
+
+  def config_to_hf(self, cfg):
+    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    if cfg.rope_scaling:
+      rope.update(cfg.rope_scaling_dict)
+    legacy_scaling = None if not cfg.rope_scaling else cfg.rope_scaling_dict
+    return {
+        "architectures": [self.hf_architecture], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "num_hidden_layers": cfg.num_hidden_layers,
+        "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "rope_parameters": rope, "rope_scaling": legacy_scaling,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "dtype": "float32",
+    }
+
+  def hf_weight_names(self, cfg):
+    n = cfg.num_hidden_layers
+    p = "model.layers.{i}"
+    m: List = [("embed/embedding", "model.embed_tokens.weight", None, False)]
+    for w in "qkvo":
+      m.append((f"layers/attn/{w}/kernel", f"{p}.self_attn.{w}_proj.weight", n, True))
+    for w in ("gate", "up", "down"):
+      m.append((f"layers/mlp/{w}/kernel", f"{p}.mlp.{w}_proj.weight", n, True))
+    m.append(("layers/attn_norm/scale", f"{p}.input_layernorm.weight", n, False))
+    m.append(("layers/mlp_norm/scale", f"{p}.post_attention_layernorm.weight", n, False))
+    m.append(("final_norm/scale", "model.norm.weight", None, False))
+    if not cfg.tie_word_embeddings:
+      m.append(("lm_head/kernel", "lm_head.weight", None, True))
+    return m
+
+
+LLAMA_FAMILY = register(LlamaFamily())
