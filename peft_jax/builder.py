@@ -66,6 +66,7 @@ class Built:
     cfg = self.cfg
     base = inputs.base_params(cfg, self.mc, inputs.base_key(cfg), shardings=self.base_sh)
     info = inputs.base_info(cfg, base)
+    inputs.check_finite_base(base, info)
     state = apply_peft(self.mc, base, self.state.method.name, self.state.hparams,
                        rng=method_key(cfg))
     state = dataclasses.replace(state, params=sharding.put_tree(state.params, self.param_sh))

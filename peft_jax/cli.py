@@ -72,8 +72,18 @@ def run_cli(main_fn):
       return main_fn(argv)
     except (PeftConfigError, CheckpointError, ConfigError, DataError) as e:
       fail(e)
+    except KeyboardInterrupt:   # before the training loop took over the signal
+      print("interrupted before training started; nothing was saved", file=sys.stderr)
+      sys.exit(130)
+    except OSError as e:      # a full or read-only disk while saving; earlier saves are intact
+      where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+      fail(f"{e.strerror or e}{where}; what was saved before is intact")
     except RuntimeError as e:
-      if type(e).__name__ != "TrainingDiverged":
+      name = type(e).__name__
+      if name == "Interrupted":
+        print(str(e), file=sys.stderr)
+        sys.exit(130)
+      if name != "TrainingDiverged":
         raise
       fail(e, 3)
 

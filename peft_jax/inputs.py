@@ -102,6 +102,19 @@ def base_info(cfg, base_params) -> Dict[str, Any]:
           "fingerprint": fingerprint(base_params)}
 
 
+def check_finite_base(params, info: Dict[str, Any]) -> None:
+  """One :class:`ConfigError` line when the base weights hold NaN or infinity (a damaged
+  or overflowed checkpoint), before any step would blame the learning rate."""
+  from peft_jax.tree import flatten
+  flat = {k: v for k, v in flatten(params).items() if jnp.issubdtype(v.dtype, jnp.inexact)}
+  ok = jax.device_get(jax.jit(lambda t: {k: jnp.all(jnp.isfinite(v)) for k, v in t.items()})(flat))
+  bad = sorted(k for k, v in ok.items() if not bool(v))
+  if bad:
+    more = f" (and {len(bad) - 1} more leaves)" if len(bad) > 1 else ""
+    raise ConfigError(f"the base weights ({describe_base(info)}) hold non-finite values in "
+                      f"{bad[0]}{more}; the checkpoint is damaged or overflowed its dtype")
+
+
 def describe_base(info: Dict[str, Any]) -> str:
   if info.get("checkpoint"):
     return f"checkpoint {info['checkpoint']} ({info.get('param_dtype')})"
@@ -156,9 +169,27 @@ def tokenizer(cfg, mc=None):
   return tok
 
 
-def read_jsonl(path) -> List[Dict[str, Any]]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+def read_jsonl(path, what: str = "data") -> List[Dict[str, Any]]:
+  """``{input, target}`` rows of a JSONL file, each checked: one :class:`DataError` line
+  naming the file, the line and the problem."""
+  from peft_jax.data.common import DataError, iter_jsonl
+  rows = []
+  for lineno, obj in iter_jsonl(path, what):
+    where = f"{what}: {path} line {lineno}"
+    if not isinstance(obj, dict):
+      raise DataError(f"{where} is a JSON {type(obj).__name__}; expected an object "
+                      '{"input": "...", "target": "..."}')
+    for k in ("input", "target"):
+      if k not in obj:
+        raise DataError(f"{where} lacks {k!r}; expected an object with string fields 'input' "
+                        "and 'target'")
+      if not isinstance(obj[k], str):
+        raise DataError(f"{where}: {k!r} is a {type(obj[k]).__name__}; expected a string")
+    rows.append(obj)
+  if not rows:
+    raise DataError(f"{what}: {path} has no rows; expected JSON lines of "
+                    '{"input": "...", "target": "..."}')
+  return rows
 
 
 def dataset(cfg) -> Tuple[List[dict], List[dict]]:
@@ -170,27 +201,50 @@ def dataset(cfg) -> Tuple[List[dict], List[dict]]:
            for k in data_knobs(d.name) if k in d}
   if d.name == "quickstart":
     root = resolve_path(d.get("path") or "data/quickstart")
-    train, val = read_jsonl(os.path.join(root, "train.jsonl")), read_jsonl(os.path.join(root, "validation.jsonl"))
+    if not os.path.isdir(root):
+      from peft_jax.data.common import DataError
+      raise DataError(f"quickstart: data.path {root} is {'a file' if os.path.exists(root) else 'missing'}"
+                      "; expected a folder with train.jsonl and validation.jsonl")
+    train = read_jsonl(os.path.join(root, "train.jsonl"), "quickstart")
+    val = read_jsonl(os.path.join(root, "validation.jsonl"), "quickstart")
   elif d.name == "jsonl":
     if not knobs.get("train_file") or not knobs.get("validation_file"):
       raise ConfigError("data.name='jsonl' needs data.train_file and data.validation_file "
                         "(JSONL files of {input, target} rows)")
-    train = read_jsonl(resolve_path(knobs["train_file"]))
-    val = read_jsonl(resolve_path(knobs["validation_file"]))
+    train = read_jsonl(resolve_path(knobs["train_file"]), "data.train_file")
+    val = read_jsonl(resolve_path(knobs["validation_file"]), "data.validation_file")
   else:
     from peft_jax.data.sources import load_dataset_rows
     kw = {"path": resolve_path(d.path) if d.get("path") else None, "seed": d.get("seed", 0)}
     kw.update({k: v for k, v in knobs.items() if v is not None})
     size = d.get("size") or None
-    train = list(load_dataset_rows(d.name, "train", size=size, **kw))
-    val = list(load_dataset_rows(d.name, d.get("eval_split") or "validation", **kw))
+    train = load_dataset_rows(d.name, "train", size=size, **kw)
+    val = load_dataset_rows(d.name, d.get("eval_split") or "validation", **kw)
+    for rows in (train, val):
+      info = getattr(rows, "info", {}) or {}
+      if info.get("n_missing_tasks"):
+        missing = list(info.get("missing_tasks") or [])
+        warn(f"{d.name} {info.get('split', '')}: {info['n_missing_tasks']} task file(s) named by "
+             f"the split list are missing (e.g. {', '.join(missing[:3])}); training uses the "
+             "tasks found")
+    train, val = list(train), list(val)
   if d.get("max_train_examples"):
     train = train[: d.max_train_examples]
   if d.get("max_eval_examples"):
     val = val[: d.max_eval_examples]
   if not train:
     raise ConfigError(f"config.data: data set {d.name!r} gave no training rows")
+  if not val:
+    raise ConfigError(f"config.data: data set {d.name!r} gave no evaluation rows "
+                      f"(split {d.get('eval_split') or 'validation'!r})")
   return train, val
+
+
+def warn(msg: str) -> None:
+  """One ``warning: ...`` line (process 0)."""
+  import jax
+  if jax.process_index() == 0:
+    print(f"warning: {msg}", flush=True)
 
 
 def peft_overrides(cfg):

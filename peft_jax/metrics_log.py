@@ -1,4 +1,8 @@
-"""Metrics to a JSONL file and TensorBoard scalars in the workdir (process 0 only)."""
+"""Metrics to a JSONL file and TensorBoard scalars in the workdir (process 0 only).
+
+A resumed run passes the step it resumes from: records after it (written by the interrupted
+run, and about to be written again) are dropped from ``metrics.jsonl``, and TensorBoard purges
+its events from that step on, so neither holds a step twice."""
 
 from __future__ import annotations
 
@@ -8,17 +12,40 @@ import time
 
 import jax
 
+FILE = "metrics.jsonl"
+
+
+def _truncate_after(path: str, step: int) -> None:
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path, errors="replace") as f:
+    for line in f:
+      try:
+        rec = json.loads(line)
+      except ValueError:            # a line cut by a kill
+        continue
+      if step > 0 and isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+        keep.append(json.dumps(rec) + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+
 
 class MetricsWriter:
-  def __init__(self, workdir):
+  def __init__(self, workdir, resume_step: int = 0):
     self.workdir = workdir if workdir and jax.process_index() == 0 else None
     self._f = self._tb = None
     if self.workdir:
       os.makedirs(self.workdir, exist_ok=True)
-      self._f = open(os.path.join(self.workdir, "metrics.jsonl"), "a")
+      path = os.path.join(self.workdir, FILE)
+      _truncate_after(path, resume_step)
+      self._f = open(path, "a")
       try:
         from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(os.path.join(self.workdir, "tb"))
+        self._tb = SummaryWriter(os.path.join(self.workdir, "tb"),
+                                 purge_step=resume_step + 1 if resume_step else None)
       except ImportError:
         self._tb = None
 
@@ -34,5 +61,7 @@ class MetricsWriter:
   def close(self):
     if self._f:
       self._f.close()
+      self._f = None
     if self._tb is not None:
       self._tb.close()
+      self._tb = None

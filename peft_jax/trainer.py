@@ -24,6 +24,7 @@ from peft_jax import inputs
 from peft_jax import sharding
 from peft_jax.data.batching import encode, epoch_order, make_batch
 from peft_jax.evals.generation import evaluate_generation
+from peft_jax.integrity import fault
 from peft_jax.metrics_log import MetricsWriter
 from peft_jax.builder import build
 from peft_jax.models import family_of
@@ -32,7 +33,59 @@ from peft_jax.peft.base import flatten, split_trainable, unflatten
 
 
 class TrainingDiverged(RuntimeError):
-  """A non-finite loss; the message names the step."""
+  """A non-finite loss or state; the message names the step and the last good checkpoint."""
+
+
+class Interrupted(RuntimeError):
+  """SIGINT/SIGTERM: the run saved a checkpoint at the step it had reached and stopped."""
+
+  def __init__(self, step: int):
+    super().__init__(f"interrupted at step {step}; rerun the same command to resume")
+    self.step = step
+
+
+EXIT_INTERRUPTED = 130
+
+
+class _Signals:
+  """SIGINT and SIGTERM (what preemption sends) ask the loop to stop after the current step;
+  a second signal exits at once. Installed only in the main thread."""
+
+  def __init__(self, say):
+    self.received, self.say, self.old = None, say, {}
+
+  def __enter__(self):
+    import signal
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self.old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    import signal
+    if self.received is not None:
+      print(f"\n{signal.Signals(signum).name} again: exiting now, without saving", flush=True)
+      os._exit(EXIT_INTERRUPTED)
+    self.received = signum
+    self.say(f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+             "(send it again to exit at once)")
+
+  def __exit__(self, *exc):
+    import signal
+    for sig, h in self.old.items():
+      signal.signal(sig, h)
+    return False
+
+
+def _finite_tree(tree):
+  """True when every float leaf of ``tree`` is finite (one device reduction)."""
+  import jax.numpy as jnp
+  leaves = [x for x in jax.tree_util.tree_leaves(tree)
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  out = jnp.asarray(True)
+  for x in leaves:
+    out = out & jnp.all(jnp.isfinite(x))
+  return out
 
 
 def _prefetch(it: Iterator, size: int = 2) -> Iterator:
@@ -69,12 +122,14 @@ class Trainer:
     from peft_jax.config_lib import resolve
     cfg, _ = resolve(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)   # every field, checked
     self.cfg, self.workdir = cfg, workdir
+    self.main = jax.process_index() == 0     # prints, logs and files: process 0 only
+    if workdir:
+      _prepare_workdir(workdir, self.main)
     self.resuming = bool(workdir) and _has_checkpoint(workdir)
     self.recorded = _read_run_config(workdir) if self.resuming else None
     if self.recorded is not None:
       check_resume_config(self.recorded.get("config", {}), cfg.to_dict(), allow_changed, workdir)
     tc, d = cfg.train, cfg.data
-    self.main = jax.process_index() == 0     # prints, logs and files: process 0 only
     # shapes and shardings first: configuration errors surface here, before weights or data
     spec = build(cfg)
     self.mc, self.mesh, self.rules, self.accum = spec.mc, spec.mesh, spec.rules, spec.accum
@@ -100,6 +155,7 @@ class Trainer:
     self.val_enc = encode(self.tok, self.val_rows, d.max_source_len, d.max_target_len,
                           source_eos=source_eos)
     self.n_train = len(self.chat) if self.chat is not None else len(self.enc.source)
+    self._warn_about_data()
     self.steps_per_epoch = max(self.n_train // tc.batch_size, 1)
     self.total = tc.num_steps if tc.num_steps > 0 else max(1, tc.num_epochs) * self.steps_per_epoch
     self.total = max(self.total, int(tc.get("min_steps") or 0))
@@ -114,14 +170,34 @@ class Trainer:
     self.base_info = self.built.base_info
     if self.recorded is not None:
       inputs.check_base(self.recorded.get("base"), self.base_info, f"the run in {workdir}")
-    if workdir and self.main:
+    # config.json describes the workdir's checkpoints: a fresh run writes it now, a resumed
+    # one when it saves its first checkpoint (a resume that diverges changes nothing)
+    self._config_pending = bool(workdir) and self.main
+    if workdir and self.main and not self.resuming:
       _write_run_config(workdir, cfg, self.base_info)
+      self._config_pending = False
     self.opt, self.step_fn, self.opt_sh = self.built.train_step(self.total)
     self.eval_loss_fn = self.built.eval_loss()
-    self.writer = MetricsWriter(workdir)
-    self.ckpt = _Checkpointer(workdir, tc) if workdir else None
+    self.ckpt = _Checkpointer(workdir, tc, say=print if self.main else None) if workdir else None
+    self.writer = None          # opened by train(), which knows the step it resumes from
+    self._saveable = jax.jit(lambda tr, opt: _finite_tree(tr) & _finite_tree(opt))
 
   # ------------------------------------------------------------------ data
+  def _warn_about_data(self):
+    """One line each: many truncated examples, fewer examples than one batch."""
+    d, tc = self.cfg.data, self.cfg.train
+    for what, enc in (("training", self.enc), ("evaluation", self.val_enc)):
+      n = max(len(enc.source), 1)
+      for part, cut, knob in (("inputs", enc.truncated_sources, "max_source_len"),
+                              ("targets", enc.truncated_targets, "max_target_len")):
+        if self.chat is None or what == "evaluation":
+          if cut > 0.1 * n:
+            inputs.warn(f"{cut} of {n} {what} {part} ({100 * cut / n:.0f}%) are longer than "
+                        f"data.{knob}={d[knob]} tokens and are truncated")
+    if self.n_train < tc.batch_size:
+      inputs.warn(f"the training set has {self.n_train} example(s), fewer than one batch "
+                  f"(train.batch_size={tc.batch_size}); each step repeats them with padding rows")
+
   def batches(self, epoch: int, start: int) -> Iterator[Any]:
     """``(epoch, index, host rows, global device batch)``: every process walks the same
     order but builds only its rows (``self.rows``), padded to the global batch's bucket."""
@@ -162,6 +238,20 @@ class Trainer:
 
   # ------------------------------------------------------------------ loop
   def train(self) -> Dict[str, Any]:
+    """Runs to ``total`` steps (or an interrupt, or early stopping) and evaluates. Saves:
+    every ``save_every`` / ``eval_every`` steps, else at the end of every epoch; on
+    SIGINT/SIGTERM; and the final checkpoint and adapter before the final evaluation."""
+    try:
+      with _Signals(print if self.main else (lambda *a, **k: None)) as signals:
+        return self._train(signals)
+    finally:
+      if self.writer is not None:
+        self.writer.close()
+      if self.workdir and self.main:
+        from peft_jax.integrity import release_lock
+        release_lock(self.workdir)
+
+  def _train(self, signals) -> Dict[str, Any]:
     from tqdm import tqdm
     tc, metric = self.cfg.train, self.cfg.eval.metric
     say = print if self.main else (lambda *a, **k: None)
@@ -169,21 +259,32 @@ class Trainer:
     opt_state = jax.jit(self.opt.init, out_shardings=self.opt_sh)(params)
     step, epoch, pos = 0, 0, 0
     if self.ckpt and self.ckpt.latest() is not None:
-      params, opt_state, meta = self.ckpt.restore(self.state, params, opt_state, self.param_sh,
-                                                  self.opt_sh)
-      step, epoch, pos = meta["step"], meta["epoch"], meta["pos"]
-      say(f"resumed from {self.ckpt.directory} at step {step}")
+      restored = self.ckpt.restore(self.state, params, opt_state, self.param_sh, self.opt_sh)
+      if restored is not None:
+        params, opt_state, meta = restored
+        step, epoch, pos = meta["step"], meta["epoch"], meta["pos"]
+        say(f"resumed from {self.ckpt.directory} at step {step}")
+    # records after the resumed step are written again: drop them (JSONL and TensorBoard)
+    self.writer = MetricsWriter(self.workdir, resume_step=step)
     say(summary(self.state)["table"])
 
     untuned = self.evaluate(params) if step == 0 and tc.get("eval_at_start", True) else None
     if untuned is not None:
       say(f"untuned {metric}: {untuned[metric]:.4f}")
       self.writer.write(0, _scalars("eval", untuned))
+    bar = tqdm(total=self.total, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0,
+               disable=not self.main)
+    try:
+      return self._loop(step, epoch, pos, params, opt_state, untuned, bar, signals)
+    finally:
+      bar.close()
+
+  def _loop(self, step, epoch, pos, params, opt_state, untuned, bar, signals):
+    tc, metric = self.cfg.train, self.cfg.eval.metric
+    say = print if self.main else (lambda *a, **k: None)
     best = {"step": None, metric: -math.inf, "eval_loss": math.inf}
     patience, bad_evals, best_loss = tc.get("early_stopping_patience") or 0, 0, math.inf
     t0, tokens = time.time(), 0
-    bar = tqdm(total=self.total, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0,
-               disable=not self.main)
     it = _prefetch(self.batches(epoch, pos))
     last = None
     while step < self.total:
@@ -191,20 +292,17 @@ class Trainer:
       params, opt_state, m = self.step_fn(params, opt_state, batch,
                                           jax.random.fold_in(self.rng, 1000 + step))
       step += 1
+      fault(f"step:{step}")
       epoch, pos = (ep, i + 1) if i + 1 < self.steps_per_epoch else (ep + 1, 0)
       # this host's rows, times the hosts (an estimate of the global count)
       tokens += (int(host["input_mask"].sum()) + int(host["target_mask"].sum())) * \
           jax.process_count()
       if last is not None and not bool(last["finite"]):   # one step behind: no sync per step
-        raise TrainingDiverged(f"non-finite loss at step {step - 1}; the run stops and keeps its "
-                               f"last good checkpoint (lower train.learning_rate or set "
-                               f"train.grad_clip)")
+        self._diverged(step - 1, "the loss or gradient is not finite")
       last = m
       if step % tc.log_every == 0 or step == self.total:
         if not bool(m["finite"]):
-          raise TrainingDiverged(f"non-finite loss at step {step}; the run stops and keeps its "
-                                 "last good checkpoint (lower train.learning_rate or set "
-                                 "train.grad_clip)")
+          self._diverged(step, "the loss or gradient is not finite")
         loss = float(m["loss"])
         tps = tokens / max(time.time() - t0, 1e-9)
         lr = float(self._lr(step))
@@ -213,6 +311,7 @@ class Trainer:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
       bar.update(1)
       evaluate_now = tc.eval_every and step % tc.eval_every == 0 and step < self.total
+      stop_early = False
       if evaluate_now:
         res = self.evaluate(params)
         self.writer.write(step, _scalars("eval", res))
@@ -222,44 +321,94 @@ class Trainer:
           bad_evals += 1
         if res[metric] > best[metric]:
           best = {"step": step, metric: res[metric], "eval_loss": res["eval_loss"]}
-        if self.ckpt:
-          self.ckpt.save(step, self.state, params, opt_state, epoch, pos, res[metric])
-        if patience and bad_evals >= patience:
-          say(f"early stopping at step {step}: validation loss has not improved for "
-                f"{patience} evaluations")
-          break
-      elif self.ckpt and tc.save_every and step % tc.save_every == 0:
-        self.ckpt.save(step, self.state, params, opt_state, epoch, pos, None)
+        self._save(step, params, opt_state, epoch, pos, res[metric], m)
+        stop_early = bool(patience and bad_evals >= patience)
+      elif step < self.total and (
+          (tc.save_every and step % tc.save_every == 0)
+          or (not tc.save_every and not tc.eval_every and pos == 0)     # an epoch ended
+          or signals.received is not None):
+        self._save(step, params, opt_state, epoch, pos, None, m)
+      if signals.received is not None and step < self.total:
+        bar.close()
+        self.params = params
+        raise Interrupted(step)
+      if stop_early:
+        say(f"early stopping at step {step}: validation loss has not improved for "
+            f"{patience} evaluations")
+        break
       if tc.get("stop_at_step") and step >= tc.stop_at_step and step < self.total:
         # an interruption drill: stop as a preempted job would, after the last save
         bar.close()
-        if self.ckpt:
-          self.ckpt.wait()
         self.params = params
         return {"interrupted_at": step, "steps": step, "metric": metric, "untuned": None,
                 "tuned": None}
     bar.close()
     if last is not None and not bool(last["finite"]):
-      raise TrainingDiverged(f"non-finite loss at step {step}; the run stops and keeps its last "
-                             "good checkpoint")
-    final = self.evaluate(params)
-    self.writer.write(step, _scalars("eval", final))
-    if final[metric] > best[metric]:
-      best = {"step": step, metric: final[metric], "eval_loss": final["eval_loss"]}
+      self._diverged(step, "the loss or gradient is not finite")
+    # the final checkpoint and the adapter, before the final evaluation can fail
+    self._save(step, params, opt_state, epoch, pos, None, last, force=True)
     if self.ckpt:
-      self.ckpt.save(step, self.state, params, opt_state, epoch, pos, final[metric], force=True)
-      self.ckpt.wait()
       from peft_jax.peft import save_adapter
       tr, fr = split_trainable(params, self.state.trainable)
       host = {k: sharding.gather(v) for k, v in tr.items()}     # collective: every process joins
       if self.main:
         save_adapter(self.state, unflatten({**fr, **host}),
                      os.path.join(self.workdir, "adapter"), base=self.base_info)
-    self.writer.close()
+    final = self.evaluate(params)
+    self.writer.write(step, _scalars("eval", final))
+    if final[metric] > best[metric]:
+      best = {"step": step, metric: final[metric], "eval_loss": final["eval_loss"]}
     self.params = params
     return {"untuned": None if untuned is None else untuned[metric], "tuned": final[metric],
             "eval_loss": final["eval_loss"], "steps": step, "metric": metric,
             "best_step": best["step"], "best": best[metric]}
+
+  # ------------------------------------------------------------------ checkpoints
+  def _save(self, step, params, opt_state, epoch, pos, metric, m, force=False):
+    """A checkpoint of ``step``, written only when its state is good: the step's loss and
+    gradient were finite, every trainable leaf and optimizer-state value is finite, and the
+    new parameters give a finite loss on the first validation batch (weights that blew up to
+    finite but huge values fail there)."""
+    if not self.ckpt:
+      return
+    if m is not None and not bool(m["finite"]):
+      self._diverged(step, "the loss or gradient is not finite")
+    tr, _ = split_trainable(params, self.state.trainable)
+    if not bool(self._saveable(tr, opt_state)):
+      self._diverged(step, "the updated parameters or optimizer state are not finite")
+    tot, _ = self.eval_loss_fn(params, self._probe_batch())
+    if not math.isfinite(float(tot)):
+      self._diverged(step, "the updated parameters give a non-finite loss on a validation batch")
+    if self._config_pending:
+      _write_run_config(self.workdir, self.cfg, self.base_info)
+      self._config_pending = False
+    self.ckpt.save(step, self.state, params, opt_state, epoch, pos, metric, force=force)
+
+  def _probe_batch(self):
+    """The first evaluation batch (the shape ``evaluate`` compiles for; every process builds
+    the same one)."""
+    if getattr(self, "_probe", None) is None:
+      d, ec = self.cfg.data, self.cfg.eval
+      idx = list(range(min(ec.batch_size, len(self.val_enc.source))))
+      self._probe = make_batch(self.val_enc, idx, self.layout, self.pad, self.start,
+                               d.max_source_len, d.max_target_len, batch_size=ec.batch_size)
+    return self._probe
+
+  def _diverged(self, step: int, what: str):
+    """Stops the run: nothing of ``step`` is saved; names the last good checkpoint."""
+    good = self.ckpt.latest() if self.ckpt else None
+    if good is not None and good >= step:      # saved from the state that just failed
+      good = self.ckpt.set_aside(good, "diverged")
+    kept = (f"the last good checkpoint, step {good}, is kept in {self.ckpt.directory}; a rerun "
+            f"resumes from it" if good is not None else "no checkpoint was saved")
+    causes = ("the base weights or the data (it failed from the initial weights)" if step <= 1
+              else f"a learning rate too high (train.learning_rate={self.cfg.train.learning_rate:g}"
+              f"{', no train.grad_clip' if not self.cfg.train.grad_clip else ''}), bad data, or "
+              "the base weights")
+    raise TrainingDiverged(
+        f"training diverged at step {step}: {what}; {kept}. Likely cause: {causes}. To resume "
+        "with a lower learning rate, rerun with --config.train.learning_rate=<lower> "
+        "--allow_changed=train.learning_rate")
 
   def _lr(self, step):
     from peft_jax.step import make_schedule
@@ -276,6 +425,30 @@ RESUME_FIXED = ("tokenizer", "model", "peft", "data", "train.batch_size", "train
                 "train.num_epochs", "train.min_steps", "train.learning_rate", "train.schedule",
                 "train.warmup_ratio", "train.warmup_steps", "train.init_learning_rate",
                 "train.end_learning_rate", "train.weight_decay", "train.grad_clip", "train.seed")
+
+
+def _prepare_workdir(workdir: str, main: bool) -> None:
+  """The workdir exists, is a writable directory, and this run holds its lock (process 0);
+  one :class:`ConfigError` line otherwise, before anything is read or written."""
+  import atexit
+  from peft_jax.integrity import WorkdirBusy, acquire_lock, release_lock
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise inputs.ConfigError(f"--workdir {workdir} is a file; expected a directory (new or "
+                             "holding a previous run)")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise inputs.ConfigError(f"cannot create --workdir {workdir}: {e.strerror}") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise inputs.ConfigError(f"--workdir {workdir} is not writable")
+  if main:
+    try:
+      acquire_lock(workdir)
+    except WorkdirBusy as e:
+      raise inputs.ConfigError(str(e)) from None
+    except OSError as e:
+      raise inputs.ConfigError(f"cannot write the lock in --workdir {workdir}: {e.strerror}") from None
+    atexit.register(release_lock, workdir)
 
 
 def _has_checkpoint(workdir: str) -> bool:
@@ -338,15 +511,22 @@ def _scalars(prefix, res):
 
 class _Checkpointer:
   """Orbax: trainable leaves + optimizer state + step/data position; keeps the last
-  ``train.keep_last`` and the best (by the validation metric)."""
+  ``train.keep_last`` and the best (by the validation metric). Each step directory gets a
+  checksum manifest once orbax has finished it; restore verifies it and falls back to the
+  newest intact step, setting damaged ones aside in ``checkpoints.set_aside/``."""
 
-  def __init__(self, workdir, tc):
+  def __init__(self, workdir, tc, say=None):
     import orbax.checkpoint as ocp
-    self.ocp = ocp
+    self.ocp, self.tc, self.say = ocp, tc, say or (lambda *a, **k: None)
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.aside = os.path.abspath(os.path.join(workdir, "checkpoints.set_aside"))
+    self._open()
+
+  def _open(self):
+    ocp = self.ocp
     cm = ocp.checkpoint_managers
     policy = cm.AnyPreservationPolicy([
-        cm.LatestN(n=max(int(tc.get("keep_last") or 2), 1)),
+        cm.LatestN(n=max(int(self.tc.get("keep_last") or 2), 1)),
         cm.BestN(get_metric_fn=lambda m: m["metric"], reverse=False, n=1,
                  keep_checkpoints_without_metrics=False)])
     self.mngr = ocp.CheckpointManager(
@@ -356,7 +536,11 @@ class _Checkpointer:
   def latest(self):
     return self.mngr.latest_step()
 
+  def step_dir(self, step):
+    return os.path.join(self.directory, str(step))
+
   def save(self, step, state, params, opt_state, epoch, pos, metric, force=False):
+    from peft_jax.integrity import write_manifest
     if self.mngr.latest_step() == step:
       return
     tr, _ = split_trainable(params, state.trainable)
@@ -366,16 +550,53 @@ class _Checkpointer:
         opt_state=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave({"step": step, "epoch": epoch, "pos": pos,
                                 "method": state.method.name}))
-    self.mngr.save(step, args=args, metrics=None if metric is None else {"metric": float(metric)},
-                   force=force)
+    try:
+      self.mngr.save(step, args=args,
+                     metrics=None if metric is None else {"metric": float(metric)}, force=force)
+      self.mngr.wait_until_finished()
+      fault(f"checkpoint:{step}")
+      if jax.process_index() == 0:
+        write_manifest(self.step_dir(step))
+    except OSError as e:
+      raise inputs.ConfigError(f"cannot save checkpoint step {step} in {self.directory}: "
+                               f"{e.strerror or e}; the checkpoints saved before are intact") from None
 
   def wait(self):
     self.mngr.wait_until_finished()
 
+  def set_aside(self, step, why: str):
+    """Moves step ``step`` out of the rotation into ``checkpoints.set_aside/`` (nothing is
+    deleted); returns the newest remaining step (or None)."""
+    if jax.process_index() == 0:
+      os.makedirs(self.aside, exist_ok=True)
+      dst = os.path.join(self.aside, f"{step}-{why}-{int(time.time())}")
+      os.replace(self.step_dir(step), dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"set_aside_{step}")
+    self.mngr.close()
+    self._open()
+    return self.mngr.latest_step()
+
   def restore(self, state, params, opt_state, param_sh, opt_sh):
-    """Into this run's shardings, whatever mesh wrote the checkpoint."""
+    """The newest intact checkpoint, into this run's shardings whatever mesh wrote it;
+    ``None`` when no intact one is left."""
+    from peft_jax.integrity import manifest_problem
+    while True:
+      step = self.mngr.latest_step()
+      if step is None:
+        self.say(f"warning: no intact checkpoint in {self.directory}; training starts at step 0")
+        return None
+      problem = manifest_problem(self.step_dir(step))
+      if problem is None:
+        return self._restore(step, state, params, opt_state, param_sh, opt_sh)
+      older = self.set_aside(step, "damaged")
+      self.say(f"warning: checkpoint step {step} is damaged ({problem}); it is set aside in "
+               f"{self.aside} and the run resumes from "
+               f"{'step %d' % older if older is not None else 'the start'}")
+
+  def _restore(self, step, state, params, opt_state, param_sh, opt_sh):
     ocp = self.ocp
-    step = self.mngr.latest_step()
     tr, fr = split_trainable(params, state.trainable)
     fsh = flatten(param_sh)
     sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)

@@ -30,6 +30,8 @@ class Encoded:
   source: List[List[int]]
   target: List[List[int]]
   raw: List[dict]
+  truncated_sources: int = 0     # rows whose input was cut to max_source_len
+  truncated_targets: int = 0     # rows whose target was cut to max_target_len
 
 
 def encode(tokenizer, rows: Sequence[dict], max_source_len: int, max_target_len: int,
@@ -38,12 +40,15 @@ def encode(tokenizer, rows: Sequence[dict], max_source_len: int, max_target_len:
   (T5's encoder input; a causal LM's prompt runs straight into its target)."""
   eos = tokenizer.eos_token_id
   def ids(texts, max_len, add_eos):
-    out = []
+    out, cut = [], 0
+    room = max_len - 1 if add_eos else max_len
     for t in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-      out.append(list(t[: max_len - 1]) + [eos] if add_eos else list(t[:max_len]))
-    return out
-  return Encoded(ids([r[input_key] for r in rows], max_source_len, source_eos),
-                 ids([r[target_key] for r in rows], max_target_len, True), list(rows))
+      cut += len(t) > room
+      out.append(list(t[:room]) + [eos] if add_eos else list(t[:room]))
+    return out, cut
+  src, cut_src = ids([r[input_key] for r in rows], max_source_len, source_eos)
+  tgt, cut_tgt = ids([r[target_key] for r in rows], max_target_len, True)
+  return Encoded(src, tgt, list(rows), cut_src, cut_tgt)
 
 
 def _pad(seqs, length, pad):

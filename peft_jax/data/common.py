@@ -138,26 +138,45 @@ def require_file(path: str, dataset: str, expected: str) -> str:
   return path
 
 
-def read_jsonl(path: str, dataset: str, required: Sequence[str] = ()) -> List[dict]:
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
+def iter_jsonl(path: str, dataset: str):
+  """``(line number, parsed value)`` of each non-blank line; :class:`DataError` naming the
+  file and line for a missing file, a directory, bytes that are not UTF-8, or bad JSON."""
+  if os.path.isdir(path):
+    raise DataError(f"{dataset}: {path} is a directory; expected a JSONL file")
+  if not os.path.isfile(path):
+    raise DataError(f"{dataset}: file not found: {path}; expected a JSONL file")
+  try:
+    f = open(path, "rb")
+  except OSError as e:
+    raise DataError(f"{dataset}: cannot read {path}: {e.strerror}") from None
+  with f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(f"{dataset}: {path} line {lineno} is not UTF-8 text (byte {e.start} of "
+                        f"the line is 0x{raw[e.start]:02x}); expected UTF-8 JSON lines") from None
       if not line.strip():
         continue
       try:
-        obj = json.loads(line)
+        yield lineno, json.loads(line)
       except json.JSONDecodeError as e:
-        raise DataError(f"{dataset}: {path} line {lineno} is not valid JSON ({e.msg}); "
-                        f"expected one JSON object per line") from None
-      if not isinstance(obj, dict):
-        raise DataError(f"{dataset}: {path} line {lineno} is a {type(obj).__name__}; "
-                        f"expected a JSON object with fields {list(required)}")
-      missing = [k for k in required if k not in obj]
-      if missing:
-        raise DataError(f"{dataset}: {path} line {lineno} lacks field(s) {missing}; "
-                        f"expected fields {list(required)}")
-      obj["_line"] = lineno
-      rows.append(obj)
+        raise DataError(f"{dataset}: {path} line {lineno} is not valid JSON ({e.msg} at column "
+                        f"{e.colno}); expected one JSON object per line") from None
+
+
+def read_jsonl(path: str, dataset: str, required: Sequence[str] = ()) -> List[dict]:
+  rows = []
+  for lineno, obj in iter_jsonl(path, dataset):
+    if not isinstance(obj, dict):
+      raise DataError(f"{dataset}: {path} line {lineno} is a JSON {type(obj).__name__}; "
+                      f"expected a JSON object with fields {list(required)}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+      raise DataError(f"{dataset}: {path} line {lineno} lacks field(s) {missing}; "
+                      f"expected fields {list(required)}")
+    obj["_line"] = lineno
+    rows.append(obj)
   return rows
 
 
