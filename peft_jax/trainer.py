@@ -312,6 +312,7 @@ class Trainer:
       bar.update(1)
       evaluate_now = tc.eval_every and step % tc.eval_every == 0 and step < self.total
       stop_early = False
+      stop_now = self._agreed_stop(signals, step)
       if evaluate_now:
         res = self.evaluate(params)
         self.writer.write(step, _scalars("eval", res))
@@ -326,9 +327,9 @@ class Trainer:
       elif step < self.total and (
           (tc.save_every and step % tc.save_every == 0)
           or (not tc.save_every and not tc.eval_every and pos == 0)     # an epoch ended
-          or signals.received is not None):
+          or stop_now):
         self._save(step, params, opt_state, epoch, pos, None, m)
-      if signals.received is not None and step < self.total:
+      if stop_now and step < self.total:
         bar.close()
         self.params = params
         raise Interrupted(step)
@@ -362,6 +363,19 @@ class Trainer:
     return {"untuned": None if untuned is None else untuned[metric], "tuned": final[metric],
             "eval_loss": final["eval_loss"], "steps": step, "metric": metric,
             "best_step": best["step"], "best": best[metric]}
+
+  def _agreed_stop(self, signals, step: int) -> bool:
+    """Whether to stop after this step for a signal. One process decides at once; several
+    agree every ``log_every`` steps (an all-gather of their flags), so all of them save and
+    stop at the same step, whichever received the signal."""
+    if jax.process_count() == 1:
+      return signals.received is not None
+    if step % self.cfg.train.log_every:
+      return False
+    import numpy as np
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(signals.received is not None))
+    return bool(np.any(flags))
 
   # ------------------------------------------------------------------ checkpoints
   def _save(self, step, params, opt_state, epoch, pos, metric, m, force=False):
