@@ -14,6 +14,7 @@ import json
 import math
 import os
 import queue
+import sys
 import threading
 import time
 from typing import Any, Dict, Iterator, Optional, Sequence
@@ -523,6 +524,38 @@ def _scalars(prefix, res):
   return {f"{prefix}/{k}": v for k, v in res.items() if isinstance(v, (int, float))}
 
 
+def _os_reason(msg: str) -> str:
+  """tensorstore's long write errors -> the operating system's reason (``File too large
+  (errno 27)``), else their first line, shortened."""
+  import re
+  m = re.search(r"([A-Za-z][^:\[\]]*?) \[os_error_code='(\d+)'\]", msg)
+  if m:
+    return f"{m.group(1).strip()} (errno {m.group(2)})"
+  first = msg.splitlines()[0] if msg else ""
+  return first[:300]
+
+
+class _silence_background_errors:
+  """While orbax saves, an error in its worker threads and tasks (a full disk) is raised
+  again in this thread, where it becomes one error line; their own tracebacks (thread
+  excepthook, absl and asyncio logging, coroutines closed at exit) are not printed.
+  After a failure the silence stays: the process is about to exit."""
+
+  def __init__(self):
+    import logging
+    self.loggers = [logging.getLogger(n) for n in ("asyncio", "absl")]
+    self.saved = (threading.excepthook, sys.unraisablehook, [g.level for g in self.loggers])
+    threading.excepthook = lambda args: None
+    sys.unraisablehook = lambda args: None
+    for g in self.loggers:
+      g.setLevel(logging.CRITICAL + 1)
+
+  def restore(self):
+    threading.excepthook, sys.unraisablehook, levels = self.saved
+    for g, level in zip(self.loggers, levels):
+      g.setLevel(level)
+
+
 class _Checkpointer:
   """Orbax: trainable leaves + optimizer state + step/data position; keeps the last
   ``train.keep_last`` and the best (by the validation metric). Each step directory gets a
@@ -564,16 +597,25 @@ class _Checkpointer:
         opt_state=ocp.args.StandardSave(opt_state),
         meta=ocp.args.JsonSave({"step": step, "epoch": epoch, "pos": pos,
                                 "method": state.method.name}))
+    hooks = _silence_background_errors()    # orbax's worker threads re-raise here anyway
     try:
       self.mngr.save(step, args=args,
                      metrics=None if metric is None else {"metric": float(metric)}, force=force)
       self.mngr.wait_until_finished()
+      hooks.restore()
       fault(f"checkpoint:{step}")
       if jax.process_index() == 0:
         write_manifest(self.step_dir(step))
-    except OSError as e:
-      raise inputs.ConfigError(f"cannot save checkpoint step {step} in {self.directory}: "
-                               f"{e.strerror or e}; the checkpoints saved before are intact") from None
+    except Exception as e:  # orbax/tensorstore report a full disk as OSError or ValueError
+      if not isinstance(e, (OSError, ValueError)):
+        raise
+      try:
+        self.mngr.close()
+      except Exception:  # noqa: BLE001  (already failing; the first error is the one to report)
+        pass
+      why = getattr(e, "strerror", None) or _os_reason(str(e))
+      raise inputs.ConfigError(f"cannot save checkpoint step {step} in {self.directory}: {why}; "
+                               "the checkpoints saved before are intact") from None
 
   def wait(self):
     self.mngr.wait_until_finished()

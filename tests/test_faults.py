@@ -234,6 +234,32 @@ def test_a_stale_lock_is_taken_over_with_a_note(tmp_path, capsys):
   assert not (wd / "lock").exists()
 
 
+def test_a_full_disk_gives_one_line_and_keeps_the_earlier_checkpoint(tmp_path):
+  """A file-size limit (RLIMIT_FSIZE: writes past it fail as on a full disk) while saving
+  step 20: one error line, exit 2; step 10 stays intact and a rerun resumes from it."""
+  import resource
+  from peft_jax.integrity import manifest_problem
+
+  def limit():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
+
+  wd = str(tmp_path / "wd")
+  rc, out = _cli("train.py", *SHORT, f"--workdir={wd}", "--config.train.stop_at_step=10")
+  assert rc == 0, out[-3000:]
+  before = _snapshot(os.path.join(wd, "checkpoints", "10"))
+  e = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  p = subprocess.run([sys.executable, "train.py", *SHORT, f"--workdir={wd}"], cwd=REPO, env=e,
+                     capture_output=True, text=True, timeout=600, preexec_fn=limit)
+  text = p.stdout + p.stderr
+  errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+  assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in text, text[-3000:]
+  assert "cannot save checkpoint step 20" in errors[0] and "File too large" in errors[0]
+  assert _snapshot(os.path.join(wd, "checkpoints", "10")) == before
+  assert manifest_problem(os.path.join(wd, "checkpoints", "10")) is None
+  rc, out = _cli("train.py", *SHORT, f"--workdir={wd}")
+  assert rc == 0 and "at step 10" in out, out[-3000:]
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 GOOD_TRAIN = [{"input": f"review : good {i}", "target": "positive"} for i in range(40)]
