@@ -506,3 +506,44 @@ def test_data_warnings_one_line_each(tmp_path, capsys):
   warns = [ln for ln in out.splitlines() if ln.startswith("warning:")]
   assert any("training inputs" in w and "data.max_source_len=2" in w for w in warns), out
   assert any("fewer than one batch" in w and "5 example(s)" in w for w in warns), out
+
+
+def test_missing_superni_task_files_are_warned_about(tmp_path, capsys):
+  from peft_jax import config_lib, inputs
+  root = tmp_path / "ni"
+  (root / "tasks").mkdir(parents=True)
+  (root / "splits" / "default").mkdir(parents=True)
+  names = [f"task{i:03d}_demo" for i in range(6)]
+  for n in names[:5]:                     # the last listed task has no file
+    (root / "tasks" / f"{n}.json").write_text(json.dumps({
+        "Definition": [f"Copy the input ({n})."], "Categories": ["Demo"],
+        "Instances": [{"id": f"{n}-{j}", "input": f"x{j}", "output": [f"x{j}"]} for j in range(4)]}))
+  (root / "splits" / "default" / "train_tasks.txt").write_text("\n".join(names) + "\n")
+  (root / "splits" / "default" / "test_tasks.txt").write_text(names[0] + "\n")
+  cfg, _ = config_lib.load(os.path.join(REPO, QS), [
+      ("data.name", "superni"), ("data.path", str(root)), ("data.n_validation_tasks", "2")])
+  capsys.readouterr()
+  inputs.dataset(cfg)
+  out = capsys.readouterr().out
+  warns = [ln for ln in out.splitlines() if ln.startswith("warning:")]
+  assert len(warns) == 1 and "task file(s) named by the split list are missing" in warns[0], out
+  assert names[-1] in warns[0]
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+  """The first SIGINT asks for a stop after the step; a second one exits with 130 at once."""
+  code = ("import os, signal, time\n"
+          "from peft_jax.trainer import _Signals\n"
+          "with _Signals(print) as s:\n"
+          "  os.kill(os.getpid(), signal.SIGINT)\n"
+          "  time.sleep(0.5)\n"
+          "  assert s.received == signal.SIGINT\n"
+          "  print('still running', flush=True)\n"
+          "  os.kill(os.getpid(), signal.SIGINT)\n"
+          "  time.sleep(5)\n"
+          "print('not reached')\n")
+  p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                     timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert p.returncode == 130, p.stdout + p.stderr
+  assert "stopping after this step" in p.stdout and "still running" in p.stdout
+  assert "again: exiting now" in p.stdout and "not reached" not in p.stdout
