@@ -26,22 +26,6 @@ flags.DEFINE_string("output", None, "where eval.json / eval.md go (default: the 
 flags.mark_flags_as_required(["config", "checkpoint"])
 
 
-def _output_dir(out: str) -> str:
-  """``--output`` exists (or is created) and is a writable directory: checked before the
-  evaluation, not after it."""
-  from peft_jax import inputs
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise inputs.ConfigError(f"--output {out} is a file; expected a directory for eval.json "
-                             "and eval.md")
-  try:
-    os.makedirs(out, exist_ok=True)
-  except OSError as e:
-    raise inputs.ConfigError(f"cannot create --output {out}: {e.strerror}") from None
-  if not os.access(out, os.W_OK | os.X_OK):
-    raise inputs.ConfigError(f"--output {out} is not writable")
-  return out
-
-
 def main(argv):
   del argv
   from absl import logging
@@ -63,7 +47,8 @@ def main(argv):
   from peft_jax.peft.io import read_adapter_config, verify_adapter
   verify_adapter(adapter_dir)            # checksums first: never evaluate damaged bytes
   recorded = read_adapter_config(adapter_dir)
-  out = _output_dir(FLAGS.output or os.path.dirname(os.path.abspath(adapter_dir)))
+  out = inputs.writable_dir(FLAGS.output or os.path.dirname(os.path.abspath(adapter_dir)),
+                            "--output", "a directory for eval.json and eval.md")
   tok = inputs.tokenizer(cfg, mc)
   _, val_rows = inputs.dataset(cfg)
   # the run's setup for the adapter's own method (mesh, shardings, base weights into shards)

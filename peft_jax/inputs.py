@@ -5,7 +5,6 @@ Used by :mod:`peft_jax.builder` and the entry points; the command line is
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -100,6 +99,20 @@ def base_info(cfg, base_params) -> Dict[str, Any]:
           "init_seed": None if ck else int(cfg.train.seed),
           "param_dtype": cfg.model.get("param_dtype", "float32"),
           "fingerprint": fingerprint(base_params)}
+
+
+def writable_dir(path: str, flag: str, expected: str) -> str:
+  """``path`` exists (or is created) as a writable directory; one :class:`ConfigError`
+  line otherwise (``flag`` names the option, ``expected`` what it should be)."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"{flag} {path} is a file; expected {expected}")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"cannot create {flag} {path}: {e.strerror}") from None
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise ConfigError(f"{flag} {path} is not writable")
+  return path
 
 
 def check_finite_base(params, info: Dict[str, Any]) -> None:

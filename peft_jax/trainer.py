@@ -447,15 +447,7 @@ def _prepare_workdir(workdir: str, main: bool) -> None:
   one :class:`ConfigError` line otherwise, before anything is read or written."""
   import atexit
   from peft_jax.integrity import WorkdirBusy, acquire_lock, release_lock
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise inputs.ConfigError(f"--workdir {workdir} is a file; expected a directory (new or "
-                             "holding a previous run)")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise inputs.ConfigError(f"cannot create --workdir {workdir}: {e.strerror}") from None
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise inputs.ConfigError(f"--workdir {workdir} is not writable")
+  inputs.writable_dir(workdir, "--workdir", "a directory (new or holding a previous run)")
   if main:
     try:
       acquire_lock(workdir)
