@@ -265,6 +265,7 @@ class Trainer:
         params, opt_state, meta = restored
         step, epoch, pos = meta["step"], meta["epoch"], meta["pos"]
         say(f"resumed from {self.ckpt.directory} at step {step}")
+    self._start_step = step
     # records after the resumed step are written again: drop them (JSONL and TensorBoard)
     self.writer = MetricsWriter(self.workdir, resume_step=step)
     say(summary(self.state)["table"])
@@ -410,16 +411,22 @@ class Trainer:
     return self._probe
 
   def _diverged(self, step: int, what: str):
-    """Stops the run: nothing of ``step`` is saved; names the last good checkpoint."""
+    """Stops the run; nothing of ``step`` is saved. When the step's loss failed, the state it
+    started from (a checkpoint of step - 1) is suspect too and is set aside (moved, not
+    deleted); the message names the newest checkpoint left, and the likely causes."""
+    from_loss = what.startswith("the loss")
+    suspect_from = step - 1 if from_loss else step
     good = self.ckpt.latest() if self.ckpt else None
-    if good is not None and good >= step:      # saved from the state that just failed
+    while good is not None and good >= suspect_from and good > self._start_step:
       good = self.ckpt.set_aside(good, "diverged")
     kept = (f"the last good checkpoint, step {good}, is kept in {self.ckpt.directory}; a rerun "
             f"resumes from it" if good is not None else "no checkpoint was saved")
-    causes = ("the base weights or the data (it failed from the initial weights)" if step <= 1
-              else f"a learning rate too high (train.learning_rate={self.cfg.train.learning_rate:g}"
-              f"{', no train.grad_clip' if not self.cfg.train.grad_clip else ''}), bad data, or "
-              "the base weights")
+    if from_loss and step == 1 and self._start_step == 0:
+      causes = "the base weights or the data (the loss of the initial weights is not finite)"
+    else:
+      causes = (f"a learning rate too high (train.learning_rate={self.cfg.train.learning_rate:g}"
+                f"{', no train.grad_clip' if not self.cfg.train.grad_clip else ''}), bad data, or "
+                "the base weights")
     raise TrainingDiverged(
         f"training diverged at step {step}: {what}; {kept}. Likely cause: {causes}. To resume "
         "with a lower learning rate, rerun with --config.train.learning_rate=<lower> "

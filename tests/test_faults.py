@@ -146,6 +146,7 @@ def _truncate(path):
 
 
 @pytest.mark.parametrize("damage", ["flip_largest", "truncate_largest", "truncate_meta",
+                                    "truncate_checkpoint-metadata", "truncate_array-metadata",
                                     "truncate_manifest", "delete_manifest"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(damage, tmp_path, capsys):
   from peft_jax.trainer import Trainer
@@ -155,6 +156,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(damage, tmp_pa
   largest = max(files, key=os.path.getsize)
   target = {"flip_largest": largest, "truncate_largest": largest,
             "truncate_meta": [f for f in files if "/meta/" in f and f.endswith("metadata")][0],
+            "truncate_checkpoint-metadata": [f for f in files
+                                             if f.endswith("/20/_CHECKPOINT_METADATA")][0],
+            "truncate_array-metadata": [f for f in files if f.endswith("/trainable/_METADATA")][0],
             "truncate_manifest": os.path.join(wd, "checkpoints", "20", "MANIFEST.json"),
             "delete_manifest": os.path.join(wd, "checkpoints", "20", "MANIFEST.json")}[damage]
   {"flip": _flip, "truncate": _truncate, "delete": os.remove}[damage.split("_")[0]](target)

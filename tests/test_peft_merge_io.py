@@ -137,7 +137,7 @@ def test_adapter_save_load(method, hp, fmt, tmp_path):
   state, params = randomized(kind, method, hp)
   peft.save_adapter(state, params, str(tmp_path), format=fmt)
   files = sorted(os.listdir(tmp_path))
-  assert files == sorted(["peft_config.json", f"adapter.{fmt}"])
+  assert files == sorted(["peft_config.json", f"adapter.{fmt}", "MANIFEST.json"])
   conf = json.load(open(tmp_path / "peft_config.json"))
   assert conf["method"] == method and conf["model_type"] == "llama"
   saved = set(conf["leaves"])
