@@ -90,27 +90,43 @@ def _finite_tree(tree):
 
 
 def _prefetch(it: Iterator, size: int = 2) -> Iterator:
-  """Produces host batches on a thread so the next one is ready while the device computes."""
+  """Produces host batches on a thread so the next one is ready while the device computes.
+  Closing the returned generator (or dropping it) stops the thread, which then releases
+  ``it`` and everything it holds (the batch source is endless)."""
   q: "queue.Queue" = queue.Queue(maxsize=size)
+  stop = threading.Event()
   done = object()
+
+  def put(x) -> bool:
+    while not stop.is_set():
+      try:
+        q.put(x, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
 
   def worker():
     try:
       for x in it:
-        q.put(x)
+        if not put(x):
+          return
     except BaseException as e:  # re-raised in the consumer, never a silent hang
-      q.put(_Failed(e))
+      put(_Failed(e))
       return
-    q.put(done)
+    put(done)
 
   threading.Thread(target=worker, daemon=True).start()
-  while True:
-    x = q.get()
-    if x is done:
-      return
-    if isinstance(x, _Failed):
-      raise x.error
-    yield x
+  try:
+    while True:
+      x = q.get()
+      if x is done:
+        return
+      if isinstance(x, _Failed):
+        raise x.error
+      yield x
+  finally:
+    stop.set()
 
 
 class _Failed:
@@ -276,18 +292,19 @@ class Trainer:
       self.writer.write(0, _scalars("eval", untuned))
     bar = tqdm(total=self.total, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0,
                disable=not self.main)
+    it = _prefetch(self.batches(epoch, pos))
     try:
-      return self._loop(step, epoch, pos, params, opt_state, untuned, bar, signals)
+      return self._loop(it, step, epoch, pos, params, opt_state, untuned, bar, signals)
     finally:
+      it.close()          # stops the prefetch thread (the batch source is endless)
       bar.close()
 
-  def _loop(self, step, epoch, pos, params, opt_state, untuned, bar, signals):
+  def _loop(self, it, step, epoch, pos, params, opt_state, untuned, bar, signals):
     tc, metric = self.cfg.train, self.cfg.eval.metric
     say = print if self.main else (lambda *a, **k: None)
     best = {"step": None, metric: -math.inf, "eval_loss": math.inf}
     patience, bad_evals, best_loss = tc.get("early_stopping_patience") or 0, 0, math.inf
     t0, tokens = time.time(), 0
-    it = _prefetch(self.batches(epoch, pos))
     last = None
     while step < self.total:
       ep, i, host, batch = next(it)
