@@ -116,7 +116,8 @@ def _prefetch(it: Iterator, size: int = 2) -> Iterator:
       return
     put(done)
 
-  threading.Thread(target=worker, daemon=True).start()
+  thread = threading.Thread(target=worker, daemon=True)
+  thread.start()
   try:
     while True:
       x = q.get()
@@ -127,6 +128,8 @@ def _prefetch(it: Iterator, size: int = 2) -> Iterator:
       yield x
   finally:
     stop.set()
+    # wait for it: a thread still freeing device arrays while the interpreter exits aborts
+    thread.join(timeout=60)
 
 
 class _Failed:
