@@ -25,6 +25,7 @@ defining its :class:`Family` subclass, registered with :func:`register` and impo
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
@@ -43,7 +44,7 @@ Attention = Tuple[str, str, int]
 ResidualSites = Tuple[str, int, int, Tuple[Tuple[str, str], ...]]
 
 
-class Family:
+class Family(abc.ABC):
   """The interface; one subclass instance per family (see the module docstring)."""
 
   name: str = ""                          # the config's model_type
@@ -68,8 +69,9 @@ class Family:
     return f"<Family {self.name}>"
 
   # ------------------------------------------------------------------ model
+  @abc.abstractmethod
   def build(self, cfg, sites):
-    raise NotImplementedError
+    ...
 
   def dummy_inputs(self, cfg) -> tuple:
     """Positional inputs that ``init`` traces the model with."""
@@ -106,59 +108,64 @@ class Family:
     return out[:, -batch["targets"].shape[1]:]
 
   # ------------------------------------------------------------------ dimensions
+  @abc.abstractmethod
   def hidden_size(self, cfg) -> int:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def num_heads(self, cfg) -> int:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def head_dim(self, cfg) -> int:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def kv_width(self, cfg) -> int:
     """Width of an attention's projected keys (= values): key/value heads * head width."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def num_layers(self, cfg) -> int:
     """The layer count HF PEFT's configs record (``num_layers``)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def max_input_length(self, cfg) -> Tuple[int, str]:
     """The longest input (virtual tokens included) and where that number comes from."""
-    raise NotImplementedError
 
   # ------------------------------------------------------------------ sites
+  @abc.abstractmethod
   def attentions(self, cfg) -> List[Attention]:
     """Every attention of the model, in canonical order."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def residual_sites(self, cfg) -> Tuple[ResidualSites, ...]:
     """Each stack's sub-layers where a bottleneck adapter can sit."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def hf_module_name(self, path: str, kind: str, name: str, layer: Optional[int]) -> str:
     """``transformers``' name of our module ``path`` (``kind``: attn/mlp/head/norm; ``name``:
     its last path part) in layer ``layer``."""
-    raise NotImplementedError
 
   # ------------------------------------------------------------------ generation
+  @abc.abstractmethod
   def prefill(self, model, params, ids, mask, max_new_tokens: int, repeat: int):
     """Generation's start (:mod:`peft_jax.decoding`): ``(first logits [B, V], cache for B rows,
     step)``; ``step(cache, tokens, t)`` feeds the token chosen at step ``t`` for all
     ``B * repeat`` rows (batch-major, as beam search orders them) and returns
     ``(next logits, new cache)``."""
-    raise NotImplementedError
 
   # ------------------------------------------------------------------ HF checkpoints
+  @abc.abstractmethod
   def config_from_hf(self, hf: Dict[str, Any], tensor_names=()) -> Any:
     """Our config from a ``config.json`` dict (``ValueError`` for an unsupported variant)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def config_to_hf(self, cfg) -> Dict[str, Any]:
-    raise NotImplementedError
+    ...
 
+  @abc.abstractmethod
   def hf_weight_names(self, cfg) -> List[WeightName]:
-    raise NotImplementedError
+    ...
 
 
 _FAMILIES: List[Family] = []
