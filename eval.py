@@ -55,7 +55,8 @@ def main(argv):
   built = build(cfg, peft={"method": recorded["method"], **recorded["hparams"]},
                 with_weights=True)
   inputs.check_base(recorded.get("base"), built.base_info, f"the adapter {adapter_dir}")
-  state, params = built.state, load_adapter_leaves(adapter_dir, built.state)
+  state, params = built.state, load_adapter_leaves(adapter_dir, built.state,
+                                                     verify=False)   # verified above
   model = built.model
   res = evaluate_generation(model, state.prepare(params), tok, mc, val_rows,
                             max_source_len=cfg.data.max_source_len,

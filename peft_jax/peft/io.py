@@ -126,8 +126,10 @@ def verify_adapter(path: str) -> None:
     raise PeftConfigError(f"adapter {path} is damaged: {problem}")
 
 
-def read_adapter(path: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
-  verify_adapter(path)
+def read_adapter(path: str, verify: bool = True) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+  """(config, arrays); ``verify=False`` when the caller has checked the manifest already."""
+  if verify:
+    verify_adapter(path)
   cfg = read_adapter_config(path)
   fmt = cfg.get("format", "safetensors")
   f = os.path.join(path, "adapter.npz" if fmt == "npz" else "adapter.safetensors")
@@ -156,10 +158,10 @@ def load_adapter(path: str, model_cfg, base_params) -> Tuple[PeftState, Any]:
   return state, load_adapter_leaves(path, state)
 
 
-def load_adapter_leaves(path: str, state: PeftState):
+def load_adapter_leaves(path: str, state: PeftState, verify: bool = True):
   """``state.params`` with the adapter's saved leaves put in (names and shapes checked;
   each leaf keeps the sharding of the leaf it replaces)."""
-  cfg, arrs = read_adapter(path)
+  cfg, arrs = read_adapter(path, verify=verify)
   mt = family_of(state.model_cfg).name
   if cfg["model_type"] != mt:
     raise PeftConfigError(f"adapter in {path} is for a {cfg['model_type']} model, not {mt}")
