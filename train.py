@@ -92,7 +92,9 @@ def main(argv):
     info = summary(built.state)
     print(info["table"])
     print(json.dumps({k: info[k] for k in ("total_params", "trainable_params", "changed_params",
-                                           "trainable_percent")} | {"method": cfg.peft.method}))
+                                           "base_params", "trainable_percent",
+                                           "trainable_percent_of_base")}
+                     | {"method": cfg.peft.method}))
     return
   res = Trainer(cfg, FLAGS.workdir, allow_changed=FLAGS.allow_changed).train()
   if res.get("interrupted_at"):

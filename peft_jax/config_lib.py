@@ -92,12 +92,18 @@ def _schema():
           "max_target_len": Field(128, "tokens kept of each target", ge=1),
           "max_train_examples": Field(0, "> 0: keep only the first N training rows", ge=0),
           "max_eval_examples": Field(0, "> 0: keep only the first N evaluation rows", ge=0),
+          "eval_size": Field(0, "> 0: evaluate on a data.seed-chosen subset of N rows of the "
+                             "evaluation split (the same rows for every method; seed 002 caps "
+                             "validation and test at 2,500)", ge=0),
           "eval_split": Field("validation", "the split evaluated during and after training"),
       },
       "train": {
           "batch_size": Field(32, "examples per optimizer step (the effective batch)", ge=1),
           "micro_batch_size": Field(0, "> 0: accumulate gradients over batch_size / "
                                     "micro_batch_size micro-batches", ge=0),
+          "drop_last": Field(False, "drop each epoch's last partial batch (default: every "
+                             "example is seen each epoch; the last batch is padded with "
+                             "zero-weight rows)"),
           "num_steps": Field(0, "optimizer steps; 0: num_epochs epochs", ge=0),
           "num_epochs": Field(3, "epochs when num_steps is 0", ge=0),
           "min_steps": Field(0, "at least this many steps (small data sets)", ge=0),
@@ -394,7 +400,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer = ""
   c.data = ml_collections.ConfigDict({
       "name": "", "path": "", "size": "", "seed": 0, "max_source_len": 512, "max_target_len": 128,
-      "max_train_examples": 0, "max_eval_examples": 0, "eval_split": "validation"})
+      "max_train_examples": 0, "max_eval_examples": 0, "eval_size": 0,
+      "eval_split": "validation"})
   c.peft = ml_collections.ConfigDict({"method": "full"})
   c.train = ml_collections.ConfigDict({
       "batch_size": 32, "micro_batch_size": 0, "num_steps": 0, "num_epochs": 3, "min_steps": 0,

@@ -205,9 +205,12 @@ def config_grid(mod, variant: str, cfg=None) -> Dict[str, list]:
   if all(isinstance(v, dict) for v in grid.values()):
     parts = [p.strip() for p in (variant or "").split(",") if p.strip()]
     hits = [p for p in parts if p in grid]
-    if not hits and cfg is not None:
-      m = cfg.peft.method if _has_field(cfg, "peft.method") else None
-      hits = [m] if m in grid else []
+    if not hits and cfg is not None:   # the defaults: the config's method, then its data set
+      for key in ("peft.method", "data.name"):
+        m = cfg[key.split(".")[0]][key.split(".")[1]] if _has_field(cfg, key) else None
+        if m in grid:
+          hits = [m]
+          break
     if not hits:
       raise SweepError(f"--use_config_grid: GRID has no entry for variant {variant!r} "
                        f"(methods with a grid: {', '.join(grid)})")

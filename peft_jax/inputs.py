@@ -243,6 +243,9 @@ def dataset(cfg) -> Tuple[List[dict], List[dict]]:
     train, val = list(train), list(val)
   if d.get("max_train_examples"):
     train = train[: d.max_train_examples]
+  if d.get("eval_size") and d.eval_size < len(val):
+    from peft_jax.data.common import subsample     # seeded: the same rows for every run
+    val = subsample(val, int(d.eval_size), int(d.get("seed") or 0), what="evaluation rows")
   if d.get("max_eval_examples"):
     val = val[: d.max_eval_examples]
   if not train:

@@ -176,7 +176,10 @@ class Trainer:
                           source_eos=source_eos)
     self.n_train = len(self.chat) if self.chat is not None else len(self.enc.source)
     self._warn_about_data()
-    self.steps_per_epoch = max(self.n_train // tc.batch_size, 1)
+    # every example each epoch: the last, partial batch is padded with zero-weight rows
+    per_epoch = self.n_train // tc.batch_size if tc.get("drop_last") else \
+        -(-self.n_train // tc.batch_size)
+    self.steps_per_epoch = max(per_epoch, 1)
     self.total = tc.num_steps if tc.num_steps > 0 else max(1, tc.num_epochs) * self.steps_per_epoch
     self.total = max(self.total, int(tc.get("min_steps") or 0))
     if not cfg.model.get("checkpoint") and self.main:
@@ -466,7 +469,8 @@ RUN_CONFIG = "config.json"
 RESUME_FIXED = ("tokenizer", "model", "peft", "data", "train.batch_size", "train.num_steps",
                 "train.num_epochs", "train.min_steps", "train.learning_rate", "train.schedule",
                 "train.warmup_ratio", "train.warmup_steps", "train.init_learning_rate",
-                "train.end_learning_rate", "train.weight_decay", "train.grad_clip", "train.seed")
+                "train.end_learning_rate", "train.weight_decay", "train.grad_clip", "train.seed",
+                "train.drop_last")
 
 
 def _prepare_workdir(workdir: str, main: bool) -> None:

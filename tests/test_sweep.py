@@ -93,7 +93,11 @@ def test_config_grid_per_method_and_flat():
   assert set(grid_search.config_grid(mod, variant, grid_search.build_config(mod, variant))) == {
       "peft.r", "train.learning_rate"}  # default method lora
   mod, _, variant = grid_search.load_config_module(os.path.join(REPO, "configs", "survey.py"))
-  assert grid_search.config_grid(mod, variant) == {"train.learning_rate": [1e-3, 1e-4, 1e-5]}
+  assert grid_search.config_grid(mod, variant, grid_search.build_config(mod, variant)) == {
+      "train.learning_rate": [1e-3, 1e-4, 1e-5]}     # per task; the default task is rte
+  mod, _, variant = grid_search.load_config_module(
+      os.path.join(REPO, "configs", "survey.py") + ":t5-3b,cnn_dailymail,houlsby")
+  assert grid_search.config_grid(mod, variant) == {"train.learning_rate": [1e-3]}  # one rate
   mod, _, variant = grid_search.load_config_module(QS)
   with pytest.raises(grid_search.SweepError, match="no GRID"):
     grid_search.config_grid(mod, variant)

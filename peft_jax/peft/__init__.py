@@ -19,7 +19,7 @@ from peft_jax.peft.base import (Method, PeftConfigError, PeftState, apply_peft, 
 from peft_jax.peft import (full, lora, bitfit, ln_tuning, ia3, prompt_tuning,  # noqa: F401
                            prefix_tuning, adapters)  # (importing registers the methods)
 from peft_jax.peft import compacter, mam, unipelt  # noqa: F401,E402  (registers compacter, compacter_pp, mam, unipelt)
-from peft_jax.peft import krona, adalora  # noqa: F401,E402  (KronA, AdaLoRA)
+from peft_jax.peft import krona, adalora, tfew, ah_prefix_tuning  # noqa: F401,E402  (KronA, AdaLoRA, T-Few, AdapterHub prefix)
 from peft_jax.peft.accounting import count, describe, summary, table
 from peft_jax.peft.optimizer import apply_fn, make_optimizer, value_and_grad
 from peft_jax.peft.merging import merge, unmerge

@@ -11,7 +11,9 @@
   - the kernels a mergeable method folds into (selected layers only), or the
   existing leaves it trains (full, LayerNorm tuning); 0 for methods that only
   add parameters next to the model (prompt/prefix tuning, added biases).
-* ``added``: elements of the leaves the method adds.
+* ``added``: elements of the leaves the method adds; ``base = total - added`` (the
+  base model's own elements) and ``trainable_percent_of_base = 100 * trainable / base``
+  (the survey's, seed 003 Table 5, "% trainable": trainable over the base model).
 
 Works on abstract trees (``ShapeDtypeStruct``); :func:`describe` builds one.
 """
@@ -55,9 +57,11 @@ def count(state: PeftState, params=None) -> Dict[str, Any]:
   added = sum(_masked_size(flat[k], state.update_masks.get(k)) for k in state.added)
   frozen = total - trainable
   pct = 100.0 * trainable / (frozen + trainable) if total else 0.0
+  base = total - added
   return {"method": state.method.name, "total_params": int(total), "trainable_params": int(trainable),
           "frozen_params": int(frozen), "changed_params": int(changed), "added_params": int(added),
-          "trainable_percent": pct}
+          "base_params": int(base), "trainable_percent": pct,
+          "trainable_percent_of_base": 100.0 * trainable / base if base else 0.0}
 
 
 def table(info: Dict[str, Any], state: PeftState = None) -> str:
@@ -67,7 +71,8 @@ def table(info: Dict[str, Any], state: PeftState = None) -> str:
           ("frozen params", f"{info['frozen_params']:,}"),
           ("changed base params", f"{info['changed_params']:,}"),
           ("added params", f"{info['added_params']:,}"),
-          ("% trainable", f"{info['trainable_percent']:.4f}%")]
+          ("% trainable", f"{info['trainable_percent']:.4f}%"),
+          ("% trainable of base", f"{info['trainable_percent_of_base']:.4f}%")]
   lines = []
   if state is not None:
     flat = flatten(state.params)
