@@ -5,10 +5,56 @@ CNN/DailyMail, AG News, CoLA, E2E NLG and SAMSum.
 :class:`~peft_jax.data.common.Rows` of ``{"input", "target", "references", "meta"}``
 for ``name`` in :data:`DATASETS`; SuperNI and TÜLU live in their own modules.
 
-``path`` is a folder in the data set's original layout (file names below), a single
-file of that format (read as the requested split), a ``datasets.Dataset`` /
-``DatasetDict``, a ``save_to_disk`` folder, or ``"hf:<hub id>"`` (with ``hf_config``;
-needs the hub). Without ``path``, ``$PEFT_JAX_DATA_DIR/<folder>`` is used.
+``path`` (``data.path``) is any of these source kinds:
+
+* a folder in the data set's original layout (file names below);
+* a folder of tables under the Hugging Face split and field names:
+  ``<split>.parquet`` / ``.jsonl`` / ``.csv`` / ``.tsv``, or parquet shards named as on
+  the hub (``data/<split>-00000-of-00001.parquet``; also in the folder itself or in
+  ``<hf_config>/``). A folder holding any original-layout file is read as that layout;
+* a single file: the original format (``.jsonl`` SuperGLUE, ``.tsv`` CoLA, ``.csv``
+  CNN/DailyMail, AG News, E2E, SAMSum, ``.json`` SAMSum) or a parquet / JSONL / CSV
+  table with the Hugging Face fields; read as whatever split is asked for (no carve);
+* a ``datasets.Dataset`` / ``DatasetDict``, a ``save_to_disk`` folder, or
+  ``"hf:<hub id>"`` (with ``hf_config``, e.g. ``hf:glue`` + ``hf_config=cola``; needs the
+  hub);
+* ``"tfds:<name>[/<config>][:<version>]"`` (``tfds:super_glue/rte``,
+  ``tfds:glue/cola``, ``tfds:ag_news_subset``; ``tfds:cnn_dailymail/3.0.0`` means version
+  3.0.0): a TFDS data set already prepared in ``tfds_data_dir`` (else
+  ``$TFDS_DATA_DIR``, else TFDS's default). Nothing is downloaded. ArrayRecord data are
+  read through ``tfds.data_source`` without TensorFlow; TFRecord data need TensorFlow.
+  Needs the ``[tfds]`` extra.
+
+Without ``path``, ``$PEFT_JAX_DATA_DIR/<folder>`` is used. Field names: the original
+ones or the Hugging Face ones (AG News ``text,label``, or TFDS's ``title,description``
+joined by a space; CoLA ``sentence,label,idx``; SuperGLUE ``premise,hypothesis,idx,
+label`` etc.; CNN/DailyMail ``article,highlights,id``; SAMSum ``id,dialogue,summary``;
+E2E ``meaning_representation,human_reference``). ``ClassLabel`` names (datasets, TFDS,
+the parquet metadata `datasets` writes) name integer labels.
+
+One meaning of train / validation / test per data set, whatever the source. "HF/TFDS"
+is the split read from a hub id, DatasetDict, save_to_disk folder, folder of tables or
+TFDS data set; "carve" is ``validation_size`` rows of that source's train, chosen by
+``split_seed`` and removed from train::
+
+  data set       | train            | validation                    | test
+  ---------------+------------------+-------------------------------+--------------------------
+  boolq/rte/copa | train            | validation (layout: val.jsonl)| test (unlabelled: <unk>)
+  cnn_dailymail  | train            | validation                    | test
+  ag_news        | train - carve    | carve (none published)        | test
+  cola           | train - carve    | carve (layout: val.tsv if     | GLUE dev: HF/TFDS
+                 |                  |   present, else carve)        |   validation, dev.tsv
+  e2e_nlg        | train            | validation (devset.csv)       | test (testset_w_refs.csv)
+  samsum         | train            | validation (val.csv)          | test
+  dev32 (FewGLUE, boolq/copa): the original layout only.
+
+A source without the validation split gets one carved when ``validation_size`` is set
+(default 1,000 for AG News and CoLA, where the carve *is* the validation split; none
+elsewhere, where a missing validation split is an error naming the knob; E2E carves
+whole meaning representations). The carve ranks rows by a ``split_seed``-keyed hash of
+their text (input and target), not by position, so the same rows give the same
+validation split from every source kind (TFDS stores rows in its own order) and across
+training seeds. ``hf_split`` reads the named HF/TFDS split as it is (no table, no carve).
 
 Text-to-text formats (input template -> target; ``template=`` overrides the input
 template, a ``str.format`` string over the fields in braces)::
@@ -36,9 +82,7 @@ CoLA, E2E, SAMSum) are this project's choice: a one-line instruction, a blank li
 then the raw text (SAMSum's ``\\r\\n`` line ends become ``\\n``; AG News's original
 3-column CSV becomes ``title + " " + description``). Targets are ``.strip()``-ed.
 
-Files per split (first existing wins; ``validation`` is carved from the train file,
-``validation_size`` rows chosen by ``split_seed`` and removed from ``train``, when the
-layout has no validation file):
+Original-layout files per split (first existing wins; see the table for carving):
 
 * SuperGLUE: ``train.jsonl``, ``val.jsonl`` (``validation.jsonl``), ``test.jsonl``
   (unlabelled in SuperGLUE), ``dev32.jsonl`` (FewGLUE split ``dev32``).
@@ -56,10 +100,7 @@ layout has no validation file):
 * SAMSum (CSV ``id,summary,dialogue`` or the corpus JSON): ``train``, ``val``, ``test``
   ``.csv``/``.json``.
 
-For ``datasets`` sources the split is the DatasetDict's (``validation`` also matches
-``val``/``dev``; ``hf_split`` names another) and ``ClassLabel`` names label ints.
-``split_seed`` (carving) and ``validation_size`` (AG News, CoLA; default 1,000) only
-matter where a validation split is carved.
+For HF/TFDS sources ``validation`` also matches ``val``/``dev``.
 
 ``size`` = an int or seed 002's ``low``/``medium``/``high`` (100/1,000/10,000): a
 ``seed``-chosen subset (nested across sizes); when fewer rows exist all are taken and
@@ -229,7 +270,7 @@ def _source(dataset: str, split: str, path, folder: str, files: Dict[str, Sequen
   if src.kind == "hf" and hf_split:
     name = src.find(hf_split)
     if name is None:
-      raise DataError(f"{dataset}: {src.desc} has splits {list(src.splits)}; expected one named "
+      raise DataError(f"{dataset}: {src.desc} has splits {sorted(src.splits)}; expected one named "
                       f"hf_split={hf_split!r}")
     exs, names = load(name)
     return exs, names, src.root, None
@@ -256,7 +297,7 @@ def _source(dataset: str, split: str, path, folder: str, files: Dict[str, Sequen
       raise DataError(f"{dataset}: split {split!r} exists only in the original layout; "
                       f"expected a folder with {' or '.join(files.get(split, ()))}")
     hint = "; or validation_size=N to carve it from train" if split == "validation" else ""
-    raise DataError(f"{dataset}: {src.desc} has splits {list(src.splits)}; expected one named "
+    raise DataError(f"{dataset}: {src.desc} has splits {sorted(src.splits)}; expected one named "
                     f"{list(HF_SPLIT_NAMES.get(want, (want,)))} for split {split!r} (see the "
                     f"split table in peft_jax.data.sources){hint}")
   exs, names = load(name)
@@ -616,24 +657,24 @@ LOADERS: Dict[str, Callable[..., Rows]] = {
 DATASETS = tuple(LOADERS)
 
 
-def _validation_size(default, what):
-  return {"validation_size": Field(default, f"{what} held out (by split_seed) as the "
-                                   "validation split", "int", ge=0)}
+def _validation_size(default, doc):
+  return {"validation_size": Field(default, doc, "int", ge=0)}
 
 
 def _knobs():
   from peft_jax.data import superni, tulu
   base = {**COMMON_KNOBS, **TEMPLATE_KNOB, **SOURCE_KNOBS}
-  seq = {**base, **_validation_size(None, "training rows (none: no carve; only used where the "
-                                    "source has no validation split)")}
+  optional = ("held out (by split_seed) as the validation split where the source has none "
+              "(none: no carve, a missing validation split is an error)")
+  seq = {**base, **_validation_size(None, "training rows " + optional)}
   return {
       "superni": superni.KNOBS, "tulu": tulu.KNOBS,
       "boolq": seq, "rte": seq, "copa": seq, "cnn_dailymail": seq, "samsum": seq,
-      "ag_news": {**base, **_validation_size(1000, "training rows")},
-      "cola": {**base, **_validation_size(1000, "training rows")},
-      "e2e_nlg": {**base, **_validation_size(None, "meaning representations of train (none: "
-                                             "no carve; used where the source has no "
-                                             "validation split)"),
+      "ag_news": {**base, **_validation_size(1000, "training rows held out (by split_seed) as "
+                                             "the validation split")},
+      "cola": {**base, **_validation_size(1000, "training rows held out (by split_seed) as the "
+                                          "validation split (unless the layout has val.tsv)")},
+      "e2e_nlg": {**base, **_validation_size(None, "meaning representations of train " + optional),
                   "group_references": Field(
           None, "one row per meaning representation with all its references (none: on "
           "evaluation splits)", "bool")},
