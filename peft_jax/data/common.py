@@ -1,5 +1,8 @@
 """Shared pieces of the data-set loaders: rows, errors, readers, seeded sampling and
-the bridge from Hugging Face ``datasets`` objects.
+the bridges to other sources: Hugging Face ``datasets`` objects, tables under the Hugging
+Face field names (parquet through pyarrow, JSONL, CSV/TSV; the hub's shard naming) and
+prepared TFDS data sets (``tfds.data_source``, no TensorFlow for ArrayRecord). Which
+split of such a source is which of ours is each loader's business (sources.SPLITS).
 
 A loader returns a :class:`Rows` (a ``list`` of dicts) in which every row is
 ``{"input": str, "target": str, "references": [str, ...], "meta": {...}}``:
