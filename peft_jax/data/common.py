@@ -1,5 +1,8 @@
 """Shared pieces of the data-set loaders: rows, errors, readers, seeded sampling and
-the bridge from Hugging Face ``datasets`` objects.
+the bridges to other sources: Hugging Face ``datasets`` objects, tables under the Hugging
+Face field names (parquet through pyarrow, JSONL, CSV/TSV; the hub's shard naming) and
+prepared TFDS data sets (``tfds.data_source``, no TensorFlow for ArrayRecord). Which
+split of such a source is which of ours is each loader's business (sources.SPLITS).
 
 A loader returns a :class:`Rows` (a ``list`` of dicts) in which every row is
 ``{"input": str, "target": str, "references": [str, ...], "meta": {...}}``:
@@ -12,9 +15,12 @@ available before sub-sampling, and anything that was skipped.
 from __future__ import annotations
 
 import csv
+import glob
+import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import zlib
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -112,6 +118,22 @@ def carve(rows: List[Any], n_holdout: int, split_seed: int, key: str) -> Tuple[L
   held = sorted(order[:n_holdout].tolist())
   keep = sorted(order[n_holdout:].tolist())
   return [rows[i] for i in keep], [rows[i] for i in held]
+
+
+def carve_by_content(items: List[Any], n_holdout: int, split_seed: int, key: str,
+                     content) -> Tuple[List[Any], List[Any]]:
+  """(rest, held_out) like :func:`carve`, but the hold-out is chosen by a seeded hash of
+  each item's ``content(item)`` (a str), not its position: the same rows read from a
+  TSV, a parquet file or TFDS (which stores rows in its own order) give the same
+  validation rows. Both parts keep the input order."""
+  def rank(i):
+    text = content(items[i])
+    h = hashlib.blake2b(f"{split_seed}\0{key}\0{text}".encode("utf-8"), digest_size=8).digest()
+    return h, text
+  order = sorted(range(len(items)), key=rank)
+  held = set(order[:n_holdout])
+  return ([x for i, x in enumerate(items) if i not in held],
+          [x for i, x in enumerate(items) if i in held])
 
 
 def check_split(split: str, allowed: Sequence[str], dataset: str) -> str:
@@ -231,8 +253,9 @@ def resolve_root(path, dataset: str, default_folder: str):
   if base:
     return os.path.join(base, default_folder)
   raise DataError(f"{dataset}: no data path given; expected path= (a folder in the data "
-                  f"set's original layout, a file, a `datasets` object or save_to_disk "
-                  f"folder, or 'hf:<hub id>') or $PEFT_JAX_DATA_DIR containing "
+                  f"set's original layout, a parquet/JSONL/CSV file or folder of them, a "
+                  f"`datasets` object or save_to_disk folder, 'hf:<hub id>' or "
+                  f"'tfds:<name>/<config>') or $PEFT_JAX_DATA_DIR containing "
                   f"{default_folder}/")
 
 
@@ -275,11 +298,10 @@ def _pick_split(dd, split: str, dataset: str):
                   f"named {list(HF_SPLIT_NAMES.get(split, (split,)))} for split {split!r}")
 
 
-def hf_examples(path, split: str, dataset: str, hf_config: Optional[str] = None,
-                hf_split: Optional[str] = None) -> Tuple[List[dict], Dict[str, List[str]], str]:
-  """(examples as dicts, {column: ClassLabel names}, description of the source)."""
+def hf_object(path, dataset: str, hf_config: Optional[str] = None):
+  """(a datasets.Dataset or DatasetDict, description) from a ``datasets`` object, a
+  ``save_to_disk`` folder or ``hf:<hub id>``."""
   datasets = _import_datasets(dataset)
-  want = hf_split or split
   if isinstance(path, (str, os.PathLike)):
     p = os.fspath(path)
     if p.startswith("hf:"):
@@ -301,19 +323,217 @@ def hf_examples(path, split: str, dataset: str, hf_config: Optional[str] = None,
       desc = f"load_from_disk:{p}"
   else:
     obj, desc = path, f"datasets:{type(path).__name__}"
-  if isinstance(obj, datasets.DatasetDict):
-    obj = _pick_split(obj, want, dataset)
-  if not isinstance(obj, datasets.Dataset):
+  if not isinstance(obj, (datasets.Dataset, datasets.DatasetDict)):
     raise DataError(f"{dataset}: got a {type(obj).__name__}; expected a datasets.Dataset or "
                     f"DatasetDict")
+  return obj, desc
+
+
+def hf_rows(ds) -> Tuple[List[dict], Dict[str, List[str]]]:
+  """(rows as dicts, {column: ClassLabel names}) of a datasets.Dataset."""
+  import datasets
   class_names = {}
-  for col, feat in (obj.features or {}).items():
+  for col, feat in (ds.features or {}).items():
     if isinstance(feat, datasets.ClassLabel):
       class_names[col] = list(feat.names)
-  rows = obj.to_list()
+  rows = ds.to_list()
   for i, r in enumerate(rows):
     r["_line"] = i
+  return rows, class_names
+
+
+def hf_examples(path, split: str, dataset: str, hf_config: Optional[str] = None,
+                hf_split: Optional[str] = None) -> Tuple[List[dict], Dict[str, List[str]], str]:
+  """(examples as dicts, {column: ClassLabel names}, description of the source)."""
+  datasets = _import_datasets(dataset)
+  obj, desc = hf_object(path, dataset, hf_config)
+  if isinstance(obj, datasets.DatasetDict):
+    obj = _pick_split(obj, hf_split or split, dataset)
+  rows, class_names = hf_rows(obj)
   return rows, class_names, desc
+
+
+# ----------------------------------------------------------------------------- tables and sources
+# Files that hold a data set's rows under the Hugging Face field names: parquet (pyarrow,
+# a dependency of `datasets`), JSON lines and CSV/TSV with a header line.
+
+TABLE_EXTS = (".parquet", ".jsonl", ".csv", ".tsv")
+
+
+def _plain(v):
+  """numpy / bytes values (TFDS, pyarrow) -> plain Python ones."""
+  if isinstance(v, bytes):
+    return v.decode("utf-8")
+  if isinstance(v, dict):
+    return {k: _plain(x) for k, x in v.items()}
+  if isinstance(v, np.ndarray):
+    return [_plain(x) for x in v.tolist()]
+  if isinstance(v, np.generic):
+    return _plain(v.item())
+  if isinstance(v, (list, tuple)):
+    return [_plain(x) for x in v]
+  return v
+
+
+def _parquet_class_names(schema) -> Dict[str, List[str]]:
+  """ClassLabel names that `datasets` writes into a parquet file's schema metadata."""
+  meta = (schema.metadata or {}).get(b"huggingface")
+  if not meta:
+    return {}
+  try:
+    feats = json.loads(meta).get("info", {}).get("features", {})
+  except (ValueError, AttributeError):
+    return {}
+  return {k: list(f["names"]) for k, f in feats.items()
+          if isinstance(f, dict) and f.get("_type") == "ClassLabel" and "names" in f}
+
+
+def read_parquet(paths: Sequence[str], dataset: str) -> Tuple[List[dict], Dict[str, List[str]]]:
+  try:
+    import pyarrow.parquet as pq
+  except ImportError:
+    raise DataError(f"{dataset}: reading parquet needs pyarrow; expected `pip install "
+                    f"'peft-jax[data]'` (pyarrow comes with `datasets`)") from None
+  rows, names = [], {}
+  for fp in paths:
+    try:
+      table = pq.read_table(fp)
+    except Exception as e:
+      raise DataError(f"{dataset}: {fp} is not a readable parquet file ({type(e).__name__}: "
+                      f"{str(e)[:200]}); expected a parquet file") from None
+    names.update(_parquet_class_names(table.schema))
+    for r in table.to_pylist():
+      r["_line"] = len(rows)
+      r["_file"] = fp
+      rows.append(r)
+  return rows, names
+
+
+def read_table(paths: Union[str, Sequence[str]], dataset: str) -> Tuple[List[dict], Dict[str, List[str]]]:
+  """(rows, ClassLabel names) of parquet / JSONL / CSV / TSV file(s) with a header (the
+  fields as the Hugging Face version of the data set names them). Several paths are
+  shards of one split, read in order."""
+  paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+  paths = [os.fspath(p) for p in paths]
+  ext = os.path.splitext(paths[0])[1].lower()
+  if ext == ".parquet":
+    return read_parquet(paths, dataset)
+  rows = []
+  for fp in paths:
+    if ext == ".jsonl":
+      part = read_jsonl(fp, dataset)
+    elif ext in (".csv", ".tsv"):
+      require_file(fp, dataset, "a CSV file with a header line")
+      part = read_csv(fp, dataset, delimiter="\t" if ext == ".tsv" else ",")
+    else:
+      raise DataError(f"{dataset}: cannot read {fp}; expected a {'/'.join(TABLE_EXTS)} file")
+    for r in part:
+      r["_file"] = fp
+    rows.extend(part)
+  return rows, {}
+
+
+def table_files(root: str, name: str, hf_config: Optional[str] = None) -> Optional[List[str]]:
+  """The file(s) of split ``name`` in a folder of tables: ``<name>.parquet|jsonl|csv|tsv``,
+  or parquet shards as the Hugging Face hub names them (``<name>-00000-of-00001.parquet``
+  in the folder, in ``data/`` or in ``<hf_config>/``)."""
+  for ext in TABLE_EXTS:
+    fp = os.path.join(root, name + ext)
+    if os.path.isfile(fp):
+      return [fp]
+  for sub in ("", "data", hf_config or ""):
+    d = os.path.join(root, sub) if sub else root
+    shards = sorted(glob.glob(os.path.join(glob.escape(d), f"{glob.escape(name)}-*.parquet")))
+    shards = [f for f in shards if re.fullmatch(re.escape(name) + r"-\d+-of-\d+\.parquet",
+                                                 os.path.basename(f))]
+    if shards:
+      return shards
+  return None
+
+
+def table_splits(root: str, hf_config: Optional[str] = None) -> Dict[str, List[str]]:
+  """{split name: files} of a folder of tables (see :func:`table_files`)."""
+  names = set()
+  for sub in ("", "data", hf_config or ""):
+    d = os.path.join(root, sub) if sub else root
+    if not os.path.isdir(d):
+      continue
+    for f in os.listdir(d):
+      base, ext = os.path.splitext(f)
+      if ext.lower() not in TABLE_EXTS:
+        continue
+      m = re.fullmatch(r"(.+)-\d+-of-\d+", base)
+      if m and ext.lower() == ".parquet":
+        names.add(m.group(1))
+      elif not sub:
+        names.add(base)
+  out = {}
+  for n in sorted(names):
+    files = table_files(root, n, hf_config)
+    if files:
+      out[n] = files
+  return out
+
+
+def _tfds_name(spec: str) -> str:
+  """``name[/config][:version]``; ``name/3.0.0`` (a version where the config goes) is
+  read as ``name:3.0.0``."""
+  parts = spec.split("/")
+  if len(parts) == 2 and re.fullmatch(r"\d+\.\d+\.\d+", parts[1]):
+    return f"{parts[0]}:{parts[1]}"
+  return spec
+
+
+def tfds_splits(spec: str, dataset: str, data_dir: Optional[str] = None):
+  """({split: reader()}, {feature: ClassLabel names}, description) of a prepared TFDS
+  data set. ArrayRecord data are read with ``tfds.data_source`` (no TensorFlow);
+  TFRecord data need TensorFlow (``as_dataset``). Nothing is downloaded."""
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise DataError(f"{dataset}: data.path=tfds:{spec} needs tensorflow-datasets; expected "
+                    f"`pip install 'peft-jax[tfds]'`, or a local folder / hf:<id>") from None
+  name = _tfds_name(spec)
+  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
+  where = data_dir or "TFDS's default data_dir"
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:
+    raise DataError(f"{dataset}: TFDS has no data set {name!r} in {where} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); expected "
+                    f"tfds:<name>/<config> of a TFDS data set") from None
+  if not builder.is_prepared():
+    raise DataError(f"{dataset}: TFDS data set {name!r} is not prepared in {where}; expected "
+                    f"it built there first (`tfds build {name} --data_dir=...`, needs the "
+                    f"network) or data.tfds_data_dir / $TFDS_DATA_DIR naming where it is")
+  feats = builder.info.features
+  names = {}
+  for k in getattr(feats, "keys", lambda: [])():
+    f = feats[k]
+    if isinstance(f, tfds.features.ClassLabel):
+      names[k] = list(f.names)
+  fmt = str(getattr(builder.info, "file_format", "") or "").lower()
+
+  def reader(split):
+    def read():
+      if "tfrecord" not in fmt:
+        src = builder.as_data_source(split=split)
+        exs = [_plain(dict(src[i])) for i in range(len(src))]
+      else:
+        import importlib.util
+        if importlib.util.find_spec("tensorflow") is None:   # as_dataset needs it
+          raise DataError(f"{dataset}: TFDS data set {name!r} is stored as TFRecord, which "
+                          f"needs TensorFlow to read; expected `pip install tensorflow`, or "
+                          f"the data set prepared with file_format=array_record") from None
+        exs = [_plain(ex) for ex in tfds.as_numpy(builder.as_dataset(split=split,
+                                                                      shuffle_files=False))]
+      for i, ex in enumerate(exs):
+        ex["_line"] = i
+      return exs
+    return read
+
+  splits = {s: reader(s) for s in builder.info.splits.keys()}
+  return splits, names, f"tfds:{name}" + (f" ({data_dir})" if data_dir else "")
 
 
 def get_field(ex: dict, keys: Sequence[str], dataset: str, where: str, expected: str):
@@ -347,3 +567,8 @@ COMMON_KNOBS = {
 }
 TEMPLATE_KNOB = {"template": Field(None, "the prompt template, with {field} placeholders "
                                    "(none: the data set's own)", "str")}
+#: the source options of the loaders in peft_jax.data.sources
+SOURCE_KNOBS = {
+    "tfds_data_dir": Field(None, "TFDS's data_dir for a tfds:<name>/<config> data.path (none: "
+                           "$TFDS_DATA_DIR, else TFDS's default)", "str"),
+}

@@ -5,10 +5,56 @@ CNN/DailyMail, AG News, CoLA, E2E NLG and SAMSum.
 :class:`~peft_jax.data.common.Rows` of ``{"input", "target", "references", "meta"}``
 for ``name`` in :data:`DATASETS`; SuperNI and TÜLU live in their own modules.
 
-``path`` is a folder in the data set's original layout (file names below), a single
-file of that format (read as the requested split), a ``datasets.Dataset`` /
-``DatasetDict``, a ``save_to_disk`` folder, or ``"hf:<hub id>"`` (with ``hf_config``;
-needs the hub). Without ``path``, ``$PEFT_JAX_DATA_DIR/<folder>`` is used.
+``path`` (``data.path``) is any of these source kinds:
+
+* a folder in the data set's original layout (file names below);
+* a folder of tables under the Hugging Face split and field names:
+  ``<split>.parquet`` / ``.jsonl`` / ``.csv`` / ``.tsv``, or parquet shards named as on
+  the hub (``data/<split>-00000-of-00001.parquet``; also in the folder itself or in
+  ``<hf_config>/``). A folder holding any original-layout file is read as that layout;
+* a single file: the original format (``.jsonl`` SuperGLUE, ``.tsv`` CoLA, ``.csv``
+  CNN/DailyMail, AG News, E2E, SAMSum, ``.json`` SAMSum) or a parquet / JSONL / CSV
+  table with the Hugging Face fields; read as whatever split is asked for (no carve);
+* a ``datasets.Dataset`` / ``DatasetDict``, a ``save_to_disk`` folder, or
+  ``"hf:<hub id>"`` (with ``hf_config``, e.g. ``hf:glue`` + ``hf_config=cola``; needs the
+  hub);
+* ``"tfds:<name>[/<config>][:<version>]"`` (``tfds:super_glue/rte``,
+  ``tfds:glue/cola``, ``tfds:ag_news_subset``; ``tfds:cnn_dailymail/3.0.0`` means version
+  3.0.0): a TFDS data set already prepared in ``tfds_data_dir`` (else
+  ``$TFDS_DATA_DIR``, else TFDS's default). Nothing is downloaded. ArrayRecord data are
+  read through ``tfds.data_source`` without TensorFlow; TFRecord data need TensorFlow.
+  Needs the ``[tfds]`` extra.
+
+Without ``path``, ``$PEFT_JAX_DATA_DIR/<folder>`` is used. Field names: the original
+ones or the Hugging Face ones (AG News ``text,label``, or TFDS's ``title,description``
+joined by a space; CoLA ``sentence,label,idx``; SuperGLUE ``premise,hypothesis,idx,
+label`` etc.; CNN/DailyMail ``article,highlights,id``; SAMSum ``id,dialogue,summary``;
+E2E ``meaning_representation,human_reference``). ``ClassLabel`` names (datasets, TFDS,
+the parquet metadata `datasets` writes) name integer labels.
+
+One meaning of train / validation / test per data set, whatever the source. "HF/TFDS"
+is the split read from a hub id, DatasetDict, save_to_disk folder, folder of tables or
+TFDS data set; "carve" is ``validation_size`` rows of that source's train, chosen by
+``split_seed`` and removed from train::
+
+  data set       | train            | validation                    | test
+  ---------------+------------------+-------------------------------+--------------------------
+  boolq/rte/copa | train            | validation (layout: val.jsonl)| test (unlabelled: <unk>)
+  cnn_dailymail  | train            | validation                    | test
+  ag_news        | train - carve    | carve (none published)        | test
+  cola           | train - carve    | carve (layout: val.tsv if     | GLUE dev: HF/TFDS
+                 |                  |   present, else carve)        |   validation, dev.tsv
+  e2e_nlg        | train            | validation (devset.csv)       | test (testset_w_refs.csv)
+  samsum         | train            | validation (val.csv)          | test
+  dev32 (FewGLUE, boolq/copa): the original layout only.
+
+A source without the validation split gets one carved when ``validation_size`` is set
+(default 1,000 for AG News and CoLA, where the carve *is* the validation split; none
+elsewhere, where a missing validation split is an error naming the knob; E2E carves
+whole meaning representations). The carve ranks rows by a ``split_seed``-keyed hash of
+their text (input and target), not by position, so the same rows give the same
+validation split from every source kind (TFDS stores rows in its own order) and across
+training seeds. ``hf_split`` reads the named HF/TFDS split as it is (no table, no carve).
 
 Text-to-text formats (input template -> target; ``template=`` overrides the input
 template, a ``str.format`` string over the fields in braces)::
@@ -36,9 +82,7 @@ CoLA, E2E, SAMSum) are this project's choice: a one-line instruction, a blank li
 then the raw text (SAMSum's ``\\r\\n`` line ends become ``\\n``; AG News's original
 3-column CSV becomes ``title + " " + description``). Targets are ``.strip()``-ed.
 
-Files per split (first existing wins; ``validation`` is carved from the train file,
-``validation_size`` rows chosen by ``split_seed`` and removed from ``train``, when the
-layout has no validation file):
+Original-layout files per split (first existing wins; see the table for carving):
 
 * SuperGLUE: ``train.jsonl``, ``val.jsonl`` (``validation.jsonl``), ``test.jsonl``
   (unlabelled in SuperGLUE), ``dev32.jsonl`` (FewGLUE split ``dev32``).
@@ -56,10 +100,7 @@ layout has no validation file):
 * SAMSum (CSV ``id,summary,dialogue`` or the corpus JSON): ``train``, ``val``, ``test``
   ``.csv``/``.json``.
 
-For ``datasets`` sources the split is the DatasetDict's (``validation`` also matches
-``val``/``dev``; ``hf_split`` names another) and ``ClassLabel`` names label ints.
-``split_seed`` (carving) and ``validation_size`` (AG News, CoLA; default 1,000) only
-matter where a validation split is carved.
+For HF/TFDS sources ``validation`` also matches ``val``/``dev``.
 
 ``size`` = an int or seed 002's ``low``/``medium``/``high`` (100/1,000/10,000): a
 ``seed``-chosen subset (nested across sizes); when fewer rows exist all are taken and
@@ -76,9 +117,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from peft_jax.fields import Field
 
-from peft_jax.data.common import (COMMON_KNOBS, TEMPLATE_KNOB, DataError, Rows, as_text, carve, check_split, first_existing,
-                                  get_field, hf_examples, is_hf_source, make_row, read_csv,
-                                  read_jsonl, resolve_root, subsample)
+from peft_jax.data.common import (COMMON_KNOBS, HF_SPLIT_NAMES, SOURCE_KNOBS, TABLE_EXTS,
+                                  TEMPLATE_KNOB, DataError, Rows, as_text, carve_by_content,
+                                  check_split, first_existing, get_field, hf_object, hf_rows,
+                                  is_hf_source, make_row, read_csv, read_jsonl, read_table,
+                                  resolve_root, subsample, table_splits, tfds_splits)
 
 TEMPLATES = {
     "boolq": "boolq passage: {passage} question: {question}",
@@ -98,6 +141,17 @@ LABELS = {
     "cola": ["unacceptable", "acceptable"],
 }
 UNK = "<unk>"  # T5's target for unlabelled rows
+
+_SAME = {"train": "train", "validation": "validation", "test": "test"}
+#: {data set: {our split: the Hugging Face / TFDS split it is read from}}; validation
+#: None or absent from the source: carved from train (``validation_size``, ``split_seed``)
+SPLITS: Dict[str, Dict[str, Optional[str]]] = {
+    "boolq": _SAME, "rte": _SAME, "copa": _SAME, "cnn_dailymail": _SAME, "ag_news": _SAME,
+    "e2e_nlg": _SAME, "samsum": _SAME,
+    # GLUE's test labels are hidden: our test is GLUE dev (HF/TFDS "validation"), as in
+    # the original layout (dev.tsv); our validation is carved from train
+    "cola": {"train": "train", "validation": None, "test": "validation"},
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -139,62 +193,134 @@ def _text(ex: dict, keys: Sequence[str], dataset: str, expected: str) -> str:
   return as_text(get_field(ex, keys, dataset, _where(ex), expected), dataset, _where(ex), keys[0])
 
 
-def _source(dataset: str, split: str, path, folder: str, files: Dict[str, Sequence[str]],
-            reader: Callable[[str], List[dict]], expected: str, info: dict, *,
-            validation_size: Optional[int] = None, split_seed: int = 0, hf_config=None,
-            hf_split=None) -> Tuple[List[dict], Dict[str, List[str]], Optional[str]]:
-  """(raw examples of ``split``, ClassLabel names, the local folder or None for a
-  ``datasets`` source). ``validation_size`` not None: a layout without a validation
-  file gets one carved from the train file."""
-  root = resolve_root(path, dataset, folder)
+class _Src:
+  """Split-addressable examples. ``kind``: ``layout`` (the original file names, split
+  names are ours), ``hf`` (Hugging Face / TFDS split names, translated by the data set's
+  split table) or ``single`` (one file or Dataset: whatever split is asked for)."""
+
+  def __init__(self, kind, desc, splits, root=None):
+    self.kind, self.desc, self.splits, self.root = kind, desc, splits, root
+
+  def find(self, name: Optional[str]) -> Optional[str]:
+    if name is None:
+      return None
+    for cand in (HF_SPLIT_NAMES.get(name, (name,)) if self.kind == "hf" else (name,)):
+      if cand in self.splits:
+        return cand
+    return None
+
+
+def _open_source(dataset, root, files, reader, hf_config, tfds_data_dir, layout_exts) -> _Src:
+  if isinstance(root, str) and root.startswith("tfds:"):
+    readers, names, desc = tfds_splits(root[5:], dataset, tfds_data_dir)
+    return _Src("hf", desc, {k: (lambda r=r: (r(), names, desc)) for k, r in readers.items()})
   if is_hf_source(root):
-    exs, names, desc = hf_examples(root, split, dataset, hf_config, hf_split)
-    info["source"] = desc
-    return exs, names, None
+    obj, desc = hf_object(root, dataset, hf_config)
+    if hasattr(obj, "keys"):                       # DatasetDict
+      return _Src("hf", desc, {k: (lambda k=k: (*hf_rows(obj[k]), desc)) for k in obj.keys()})
+    return _Src("single", desc, {None: lambda: (*hf_rows(obj), desc)})
   root = os.fspath(root)
 
   def read(fp):
     exs = reader(fp)
     for e in exs:
       e["_file"] = fp
-    return exs
+    return exs, {}, fp
 
   if os.path.isfile(root):
-    info["source"] = root
-    return read(root), {}, os.path.dirname(root)
+    ext = os.path.splitext(root)[1].lower()
+    if ext in TABLE_EXTS and ext not in layout_exts:
+      return _Src("single", root, {None: lambda: (*read_table(root, dataset), root)})
+    return _Src("single", root, {None: lambda: read(root)}, os.path.dirname(root))
   if not os.path.isdir(root):
     raise DataError(f"{dataset}: path not found: {root}; expected a folder with "
-                    f"{files.get(split, files['train'])[0]} ({expected})")
-  cands = files.get(split, ())
-  fp = first_existing(root, cands) if cands else None
-  has_val = first_existing(root, files.get("validation", ())) is not None
-  needs_carve = validation_size is not None and not has_val and split in ("train", "validation")
-  if split == "validation" and fp is None and needs_carve:
-    fp = first_existing(root, files["train"])
-    if fp is None:
-      raise DataError(f"{dataset}: no validation file ({', '.join(files['validation']) or 'none'}) "
-                      f"and no train file to carve one from in {root}; expected "
-                      f"{files['train'][0]} ({expected})")
-  if fp is None and not cands:
-    raise DataError(f"{dataset}: the original layout has no {split} file; expected "
-                    f"validation_size=N to carve one from the train file")
-  if fp is None:
-    raise DataError(f"{dataset}: file not found: {os.path.join(root, cands[0])}; expected "
-                    f"{' or '.join(cands)} for split {split!r} ({expected})")
-  exs = read(fp)
-  info["source"] = fp
-  if needs_carve:
-    n = validation_size
-    if not 0 < n < len(exs):
-      raise DataError(f"{dataset}: validation_size={n} cannot be carved from {len(exs)} "
-                      f"training rows of {fp}; expected 0 < validation_size < {len(exs)}")
-    train, val = carve(exs, n, split_seed, dataset + "-validation")
-    exs = val if split == "validation" else train
-    info["carved_validation"] = {"from": fp, "n": n, "split_seed": split_seed}
-  return exs, {}, root
+                    f"{files['train'][0]} (the original layout) or train.parquet/.jsonl/.csv, "
+                    f"a file, hf:<hub id> or tfds:<name>/<config>")
+  layout = {s: fp for s, names in files.items() for fp in [first_existing(root, names)] if fp}
+  tables = {} if layout else table_splits(root, hf_config)
+  if tables:
+    return _Src("hf", f"tables:{root}",
+                {k: (lambda fs=fs: (*read_table(fs, dataset), ", ".join(fs)))
+                 for k, fs in tables.items()})
+  return _Src("layout", root, {s: (lambda fp=fp: read(fp)) for s, fp in layout.items()}, root)
 
 
-def _finish(rows: List[dict], info: dict, split: str, seed: int, size, shuffle) -> Rows:
+def _source(dataset: str, split: str, path, folder: str, files: Dict[str, Sequence[str]],
+            reader: Callable[[str], List[dict]], expected: str, info: dict, *,
+            validation_size: Optional[int] = None, split_seed: int = 0, hf_config=None,
+            hf_split=None, tfds_data_dir=None, layout_exts: Sequence[str] = ()
+            ) -> Tuple[List[dict], Dict[str, List[str]], Optional[str], Optional[dict]]:
+  """(raw examples, ClassLabel names, the local folder of an original-layout source or
+  None, the carve to apply to the loaded rows or None). The split read follows
+  :data:`SPLITS` (HF / TFDS names) or ``files`` (original layout); a source without a
+  validation split gets ``validation_size`` rows carved from train (``_finish``)."""
+  root = resolve_root(path, dataset, folder)
+  src = _open_source(dataset, root, files, reader, hf_config, tfds_data_dir, layout_exts)
+
+  def load(name):
+    exs, names, desc = src.splits[name]()
+    info["source"] = desc
+    if src.kind == "hf":
+      info["source_split"] = name
+    return exs, names
+
+  if src.kind == "single":
+    exs, names = load(None)
+    return exs, names, src.root, None
+  if src.kind == "hf" and hf_split:
+    name = src.find(hf_split)
+    if name is None:
+      raise DataError(f"{dataset}: {src.desc} has splits {sorted(src.splits)}; expected one named "
+                      f"hf_split={hf_split!r}")
+    exs, names = load(name)
+    return exs, names, src.root, None
+  table = SPLITS[dataset] if src.kind == "hf" else {s: s for s in files}
+  val = src.find(table.get("validation"))
+  carving = split in ("train", "validation") and val is None and validation_size is not None
+  want = table.get("train") if carving else table.get(split)
+  name = src.find(want)
+  if name is None:
+    if src.kind == "layout":
+      cands = files.get(want, ())
+      if not cands:
+        raise DataError(f"{dataset}: the original layout has no {split} file; expected "
+                        f"validation_size=N to carve one from the train file")
+      hint = ("; or validation_size=N to carve it from the train file"
+              if split == "validation" else "")
+      raise DataError(f"{dataset}: file not found: {os.path.join(src.root, cands[0])}; expected "
+                      f"{' or '.join(cands)} for split {split!r} ({expected}), or a folder of "
+                      f"{split}.parquet/.jsonl/.csv{hint}")
+    if want is None and split == "validation":
+      raise DataError(f"{dataset}: {src.desc} has no split that is this data set's "
+                      f"validation; expected validation_size=N to carve one from train")
+    if want is None:
+      raise DataError(f"{dataset}: split {split!r} exists only in the original layout; "
+                      f"expected a folder with {' or '.join(files.get(split, ()))}")
+    hint = "; or validation_size=N to carve it from train" if split == "validation" else ""
+    raise DataError(f"{dataset}: {src.desc} has splits {sorted(src.splits)}; expected one named "
+                    f"{list(HF_SPLIT_NAMES.get(want, (want,)))} for split {split!r} (see the "
+                    f"split table in peft_jax.data.sources){hint}")
+  exs, names = load(name)
+  carve_spec = None
+  if carving:
+    carve_spec = {"from": info["source"], "n": validation_size, "split_seed": split_seed,
+                  "part": split}
+  return exs, names, src.root, carve_spec
+
+
+def _finish(rows: List[dict], info: dict, split: str, seed: int, size, shuffle,
+            carve_spec: Optional[dict] = None, dataset: str = "",
+            content=lambda r: r["input"] + "\0" + r["target"]) -> Rows:
+  if carve_spec is not None:
+    n = carve_spec["n"]
+    if not 0 < n < len(rows):
+      raise DataError(f"{dataset}: validation_size={n} cannot be carved from {len(rows)} "
+                      f"training rows of {carve_spec['from']}; expected 0 < validation_size < "
+                      f"{len(rows)}")
+    train, val = carve_by_content(rows, n, carve_spec["split_seed"], dataset + "-validation",
+                                  content)
+    rows = val if split == "validation" else train
+    info["carved_validation"] = {k: carve_spec[k] for k in ("from", "n", "split_seed")}
   shuffle = (split == "train") if shuffle is None else shuffle
   rows = subsample(rows, size, seed, shuffle=shuffle, info=info)
   info["n"] = len(rows)
@@ -215,17 +341,19 @@ SUPERGLUE_FIELDS = {"boolq": ("passage", "question"), "rte": ("hypothesis", "pre
 
 def _load_superglue(name: str, split: str, *, path=None, seed: int = 0, size=None,
                     shuffle: Optional[bool] = None, template: Optional[str] = None,
-                    split_seed: int = 0, hf_config: Optional[str] = None,
-                    hf_split: Optional[str] = None) -> Rows:
+                    split_seed: int = 0, validation_size: Optional[int] = None,
+                    hf_config: Optional[str] = None, hf_split: Optional[str] = None,
+                    tfds_data_dir: Optional[str] = None) -> Rows:
   check_split(split, tuple(SUPERGLUE_FILES), name)
   template = template or TEMPLATES[name]
   fields = SUPERGLUE_FIELDS[name]
   expected = f"SuperGLUE {name} jsonl rows with {', '.join(fields)}, label"
   info = _info(name, split, seed, template)
-  exs, class_names, _ = _source(
+  exs, class_names, _, carved = _source(
       name, split, path, f"superglue/{name}", SUPERGLUE_FILES,
       lambda fp: read_jsonl(fp, name, fields), expected, info, hf_config=hf_config,
-      hf_split=hf_split)
+      hf_split=hf_split, validation_size=validation_size, split_seed=split_seed,
+      tfds_data_dir=tfds_data_dir, layout_exts=(".jsonl",))
   names = class_names.get("label") or LABELS[name]
   info["classes"] = list(names)
   rows = []
@@ -235,7 +363,7 @@ def _load_superglue(name: str, split: str, *, path=None, seed: int = 0, size=Non
     tgt = label if label is not None else UNK
     rows.append(make_row(_fill(template, name, **vals), tgt, dataset=name, label=label,
                          idx=ex.get("idx"), classes=list(names)))
-  return _finish(rows, info, split, seed, size, shuffle)
+  return _finish(rows, info, split, seed, size, shuffle, carved, name)
 
 
 def load_boolq(split, **kw) -> Rows:
@@ -254,8 +382,9 @@ def load_copa(split, **kw) -> Rows:
 
 def load_cnn_dailymail(split: str, *, path=None, seed: int = 0, size=None,
                        shuffle: Optional[bool] = None, template: Optional[str] = None,
-                       split_seed: int = 0, hf_config: Optional[str] = None,
-                       hf_split: Optional[str] = None) -> Rows:
+                       split_seed: int = 0, validation_size: Optional[int] = None,
+                       hf_config: Optional[str] = None, hf_split: Optional[str] = None,
+                       tfds_data_dir: Optional[str] = None) -> Rows:
   name = "cnn_dailymail"
   check_split(split, ("train", "validation", "test"), name)
   template = template or TEMPLATES[name]
@@ -263,16 +392,18 @@ def load_cnn_dailymail(split: str, *, path=None, seed: int = 0, size=None,
   info = _info(name, split, seed, template)
   files = {"train": ("train.csv", "train_sample.csv"), "validation": ("validation.csv", "val.csv"),
            "test": ("test.csv",)}
-  exs, _, _ = _source(name, split, path, "cnn_dailymail", files,
-                      lambda fp: read_csv(fp, name, required=("article", "highlights")),
-                      expected, info, hf_config=hf_config, hf_split=hf_split)
+  exs, _, _, carved = _source(
+      name, split, path, "cnn_dailymail", files,
+      lambda fp: read_csv(fp, name, required=("article", "highlights")), expected, info,
+      hf_config=hf_config, hf_split=hf_split, validation_size=validation_size,
+      split_seed=split_seed, tfds_data_dir=tfds_data_dir, layout_exts=(".csv",))
   rows = []
   for ex in exs:
     art = _text(ex, ("article",), name, expected)
     hl = _text(ex, ("highlights",), name, expected)
     rows.append(make_row(_fill(template, name, article=art), hl.strip(), dataset=name,
                          id=ex.get("id")))
-  return _finish(rows, info, split, seed, size, shuffle)
+  return _finish(rows, info, split, seed, size, shuffle, carved, name)
 
 
 # ----------------------------------------------------------------------------- AG News
@@ -311,17 +442,19 @@ def _ag_news_label_base(exs: List[dict], n_classes: int, info: dict) -> int:
 def load_ag_news(split: str, *, path=None, seed: int = 0, size=None,
                  shuffle: Optional[bool] = None, template: Optional[str] = None,
                  validation_size: Optional[int] = 1000, split_seed: int = 0,
-                 hf_config: Optional[str] = None, hf_split: Optional[str] = None) -> Rows:
+                 hf_config: Optional[str] = None, hf_split: Optional[str] = None,
+                 tfds_data_dir: Optional[str] = None) -> Rows:
   name = "ag_news"
   check_split(split, ("train", "validation", "test"), name)
   template = template or TEMPLATES[name]
   expected = "AG News CSV: class index (1-4), title, description (or a text,label header)"
   info = _info(name, split, seed, template)
   files = {"train": ("train.csv",), "validation": (), "test": ("test.csv",)}
-  exs, class_names, root = _source(name, split, path, "ag_news", files, _read_ag_news, expected,
-                                   info, validation_size=validation_size, split_seed=split_seed,
-                                   hf_config=hf_config, hf_split=hf_split)
-  if root is None:                       # `datasets`: 0-based labels (ClassLabel names)
+  exs, class_names, root, carved = _source(
+      name, split, path, "ag_news", files, _read_ag_news, expected, info,
+      validation_size=validation_size, split_seed=split_seed, hf_config=hf_config,
+      hf_split=hf_split, tfds_data_dir=tfds_data_dir, layout_exts=(".csv",))
+  if root is None:                       # HF / TFDS / tables: 0-based (ClassLabel names)
     names, offset = class_names.get("label") or LABELS[name], 0
   else:                                  # CSV: labels named by classes.txt
     cls = os.path.join(root, "classes.txt")
@@ -338,7 +471,11 @@ def load_ag_news(split: str, *, path=None, seed: int = 0, size=None,
   options = ", ".join(names)
   rows = []
   for ex in exs:
-    text = _text(ex, ("text",), name, expected)
+    if "text" not in ex and "title" in ex and "description" in ex:   # TFDS ag_news_subset
+      text = (_text(ex, ("title",), name, expected) + " "
+              + _text(ex, ("description",), name, expected))
+    else:
+      text = _text(ex, ("text",), name, expected)
     raw = ex.get("label")
     try:
       idx = int(raw) - offset
@@ -349,7 +486,7 @@ def load_ag_news(split: str, *, path=None, seed: int = 0, size=None,
                       f"{offset}..{len(names) - 1 + offset}")
     rows.append(make_row(_fill(template, name, text=text, options=options), names[idx],
                          dataset=name, label=names[idx], classes=list(names)))
-  return _finish(rows, info, split, seed, size, shuffle)
+  return _finish(rows, info, split, seed, size, shuffle, carved, name)
 
 
 # ----------------------------------------------------------------------------- CoLA
@@ -368,7 +505,7 @@ def _read_cola(fp: str) -> List[dict]:
 def load_cola(split: str, *, path=None, seed: int = 0, size=None, shuffle: Optional[bool] = None,
               template: Optional[str] = None, validation_size: Optional[int] = 1000,
               split_seed: int = 0, hf_config: Optional[str] = None,
-              hf_split: Optional[str] = None) -> Rows:
+              hf_split: Optional[str] = None, tfds_data_dir: Optional[str] = None) -> Rows:
   name = "cola"
   check_split(split, ("train", "validation", "test"), name)
   template = template or TEMPLATES[name]
@@ -376,10 +513,10 @@ def load_cola(split: str, *, path=None, seed: int = 0, size=None, shuffle: Optio
   info = _info(name, split, seed, template)
   files = {"train": ("train.tsv", "in_domain_train.tsv"), "validation": ("val.tsv",),
            "test": ("dev.tsv", "in_domain_dev.tsv")}
-  exs, class_names, _ = _source(
+  exs, class_names, _, carved = _source(
       name, split, path, "glue_cola", files, _read_cola, expected, info,
       validation_size=validation_size, split_seed=split_seed, hf_config=hf_config,
-      hf_split=hf_split)
+      hf_split=hf_split, tfds_data_dir=tfds_data_dir, layout_exts=(".tsv",))
   names = class_names.get("label") or LABELS[name]
   info["classes"] = list(names)
   rows = []
@@ -389,30 +526,55 @@ def load_cola(split: str, *, path=None, seed: int = 0, size=None, shuffle: Optio
     rows.append(make_row(_fill(template, name, sentence=sent), label if label is not None else UNK,
                          dataset=name, label=label, source=ex.get("source"),
                          classes=list(names)))
-  return _finish(rows, info, split, seed, size, shuffle)
+  return _finish(rows, info, split, seed, size, shuffle, carved, name)
 
 
 # ----------------------------------------------------------------------------- E2E NLG
 
+def _read_e2e(fp: str) -> List[dict]:
+  rows = read_csv(fp, "e2e_nlg")
+  if rows:
+    for pair in (("mr", "meaning_representation"), ("ref", "human_reference")):
+      if not any(k in rows[0] for k in pair):
+        raise DataError(f"e2e_nlg: {fp} header lacks column {pair[0]!r} (or {pair[1]!r}); "
+                        f"expected columns mr,ref or meaning_representation,human_reference")
+  return rows
+
+
 def load_e2e_nlg(split: str, *, path=None, seed: int = 0, size=None,
                  shuffle: Optional[bool] = None, template: Optional[str] = None,
                  group_references: Optional[bool] = None, split_seed: int = 0,
-                 hf_config: Optional[str] = None, hf_split: Optional[str] = None) -> Rows:
+                 validation_size: Optional[int] = None, hf_config: Optional[str] = None,
+                 hf_split: Optional[str] = None, tfds_data_dir: Optional[str] = None) -> Rows:
   name = "e2e_nlg"
   check_split(split, ("train", "validation", "test"), name)
   template = template or TEMPLATES[name]
-  expected = "E2E CSV with header mr,ref"
+  expected = "E2E CSV with header mr,ref (or meaning_representation,human_reference)"
   info = _info(name, split, seed, template)
   files = {"train": ("trainset.csv", "train.csv"),
            "validation": ("devset.csv", "dev.csv", "validation.csv"),
            "test": ("testset_w_refs.csv", "test.csv")}
-  exs, _, _ = _source(name, split, path, "e2e_nlg", files,
-                      lambda fp: read_csv(fp, name, required=("mr", "ref")), expected, info,
-                      hf_config=hf_config, hf_split=hf_split)
+  exs, _, _, carved = _source(
+      name, split, path, "e2e_nlg", files, _read_e2e, expected, info, hf_config=hf_config,
+      hf_split=hf_split, validation_size=validation_size, split_seed=split_seed,
+      tfds_data_dir=tfds_data_dir, layout_exts=(".csv",))
   group = (split != "train") if group_references is None else group_references
   info["group_references"] = group
   pairs = [(_text(ex, ("mr", "meaning_representation"), name, expected),
             _text(ex, ("ref", "human_reference"), name, expected).strip()) for ex in exs]
+  if carved is not None:     # carve whole meaning representations (validation_size of them)
+    units: Dict[str, List[Tuple[str, str]]] = {}
+    for mr, ref in pairs:
+      units.setdefault(mr, []).append((mr, ref))
+    n = carved["n"]
+    if not 0 < n < len(units):
+      raise DataError(f"{name}: validation_size={n} cannot be carved from {len(units)} "
+                      f"meaning representations of {carved['from']}; expected 0 < "
+                      f"validation_size < {len(units)}")
+    rest, held = carve_by_content(list(units.values()), n, carved["split_seed"],
+                                  name + "-validation", lambda u: u[0][0])
+    pairs = [p for u in (held if split == "validation" else rest) for p in u]
+    info["carved_validation"] = {k: carved[k] for k in ("from", "n", "split_seed")}
   rows = []
   if group:
     refs: Dict[str, List[str]] = {}
@@ -451,8 +613,9 @@ def _read_samsum(fp: str) -> List[dict]:
 
 def load_samsum(split: str, *, path=None, seed: int = 0, size=None,
                 shuffle: Optional[bool] = None, template: Optional[str] = None,
-                split_seed: int = 0, hf_config: Optional[str] = None,
-                hf_split: Optional[str] = None) -> Rows:
+                split_seed: int = 0, validation_size: Optional[int] = None,
+                hf_config: Optional[str] = None, hf_split: Optional[str] = None,
+                tfds_data_dir: Optional[str] = None) -> Rows:
   name = "samsum"
   check_split(split, ("train", "validation", "test"), name)
   template = template or TEMPLATES[name]
@@ -461,15 +624,17 @@ def load_samsum(split: str, *, path=None, seed: int = 0, size=None,
   files = {"train": ("train.csv", "train.json"),
            "validation": ("val.csv", "validation.csv", "val.json"),
            "test": ("test.csv", "test.json")}
-  exs, _, _ = _source(name, split, path, "samsum", files, _read_samsum, expected, info,
-                      hf_config=hf_config, hf_split=hf_split)
+  exs, _, _, carved = _source(
+      name, split, path, "samsum", files, _read_samsum, expected, info, hf_config=hf_config,
+      hf_split=hf_split, validation_size=validation_size, split_seed=split_seed,
+      tfds_data_dir=tfds_data_dir, layout_exts=(".csv", ".json"))
   rows = []
   for ex in exs:
     dia = _text(ex, ("dialogue",), name, expected).replace("\r\n", "\n")
     summ = _text(ex, ("summary",), name, expected)
     rows.append(make_row(_fill(template, name, dialogue=dia), summ.strip(), dataset=name,
                          id=ex.get("id")))
-  return _finish(rows, info, split, seed, size, shuffle)
+  return _finish(rows, info, split, seed, size, shuffle, carved, name)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -492,20 +657,25 @@ LOADERS: Dict[str, Callable[..., Rows]] = {
 DATASETS = tuple(LOADERS)
 
 
-def _validation_size(default, what):
-  return {"validation_size": Field(default, f"{what} held out (by split_seed) as the "
-                                   "validation split", "int", ge=0)}
+def _validation_size(default, doc):
+  return {"validation_size": Field(default, doc, "int", ge=0)}
 
 
 def _knobs():
   from peft_jax.data import superni, tulu
-  seq = {**COMMON_KNOBS, **TEMPLATE_KNOB}
+  base = {**COMMON_KNOBS, **TEMPLATE_KNOB, **SOURCE_KNOBS}
+  optional = ("held out (by split_seed) as the validation split where the source has none "
+              "(none: no carve, a missing validation split is an error)")
+  seq = {**base, **_validation_size(None, "training rows " + optional)}
   return {
       "superni": superni.KNOBS, "tulu": tulu.KNOBS,
       "boolq": seq, "rte": seq, "copa": seq, "cnn_dailymail": seq, "samsum": seq,
-      "ag_news": {**seq, **_validation_size(1000, "training rows")},
-      "cola": {**seq, **_validation_size(1000, "training rows")},
-      "e2e_nlg": {**seq, "group_references": Field(
+      "ag_news": {**base, **_validation_size(1000, "training rows held out (by split_seed) as "
+                                             "the validation split")},
+      "cola": {**base, **_validation_size(1000, "training rows held out (by split_seed) as the "
+                                          "validation split (unless the layout has val.tsv)")},
+      "e2e_nlg": {**base, **_validation_size(None, "meaning representations of train " + optional),
+                  "group_references": Field(
           None, "one row per meaning representation with all its references (none: on "
           "evaluation splits)", "bool")},
   }
