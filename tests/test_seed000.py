@@ -4,6 +4,7 @@
 All of it is abstract (shapes only, no weights): the computation of ``train.py --dry_run``
 (``builder.build`` + ``peft.summary``)."""
 import importlib.util
+import json
 import os
 
 import pytest
@@ -155,3 +156,67 @@ def test_lora_alpha_follows_rank_or_is_fixed():
   assert state.method.scaling(state.hparams) == 64.0
   with pytest.raises(ValueError, match=r"need the method lora, not 'adapter'"):
     M.get_config("adapter,r8")
+
+
+# ----------------------------------------------------------------------------- configs/tulu.py
+
+def _tulu_jsonl(path, n=20):
+  rows = []
+  for i in range(n):
+    msgs = [{"role": "user", "content": f"Say the number {i}."},
+            {"role": "assistant", "content": f"The number is {i}."}]
+    if i % 2:
+      msgs = [{"role": "system", "content": "Answer briefly."}] + msgs + [
+          {"role": "user", "content": "And the next one?"},
+          {"role": "assistant", "content": f"It is {i + 1}."}]
+    rows.append({"dataset": "toy", "id": f"c{i}", "messages": msgs})
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  return rows
+
+
+@pytest.mark.shared_data
+def test_tulu_tiny_default_data_trains_and_evaluates(shared_data, tmp_path, monkeypatch):
+  """configs/tulu.py:lora,tiny with its default data settings (only the path given): the
+  validation split is carved from the mixture, training and evaluation run, and the ids
+  generation is prompted with are the ids training puts before each answer."""
+  import peft_jax.decoding as decoding
+  from peft_jax.data.tulu import tokenize_rows
+  from peft_jax.trainer import Trainer
+  spec = importlib.util.spec_from_file_location("cfg_tulu_seed000",
+                                                os.path.join(REPO, "configs", "tulu.py"))
+  tulu = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tulu)
+  monkeypatch.setenv("PEFT_JAX_DATA_DIR", str(shared_data))
+  data = tmp_path / "tulu_mix.jsonl"
+  _tulu_jsonl(data)
+  c = tulu.get_config("lora,tiny")
+  assert c.data.eval_split == "validation" and c.data.validation_size == 4
+  assert tulu.get_config("lora").data.validation_size == 1000
+  c.data.path = str(data)
+  prompts = []
+  real = decoding.generate
+
+  def spy(model, params, arr, mask, **kw):
+    prompts.extend([list(a[m.astype(bool)]) for a, m in zip(arr, mask)])
+    return real(model, params, arr, mask, **kw)
+
+  monkeypatch.setattr(decoding, "generate", spy)
+  t = Trainer(c, str(tmp_path / "wd"))
+  val_ids = {r["meta"]["id"] for r in t.val_rows}
+  assert len(t.val_rows) == 4 and len(t.chat) == 16
+  assert not val_ids & {r["meta"]["id"] for r in t.train_rows}
+  res = t.train()
+  assert res["steps"] == 3 and res["tuned"] is not None and (tmp_path / "wd" / "adapter").exists()
+  # what training would train on for the validation conversations (the trainer's encoding)
+  trained = list(tokenize_rows(t.tok, t.val_rows, max_length=c.data.max_source_len +
+                               c.data.max_target_len))
+  expected = []
+  for e in trained:
+    k = max(i for i, m in enumerate(e["loss_mask"]) if not m) + 1    # where the answer starts
+    expected.append(e["input_ids"][:k])
+  assert expected[0][0] == t.tok.bos_token_id
+  assert prompts[:4] == expected                 # the untuned evaluation's prompts
+  assert prompts[-4:] == expected                # the final evaluation's
+  # the evaluation loss sees the training sequence: prompt + answer (+ EOS)
+  for i, e in enumerate(trained):
+    assert t.val_enc.source[i] + t.val_enc.target[i] == e["input_ids"]
