@@ -174,6 +174,7 @@ def _tulu_jsonl(path, n=20):
   return rows
 
 
+@pytest.mark.slow          # an end-to-end run: 30-50 s on a shared 2-core machine
 @pytest.mark.shared_data
 def test_tulu_tiny_default_data_trains_and_evaluates(shared_data, tmp_path, monkeypatch):
   """configs/tulu.py:lora,tiny with its default data settings (only the path given): the
