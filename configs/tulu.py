@@ -7,7 +7,17 @@ Variant parts: method in {lora, adapter, full} (default lora); model in {7b (def
 Fixed (Appendix C): bf16, 3 epochs, lr 1e-4, linear schedule with 3% warmup, weight
 decay 0, max length 4096, effective batch 128; LoRA r=512, alpha=512, dropout 0.1 on
 all query and key layers; adapter size 512. Rendered in open-instruct's chat format,
-loss on the assistant turn.
+loss on the assistant turns (``peft_jax.data.tulu``).
+
+Validation (ours; the paper evaluates on benchmarks, not on held-out conversations): the
+mixture has one split, so ``data.validation_size`` conversations (1,000; 4 for ``tiny``)
+are held out from it by ``data.split_seed`` and removed from training; this split picks
+the best checkpoint and gives the evaluation loss and ROUGE-L. Evaluation prompts are the
+token ids training puts before each answer (BOS first); a prompt longer than
+``data.max_source_len`` is cut from the left so the ``<|assistant|>`` cue survives.
+
+  python train.py --config=configs/tulu.py:lora,tiny --config.data.path=/data/tulu.jsonl \
+      --workdir=/tmp/tulu_tiny       # a random tiny LLaMA with the real tokenizer
 """
 
 from peft_jax.config_lib import base_config, parse_variant, tiny_model
@@ -33,6 +43,7 @@ def get_config(variant: str = ""):
   c.data.name = "tulu"
   c.data.max_source_len = 3072
   c.data.max_target_len = 1024
+  c.data.validation_size = 1000    # held out from the mixture (module docstring)
   c.peft = dict(PEFT[v["method"]])
   c.train.learning_rate = 1e-4
   c.train.num_epochs = 3
@@ -46,6 +57,7 @@ def get_config(variant: str = ""):
     c.model.dtype = c.model.param_dtype = "float32"
     c.model.remat = "none"
     c.train.micro_batch_size = 2
+    c.data.validation_size = 4
     if v["method"] == "lora":
       c.peft.update({"r": 4, "lora_alpha": 4})
     if v["method"] == "adapter":

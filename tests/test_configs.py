@@ -49,8 +49,8 @@ def test_every_config_string_dry_runs():
     except Exception as e:  # collect all, report once
       failures.append(f"{family}:{variant}: {type(e).__name__}: {e}")
   assert not failures, "\n".join(failures[:20]) + f"\n({len(failures)} of {len(VARIANTS)} failed)"
-  # superni 6 methods x 3 models, tulu 3, flan_t5 4 x 3 x (7 + 11), survey 3 x 4 x 17
-  assert len(VARIANTS) == 18 + 3 + 216 + 204
+  # superni 6 methods x 4 models, tulu 3, flan_t5 4 x 3 x (7 + 11), survey 3 x 4 x 17
+  assert len(VARIANTS) == 24 + 3 + 216 + 204
 
 
 def test_paper_trainable_ratios_reproduced():

@@ -186,3 +186,58 @@ def test_hf_flat_format():
   assert [r["target"] for r in rows] == ["hi", "yo", "no"]
   assert rows[0]["input"] == superni_prompt("Copy the input", "hi")
   assert rows.info["n_tasks_loaded"] == 2
+
+
+# ----------------------------------------------------------------------------- Figure 3: task counts
+
+@pytest.mark.shared_data
+def test_shared_num_train_tasks_nested_chain(shared_data):
+  """Every smaller task set is inside every larger one (one split_seed), the validation
+  tasks never move, and another split_seed draws other sets."""
+  root = str(shared_data / "superni")
+  full = task_lists(root)
+  sizes = (1, 10, 50, 100, 300, 706)
+  sets = [task_lists(root, num_train_tasks=n) for n in sizes]
+  for n, lists in zip(sizes, sets):
+    assert len(lists["train"]) == n and lists["validation"] == full["validation"]
+    assert lists["train"] == [t for t in full["train"] if t in set(lists["train"])]  # list order kept
+  for small, big in zip(sets, sets[1:]):
+    assert set(small["train"]) <= set(big["train"])
+  assert sets[-1]["train"] == full["train"]
+  assert task_lists(root, num_train_tasks=50, split_seed=1)["train"] != sets[2]["train"]
+  with pytest.raises(DataError, match=r"num_train_tasks=707; expected 1\.\.706"):
+    task_lists(root, num_train_tasks=707)
+
+
+def test_tiny_layout_num_train_tasks_nested(tmp_path):
+  names = [f"task{i}_t" for i in range(12)]
+  files = {n: _task(n, [f"Do {n}"], _insts(n, 5)) for n in names}
+  root = _layout(tmp_path / "ni", names, ["task0_t"], files)
+  kw = dict(path=root, n_validation_tasks=2, instances_per_task=5)
+  val = {r["meta"]["task"] for r in load_dataset_rows("superni", "validation", **kw)}
+  prev = set()
+  for n in range(1, 11):
+    rows = load_dataset_rows("superni", "train", num_train_tasks=n, **kw)
+    tasks = {r["meta"]["task"] for r in rows}
+    assert len(tasks) == n and len(rows) == 5 * n and prev <= tasks and not tasks & val
+    prev = tasks
+  # the validation split does not depend on num_train_tasks
+  assert {r["meta"]["task"] for r in load_dataset_rows("superni", "validation", num_train_tasks=3,
+                                                       **kw)} == val
+  # another split_seed: another (still nested) chain
+  other = [{r["meta"]["task"] for r in load_dataset_rows(
+      "superni", "train", num_train_tasks=n, split_seed=7, **{**kw})} for n in (3, 6)]
+  assert other[0] <= other[1]
+  with pytest.raises(DataError, match=r"num_train_tasks=11; expected 1\.\.10"):
+    load_dataset_rows("superni", "train", num_train_tasks=11, **kw)
+
+
+def test_hf_num_train_tasks_nested():
+  datasets = pytest.importorskip("datasets", reason="the `datasets` package is not installed")
+  names = [f"task{i}_x" for i in range(8)]
+  ds = datasets.Dataset.from_dict({
+      "task_name": names, "id": [str(i) for i in range(8)], "definition": ["Copy."] * 8,
+      "inputs": [f"in{i}" for i in range(8)], "targets": [f"out{i}" for i in range(8)]})
+  got = [{r["meta"]["task"] for r in load_dataset_rows("superni", "train", path=ds,
+                                                       num_train_tasks=n)} for n in (2, 5, 8)]
+  assert [len(g) for g in got] == [2, 5, 8] and got[0] <= got[1] <= got[2]

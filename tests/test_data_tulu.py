@@ -7,8 +7,8 @@ import pytest
 
 from peft_jax.data.common import DataError
 from peft_jax.data.sources import load_dataset_rows
-from peft_jax.data.tulu import (chat_batch, render_conversation, render_prompt,
-                                tokenize_conversation, tokenize_rows)
+from peft_jax.data.tulu import (chat_batch, encode_eval_rows, eval_encoding, render_conversation,
+                                render_prompt, tokenize_conversation, tokenize_rows)
 
 CONV = [
     {"role": "system", "content": "You are helpful. "},
@@ -183,3 +183,71 @@ def test_llama_tokenizer_mask(shared_data):
   assert all(sp.id_to_piece(ids[a - 7:a]) == ["<", "|", "ass", "istant", "|", ">", "<0x0A>"]
              for a, _ in runs)
   assert enc["n_loss_tokens"] == sum(b - a for a, b in runs) == 6 + 9
+
+
+# ----------------------------------------------------------------------------- evaluation encoding
+
+def _answer_start(mask):
+  return _runs(mask)[-1][0]
+
+
+def test_eval_prompt_is_the_training_prefix(word_tokenizer):
+  """The evaluation prompt is what training puts before the last answer (BOS included),
+  the target what training learns there (content + EOS)."""
+  tok = word_tokenizer
+  train = tokenize_conversation(tok, CONV)
+  k = _answer_start(train["loss_mask"])
+  e = eval_encoding(tok, CONV, max_prompt_len=64)
+  assert e["prompt"] == train["input_ids"][:k] and e["target"] == train["input_ids"][k:]
+  assert e["prompt"][0] == tok.bos_token_id and not e["prompt_truncated"]
+  assert tok.convert_ids_to_tokens(e["target"]) == ["bye", "bye", "a", "b", "</s>"]
+  # the prompt text alone, as generation encoded it before, lacks BOS
+  text_only = tok(render_prompt(CONV[:4]), add_special_tokens=False)["input_ids"]
+  assert [tok.bos_token_id] + text_only == e["prompt"] != text_only
+  enc = encode_eval_rows(tok, [{"messages": CONV}, {"messages": CONV[1:3]}], 64, 3)
+  assert enc.source[0] == e["prompt"]
+  assert tok.convert_ids_to_tokens(enc.target[0]) == ["bye", "bye", "</s>"]   # cut, EOS kept
+  assert enc.truncated_targets == 1 and enc.truncated_sources == 0
+  with pytest.raises(DataError, match="must end with an assistant turn"):
+    eval_encoding(tok, CONV[:4], 64)
+
+
+def test_long_eval_prompt_is_cut_from_the_left(word_tokenizer):
+  tok = word_tokenizer
+  long = [{"role": "user", "content": " ".join(["hi there"] * 40)},
+          {"role": "assistant", "content": "hello !"}]
+  full = eval_encoding(tok, long, max_prompt_len=10 ** 6)["prompt"]
+  e = eval_encoding(tok, long, max_prompt_len=12)
+  assert e["prompt_truncated"] and len(e["prompt"]) == 12 and len(full) > 80
+  assert e["prompt"] == [tok.bos_token_id] + full[-11:]       # BOS, then the last tokens
+  # the assistant cue is the end of the prompt
+  assert tok.convert_ids_to_tokens(e["prompt"][-3:]) == ["<|", "assistant", "|>"]
+  enc = encode_eval_rows(tok, [{"messages": long}], 12, 16)
+  assert enc.source[0] == e["prompt"] and enc.truncated_sources == 1
+  # training keeps the start instead (open-instruct)
+  assert tokenize_conversation(tok, long, max_length=12)["input_ids"] == full[:12]
+
+
+@pytest.mark.shared_data
+def test_llama_eval_prompt_equals_training_prefix(shared_data):
+  """With the real LLaMA tokenizer: the evaluation prompt equals the training ids before
+  the answer, which is also BOS + the prompt text tokenised alone (the tokenisation does
+  not change at the "<|assistant|>\\n" boundary)."""
+  from transformers import AutoTokenizer
+  tok = AutoTokenizer.from_pretrained(str(shared_data / "tokenizers/llama"))
+  conv = [{"role": "system", "content": "Be brief."},
+          {"role": "user", "content": "What is 2+2?\nAnswer briefly."},
+          {"role": "assistant", "content": "It is 4."},
+          {"role": "user", "content": "Thanks! And 3+3?"},
+          {"role": "assistant", "content": "6.\n\nAnything else?"}]
+  train = tokenize_conversation(tok, conv, max_length=4096)
+  k = _answer_start(train["loss_mask"])
+  e = eval_encoding(tok, conv, max_prompt_len=4096)
+  assert e["prompt"] == train["input_ids"][:k] and e["target"] == train["input_ids"][k:]
+  assert e["prompt"] == [tok.bos_token_id] + tok(render_prompt(conv[:4]),
+                                                 add_special_tokens=False)["input_ids"]
+  # a standalone answer would start with "▁6" where training has "6"
+  assert tok(conv[-1]["content"], add_special_tokens=False)["input_ids"] != e["target"][:-1]
+  cut = eval_encoding(tok, conv, max_prompt_len=16)["prompt"]
+  assert cut[0] == tok.bos_token_id and cut[1:] == e["prompt"][-15:]
+  assert tok.convert_ids_to_tokens(cut[-7:]) == ["<", "|", "ass", "istant", "|", ">", "<0x0A>"]

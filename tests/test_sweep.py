@@ -91,7 +91,7 @@ def test_config_grid_per_method_and_flat():
   assert set(g) == {"peft.bottleneck_size", "train.learning_rate"}
   mod, _, variant = grid_search.load_config_module(os.path.join(REPO, "configs", "superni.py"))
   assert set(grid_search.config_grid(mod, variant, grid_search.build_config(mod, variant))) == {
-      "peft.r", "train.learning_rate"}  # default method lora
+      "train.learning_rate"}  # default method lora (its ranks are variant parts: alpha follows r)
   mod, _, variant = grid_search.load_config_module(os.path.join(REPO, "configs", "survey.py"))
   assert grid_search.config_grid(mod, variant, grid_search.build_config(mod, variant)) == {
       "train.learning_rate": [1e-3, 1e-4, 1e-5]}     # per task; the default task is rte

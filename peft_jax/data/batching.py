@@ -37,7 +37,12 @@ class Encoded:
 def encode(tokenizer, rows: Sequence[dict], max_source_len: int, max_target_len: int,
            input_key="input", target_key="target", source_eos: bool = True) -> Encoded:
   """Token ids, truncated; targets end with EOS, sources too when ``source_eos``
-  (T5's encoder input; a causal LM's prompt runs straight into its target)."""
+  (T5's encoder input; a causal LM's prompt runs straight into its target). Chat rows
+  (TULU: every row has ``messages``, causal) are encoded as training encodes them
+  (``tulu.encode_eval_rows``: BOS first, the prompt cut from the left)."""
+  if rows and not source_eos and all("messages" in r for r in rows):
+    from peft_jax.data.tulu import encode_eval_rows
+    return encode_eval_rows(tokenizer, rows, max_source_len, max_target_len)
   eos = tokenizer.eos_token_id
   def ids(texts, max_len, add_eos):
     out, cut = [], 0

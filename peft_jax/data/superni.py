@@ -9,7 +9,10 @@ Splits (seed 000's setup):
 * ``train`` / ``validation``: the default train task list (756 names in the released
   split file) is divided by ``split_seed`` into ``n_validation_tasks`` (50) validation
   tasks and the rest (706) training tasks; ``num_train_tasks`` keeps a ``split_seed``-
-  chosen subset of the training tasks (nested: 50 tasks ⊂ 100 tasks). Per task,
+  chosen subset of the training tasks, nested: the first N of one fixed permutation, so
+  for one ``split_seed`` the 50 tasks are among the 100, the 100 among the 200 (seed 000's
+  Figure 3; from a ``datasets`` source, the subset of its train split's sorted task
+  names). The validation tasks do not change with N. Per task,
   ``instances_per_task`` (100) instances are drawn by ``seed``.
 * ``train_unseen``: the training tasks' *next* ``instances_per_task`` instances of the
   same per-task permutation, disjoint from ``train`` (seed 000's task-level
@@ -102,11 +105,20 @@ def task_lists(root: str, *, n_validation_tasks: int = 50, num_train_tasks: Opti
                     f"{len(train_all)} (the number of listed training tasks)")
   train, val = carve(train_all, n_validation_tasks, split_seed, "superni-validation-tasks")
   if num_train_tasks is not None:
-    if not 1 <= num_train_tasks <= len(train):
-      raise DataError(f"{DATASET}: num_train_tasks={num_train_tasks}; expected 1..{len(train)}")
-    order = rng_for(split_seed, "superni-num-train-tasks").permutation(len(train))
-    train = [train[i] for i in sorted(order[:num_train_tasks].tolist())]
+    train = nested_tasks(train, num_train_tasks, split_seed)
   return {"train": train, "validation": val, "test": test}
+
+
+def nested_tasks(names: Sequence[str], n: int, split_seed: int = 0) -> List[str]:
+  """``n`` of ``names`` (in their listed order): the first ``n`` of one ``split_seed``
+  permutation of the list, so for one list and seed a smaller set is always a subset of
+  a larger one (Figure 3's growing task counts)."""
+  names = list(names)
+  if not 1 <= n <= len(names):
+    raise DataError(f"{DATASET}: num_train_tasks={n}; expected 1..{len(names)} (the number "
+                    f"of training tasks)")
+  order = rng_for(split_seed, "superni-num-train-tasks").permutation(len(names))
+  return [names[i] for i in sorted(order[:n].tolist())]
 
 
 def read_task(path: str, task: str) -> dict:
@@ -162,7 +174,8 @@ def _rows_for_task(task_data: dict, split: str, seed: int, k: int, info: dict) -
   return out
 
 
-def _from_hf(path, split, hf_config, hf_split, seed, k, info) -> List[dict]:
+def _from_hf(path, split, hf_config, hf_split, seed, k, info, num_train_tasks=None,
+             split_seed=0) -> List[dict]:
   exs, _, desc = hf_examples(path, split, DATASET, hf_config, hf_split)
   info["source"] = desc
   by_task: Dict[str, dict] = {}
@@ -186,10 +199,13 @@ def _from_hf(path, split, hf_config, hf_split, seed, k, info) -> List[dict]:
     t = by_task.setdefault(task, {"Task": task, "Definition": defin, "Categories": cats,
                                   "Instances": []})
     t["Instances"].append(inst)
+  names = list(by_task)
+  if split == "train" and num_train_tasks is not None:   # nested, over the sorted task names
+    names = nested_tasks(sorted(names), num_train_tasks, split_seed)
   rows = []
-  for task in by_task:
+  for task in names:
     rows.extend(_rows_for_task(by_task[task], split, seed, k, info))
-  info["n_tasks_loaded"] = len(by_task)
+  info["n_tasks_loaded"] = len(names)
   return rows
 
 
@@ -210,7 +226,8 @@ def load_superni(split: str, *, path=None, seed: int = 0, size=None,
                       "following example -\\nInput: ...\\nOutput: )"}
   root = resolve_root(path, DATASET, "superni")
   if is_hf_source(root):
-    rows = _from_hf(root, split, hf_config, hf_split, seed, instances_per_task, info)
+    rows = _from_hf(root, split, hf_config, hf_split, seed, instances_per_task, info,
+                    num_train_tasks, split_seed)
   else:
     root = os.fspath(root)
     tasks_dir = os.path.join(root, "tasks")

@@ -23,6 +23,20 @@ EOS.)
 
 Generation prompt (open-instruct ``create_prompt_with_tulu_chat_format`` with content
 stripped as in training): the rendered turns followed by ``"<|assistant|>\\n"``.
+
+Evaluation encoding (:func:`eval_encoding`, used by generation and the evaluation loss
+for rows that carry ``messages``): the conversation up to its last assistant turn is
+tokenised exactly as for training (:func:`tokenize_conversation`, BOS first) and split
+where that turn's loss mask starts: the prompt is the token ids training puts before the
+answer, the target the ids it trains on (content + EOS). Encoding the prompt text alone
+would differ twice: no BOS (``encode`` adds none for a causal LM), and a standalone answer
+gains sentencepiece's leading "▁". A prompt longer than its budget (``max_source_len``)
+keeps BOS and its *last* tokens (cut from the left, after BOS), so the ``<|assistant|>``
+cue that the answer must follow survives; training instead keeps the first tokens, like
+open-instruct.
+
+Validation: the mixtures have one split; ``validation_size`` conversations are held out by
+``split_seed`` (configs/tulu.py sets it), removed from ``train``.
 """
 
 from __future__ import annotations
@@ -45,7 +59,8 @@ ASSISTANT_TAG = ROLE_TAGS["assistant"]
 KNOBS = {
     **COMMON_KNOBS,
     "validation_size": Field(0, "conversations held out (by split_seed) as the validation "
-                             "split; the mixtures have none", ge=0),
+                             "split, removed from train; the mixtures have none (0: no "
+                             "validation split)", ge=0),
     "eos": Field("</s>", "the end-of-turn text after each assistant turn"),
 }
 
@@ -137,6 +152,52 @@ def tokenize_conversation(tokenizer, messages: Sequence[dict], *, max_length: in
   ids, mask = ids[:max_length], mask[:max_length]
   return {"input_ids": ids, "loss_mask": mask, "n_loss_tokens": int(sum(mask)),
           "truncated": truncated}
+
+
+def eval_encoding(tokenizer, messages: Sequence[dict], max_prompt_len: int,
+                  max_target_len: Optional[int] = None) -> Dict[str, object]:
+  """``{"prompt": [int], "target": [int], "prompt_truncated": bool}`` for a conversation
+  whose last turn is the assistant's answer (a loaded row's ``messages``): the training
+  ids split at the start of that answer (module docstring), the prompt cut from the left
+  to ``max_prompt_len`` (BOS kept), the target to ``max_target_len``."""
+  messages = check_messages(messages)
+  if messages[-1]["role"] != "assistant":
+    raise DataError(f"{DATASET}: an evaluation conversation must end with an assistant turn "
+                    f"(its reference answer); it ends with a {messages[-1]['role']!r} turn")
+  if max_prompt_len < 2:
+    raise DataError(f"{DATASET}: max_prompt_len={max_prompt_len}; expected >= 2 (BOS and the "
+                    f"end of the prompt)")
+  enc = tokenize_conversation(tokenizer, messages, max_length=1 << 62)
+  ids, mask = enc["input_ids"], enc["loss_mask"]
+  k = len(mask)
+  while k > 0 and mask[k - 1]:       # the last run of loss tokens: the final answer
+    k -= 1
+  prompt, target = ids[:k], ids[k:]
+  bos = tokenizer.bos_token_id
+  cut = len(prompt) > max_prompt_len
+  if cut:
+    head = [bos] if bos is not None and prompt[:1] == [bos] else []
+    prompt = head + prompt[len(prompt) - (max_prompt_len - len(head)):]
+  if max_target_len is not None:
+    target = target[:max_target_len]
+  return {"prompt": prompt, "target": target, "prompt_truncated": cut}
+
+
+def encode_eval_rows(tokenizer, rows: Sequence[dict], max_source_len: int, max_target_len: int):
+  """:class:`~peft_jax.data.batching.Encoded` of chat rows (``messages``) for the
+  evaluation loss and generation: :func:`eval_encoding` of each."""
+  from peft_jax.data.batching import Encoded
+  src, tgt, cut_src, cut_tgt = [], [], 0, 0
+  for r in rows:
+    e = eval_encoding(tokenizer, r["messages"], max_source_len)
+    cut_src += e["prompt_truncated"]
+    t = e["target"]
+    if len(t) > max_target_len:       # as batching.encode: the cut target still ends with EOS
+      cut_tgt += 1
+      t = t[:max_target_len - 1] + [tokenizer.eos_token_id]
+    src.append(e["prompt"])
+    tgt.append(t)
+  return Encoded(src, tgt, list(rows), cut_src, cut_tgt)
 
 
 def tokenize_rows(tokenizer, rows: Sequence[dict], *, max_length: int = 2048, add_bos: bool = True,

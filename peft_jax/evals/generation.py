@@ -18,8 +18,14 @@ def generate_texts(model, params, tok, mc, rows, *, max_source_len: int, max_new
   out: List[str] = []
   for i in range(0, len(rows), batch_size):
     chunk = rows[i:i + batch_size]
-    ids = [list(t[: max_source_len - 1]) + [eos] if source_eos else list(t[:max_source_len])
-           for t in tok([r[input_key] for r in chunk], add_special_tokens=False)["input_ids"]]
+    if not source_eos and all("messages" in r for r in chunk):
+      # chat rows (TULU): the prompt ids training puts before the answer (BOS first), cut
+      # from the left so the "<|assistant|>" cue survives (data/tulu.py, eval_encoding)
+      from peft_jax.data.tulu import eval_encoding
+      ids = [eval_encoding(tok, r["messages"], max_source_len)["prompt"] for r in chunk]
+    else:
+      ids = [list(t[: max_source_len - 1]) + [eos] if source_eos else list(t[:max_source_len])
+             for t in tok([r[input_key] for r in chunk], add_special_tokens=False)["input_ids"]]
     n = bucket_length(max(len(x) for x in ids), max_source_len)
     bs = batch_size  # fixed batch shape: one compile for the whole split
     arr = np.zeros((bs, n), np.int32)

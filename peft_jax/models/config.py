@@ -128,7 +128,9 @@ PRESETS: Dict[str, Any] = {
     "t5-3b": _t5_v10(1024, 16384, 128, 32, 24),
     "t5-11b": _t5_v10(1024, 65536, 128, 128, 24),
     **{f"t5-v1_1-{k}": _t5_v11(*v) for k, v in _V11.items()},
-    **{f"t5-lm-adapt-{k}": _t5_v11(*v) for k, v in _V11.items() if k != "base"},
+    # LM-adapted T5 v1.1 (google/t5-{base,large,xl,xxl}-lm-adapt): the v1.1 architecture,
+    # further pre-trained with a language-modelling objective (seed 000's models)
+    **{f"t5-lm-adapt-{k}": _t5_v11(*v) for k, v in _V11.items()},
     **{f"flan-t5-{k}": _t5_v11(*v) for k, v in _V11.items()},
     "llama-2-7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                               num_key_value_heads=32, num_hidden_layers=32, rms_norm_eps=1e-5,

@@ -17,6 +17,13 @@ follow HF PEFT 0.21's ``PrefixTuningConfig``: ``num_virtual_tokens`` required,
 ``init_weights=None`` (prefixes N(0, 1) like ``nn.Embedding``; ``"zero"``:
 zeros, resp. a zero last projection layer).
 
+``encoder_hidden_size=0`` means *no reparameterisation* (seed 000's ``h = null``):
+it switches ``prefix_projection`` off, whatever that field says, so a sweep grid can
+list ``h in {0, 256, 512, 1024}`` as one key next to ``prefix_projection=True``.
+:meth:`PrefixTuning.validate` canonicalises the pair (``prefix_projection=False``,
+``encoder_hidden_size=0``) before anything reads it, so the state, the accounting and
+saved adapters all see plain prefixes.
+
 Where on T5 (``prefix_attentions``, ours). HF PEFT passes the prefix as
 ``past_key_values`` to ``T5ForConditionalGeneration``: transformers drops the
 cache for the encoder stack and PEFT empties the cross-attention cache, so
@@ -140,8 +147,9 @@ class PrefixTuning(Method):
       "num_virtual_tokens": Field(None, "prefix length P: key/value positions added per attention "
                                   "layer (required)", "int", ge=1),
       "prefix_projection": Field(False, "train the prefixes through HF's two-layer tanh MLP"),
-      "encoder_hidden_size": Field(None, "hidden width of that MLP (none: the key/value width)",
-                                   "int", ge=1),
+      "encoder_hidden_size": Field(None, "hidden width of that MLP (none: the key/value width; "
+                                   "0: no MLP, prefix_projection off: the paper's h = null)",
+                                   "int", ge=0),
       "init_weights": Field(None, "none: N(0, 1) prefixes; 'zero': zero prefixes (or a zero last "
                             "MLP layer)", "str", choices=("zero",)),
       "prefix_attentions": Field(None, "T5 attentions to prefix: encoder_self_attn, "
@@ -160,8 +168,12 @@ class PrefixTuning(Method):
     if hp["init_weights"] not in (None, "zero"):
       raise PeftConfigError(f"init_weights must be None or 'zero', got {hp['init_weights']!r}")
     ehs = hp["encoder_hidden_size"]
-    if ehs is not None and (not isinstance(ehs, (int, np.integer)) or ehs < 1):
-      raise PeftConfigError(f"encoder_hidden_size must be a positive int, got {ehs!r}")
+    if ehs is not None and (not isinstance(ehs, (int, np.integer)) or isinstance(ehs, bool)
+                            or ehs < 0):
+      raise PeftConfigError(f"encoder_hidden_size must be an int >= 0 (0: no reparameterisation), "
+                            f"got {ehs!r}")
+    if ehs == 0:   # h = null: plain prefixes (canonical form, read by every later hook)
+      hp["prefix_projection"] = False
     for _, path, _ in attentions(cfg, hp):
       if f"{path}/k/kernel" not in flat:
         raise PeftConfigError(f"prefix tuning: the model has no attention at {path}")
