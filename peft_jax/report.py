@@ -16,8 +16,9 @@ Input: one or more sweep directories in :mod:`peft_jax.grid_search`'s layout
 * one score (:func:`score_of`): the test score of the best-on-validation checkpoint when
   the result has one (``test_<metric>`` or ``test``), else the best validation score
   (``best``), else the final validation score (``tuned``). A diverged run
-  (``diverged: true``) scores 0 and is counted, as seed 000 counts instability; a run
-  that failed without a result (``failed.json``) is listed, not counted.
+  (``diverged: true``, or a ``failed.json`` whose run exited with train.py's divergence
+  status 3) scores 0 and is counted, as seed 000 counts instability; a run that failed
+  otherwise is listed, not counted.
 
 Which shapes apply is read from the runs, so one command works on any sweep:
 
@@ -226,13 +227,21 @@ def load_runs(sweeps: Sequence[str]) -> Tuple[List[Run], List[dict]]:
         spec = json.load(f)
     results, fails = grid_search.collect(sweep)
     for f in fails:
-      failed.append({**f, "sweep": sweep})
+      if diverged_failure(f):     # before train.py reports divergence as a result
+        results.append({"diverged": True, "point": f.get("point") or {}, "seed": f.get("seed", 0),
+                        "config": spec.get("config", ""), "from_failed_json": True,
+                        "_dir": os.path.join(sweep, grid_search.point_name(f.get("point") or {}),
+                                             f"seed{f.get('seed', 0)}")})
+      else:
+        failed.append({**f, "sweep": sweep})
     for r in results:
       config = str(r.get("config") or spec.get("config") or "")
       sets = {k: str(v) for k, v in (spec.get("set") or {}).items()}
       point = dict(r.get("point") or {})
       facts = _facts(config, sweep, r["_dir"], sets, point)
       path, variant = grid_search.split_config_arg(config)
+      if "metric" not in r and facts.get("eval.metric"):
+        r["metric"] = facts["eval.metric"]
       score, source = score_of(r)
       runs.append(Run(sweep=sweep, config=config,
                       stem=os.path.splitext(os.path.basename(path))[0], variant=variant,
@@ -242,6 +251,12 @@ def load_runs(sweeps: Sequence[str]) -> Tuple[List[Run], List[dict]]:
   if not runs:
     raise SweepError(f"--report: no results in {', '.join(sweeps)} (no */seed*/result.json)")
   return runs, failed
+
+
+def diverged_failure(failed: dict) -> bool:
+  """A ``failed.json`` of a run that diverged (train.py's exit status 3, "training
+  diverged" in its stderr): counted as a diverged seed, not as a failure."""
+  return failed.get("returncode") == 3 and "training diverged" in str(failed.get("stderr_tail", ""))
 
 
 def family(run: Run) -> str:

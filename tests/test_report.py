@@ -312,14 +312,32 @@ def _quickstart_fake(tmp_path):
   return make_sweep(tmp_path, "qs", cfg, runs)
 
 
+def _failed(d, point, seed, rc, stderr):
+  pdir = os.path.join(d, grid_search.point_name(point), f"seed{seed}")
+  os.makedirs(pdir)
+  with open(os.path.join(pdir, "failed.json"), "w") as f:
+    json.dump({"point": point, "seed": seed, "reason": f"exit status {rc}", "returncode": rc,
+               "stderr_tail": stderr}, f)
+
+
 def test_unknown_shape_falls_back_to_generic(tmp_path):
   d = _quickstart_fake(tmp_path)
+  # today a diverged run leaves failed.json (exit status 3): a diverged seed scoring 0;
+  # another failure is listed and not counted
+  _failed(d, {"train.learning_rate": "3e-3"}, 2, 3,
+          "error: training diverged at step 4: the loss or gradient is not finite; ...")
+  _failed(d, {"train.learning_rate": "1e-3"}, 2, 2, "error: data.path: not found")
   rep = report.build_report([d])
   assert rep["out"] == os.path.join(d, "report") and rep["shapes"] == ["generic"]
   rows = rep["tables"]["generic"][d]
   r = row(rows, point={"train.learning_rate": "3e-3"})
-  assert r["mean"] == pytest.approx(0.65) and r["two_std"] == pytest.approx(two_std([0.6, 0.7]))
+  assert r["mean"] == pytest.approx(0.65 * 2 / 3) and r["diverged"] == 1 and r["n"] == 3
+  assert r["two_std"] == pytest.approx(two_std([0.6, 0.7, 0.0]))
+  assert row(rows, point={"train.learning_rate": "1e-3"})["n"] == 2
+  assert [f["seed"] for f in rep["failed"]] == [2] and rep["sources"]["diverged"] == 1
   assert r["train_seconds"]["mean"] == 2.0 and r["trainable_params"] == 18432
+  assert "data.path: not found" not in open(rep["markdown"]).read()    # the reason is listed
+  assert "exit status 2" in open(rep["markdown"]).read()
   assert len(rep["figures"]) == 1 and is_png(rep["figures"][0])
 
 
