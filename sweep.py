@@ -5,6 +5,8 @@
       --set config.train.num_steps=100
   python sweep.py --config=configs/superni.py:lora --workdir=runs/superni --use_config_grid
   python sweep.py --workdir=runs/sweep1 --aggregate_only      # summary.md/json + plot again
+  python sweep.py --report=runs/superni_lora,runs/superni_adapter --report_out=runs/report
+      # the papers' tables and figures (report.md/json, PNGs; see peft_jax/report.py)
 
 Each point runs in <workdir>/<point-name>/seed<k>; a point with result.json is skipped,
 a failed one leaves failed.json (stderr tail) and is rerun next time. Writes

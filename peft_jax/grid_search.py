@@ -542,7 +542,7 @@ def build_parser():
   p = argparse.ArgumentParser(
       prog="sweep.py", description="Run train.py over a grid x seeds (resumable) and aggregate.")
   p.add_argument("--config", help="configs/<file>.py[:<variant>]")
-  p.add_argument("--workdir", required=True, help="sweep directory (one subdir per point/seed)")
+  p.add_argument("--workdir", help="sweep directory (one subdir per point/seed)")
   p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                  help="a swept config field and its values (repeatable)")
   p.add_argument("--seeds", default="0", help="comma separated seeds (train.seed), default 0")
@@ -556,12 +556,22 @@ def build_parser():
   p.add_argument("--x", default=None, help="plot x axis (default: the learning rate)")
   p.add_argument("--lines", default=None, help="plot: one line per value of this key")
   p.add_argument("--no_plot", action="store_true")
+  p.add_argument("--report", default=None, metavar="DIR[,DIR...]",
+                 help="do not run; write the papers' tables and figures from finished sweeps "
+                      "(peft_jax/report.py)")
+  p.add_argument("--report_out", default=None,
+                 help="where --report writes report.md/json and PNGs (default: <sweep>/report)")
   return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
   try:
+    if args.report is not None:
+      from peft_jax import report
+      return report.main(args.report, args.report_out)
+    if not args.workdir:
+      raise SweepError("--workdir is required (the sweep directory), or --report=DIR[,DIR...]")
     if not args.aggregate_only:
       if not args.config:
         raise SweepError("--config is required (configs/<file>.py[:<variant>])")

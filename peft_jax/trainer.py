@@ -137,6 +137,46 @@ class _Failed:
     self.error = error
 
 
+class _StepClock:
+  """``train_seconds``: wall time of training steps in steady state. The clock runs across
+  the loop (batch assembly, the step, logging) and stops, after waiting for the pending
+  steps (``block_until_ready`` on the parameters), before every evaluation and checkpoint
+  save and before a step whose batch shapes are new: that step compiles (the first step,
+  and the first of each new length bucket), is waited for and not timed. The clock starts
+  again at the next step with known shapes. ``train_seconds`` is the mean timed step time
+  times every step of the run (untimed compiling steps count at the steady rate); ``None``
+  when no step was timed. Only those stops synchronise; the steps between stay async."""
+
+  def __init__(self):
+    self.shapes, self.seconds, self.steps, self.t = set(), 0.0, 0, None
+
+  def step_begins(self, batch, params) -> bool:
+    """Whether this step compiles (new batch shapes); starts the clock if it does not."""
+    sig = tuple(sorted((k, tuple(getattr(v, "shape", ()))) for k, v in batch.items()))
+    if sig in self.shapes:
+      if self.t is None:
+        self.t = time.perf_counter()
+      return False
+    self.shapes.add(sig)
+    self.stop(params)
+    return True
+
+  def step_ends(self, params, compiled: bool):
+    if compiled:
+      jax.block_until_ready(params)    # the compiling step finishes outside the clock
+    else:
+      self.steps += 1
+
+  def stop(self, params):
+    if self.t is not None:
+      jax.block_until_ready(params)
+      self.seconds += time.perf_counter() - self.t
+      self.t = None
+
+  def train_seconds(self, steps: int) -> Optional[float]:
+    return round(self.seconds / self.steps * steps, 4) if self.steps else None
+
+
 class Trainer:
   def __init__(self, cfg, workdir: Optional[str], allow_changed: Sequence[str] = ()):
     from peft_jax.config_lib import resolve
@@ -290,7 +330,9 @@ class Trainer:
     self._start_step = step
     # records after the resumed step are written again: drop them (JSONL and TensorBoard)
     self.writer = MetricsWriter(self.workdir, resume_step=step)
-    say(summary(self.state)["table"])
+    info = summary(self.state)
+    self.param_counts = {k: info[k] for k in ("trainable_params", "total_params")}
+    say(info["table"])
 
     untuned = self.evaluate(params) if step == 0 and tc.get("eval_at_start", True) else None
     if untuned is not None:
@@ -312,10 +354,13 @@ class Trainer:
     patience, bad_evals, best_loss = tc.get("early_stopping_patience") or 0, 0, math.inf
     t0, tokens = time.time(), 0
     last = None
+    clock, conv_step = _StepClock(), None     # conv_step: the lowest validation loss's step
     while step < self.total:
       ep, i, host, batch = next(it)
+      compiles = clock.step_begins(batch, params)
       params, opt_state, m = self.step_fn(params, opt_state, batch,
                                           jax.random.fold_in(self.rng, 1000 + step))
+      clock.step_ends(params, compiles)
       step += 1
       fault(f"step:{step}")
       epoch, pos = (ep, i + 1) if i + 1 < self.steps_per_epoch else (ep + 1, 0)
@@ -339,10 +384,11 @@ class Trainer:
       stop_early = False
       stop_now = self._agreed_stop(signals, step)
       if evaluate_now:
+        clock.stop(params)
         res = self.evaluate(params)
         self.writer.write(step, _scalars("eval", res))
         if res["eval_loss"] < best_loss:       # early stopping watches the validation loss
-          best_loss, bad_evals = res["eval_loss"], 0
+          best_loss, bad_evals, conv_step = res["eval_loss"], 0, step
         else:
           bad_evals += 1
         if res[metric] > best[metric]:
@@ -353,6 +399,7 @@ class Trainer:
           (tc.save_every and step % tc.save_every == 0)
           or (not tc.save_every and not tc.eval_every and pos == 0)     # an epoch ended
           or stop_now):
+        clock.stop(params)
         self._save(step, params, opt_state, epoch, pos, None, m)
       if stop_now and step < self.total:
         bar.close()
@@ -369,6 +416,7 @@ class Trainer:
         return {"interrupted_at": step, "steps": step, "metric": metric, "untuned": None,
                 "tuned": None}
     bar.close()
+    clock.stop(params)
     if last is not None and not bool(last["finite"]):
       self._diverged(step, "the loss or gradient is not finite")
     # the final checkpoint and the adapter, before the final evaluation can fail
@@ -385,9 +433,17 @@ class Trainer:
     if final[metric] > best[metric]:
       best = {"step": step, metric: final[metric], "eval_loss": final["eval_loss"]}
     self.params = params
+    if final["eval_loss"] < best_loss:
+      conv_step = step
+    spe = self.steps_per_epoch
     return {"untuned": None if untuned is None else untuned[metric], "tuned": final[metric],
             "eval_loss": final["eval_loss"], "steps": step, "metric": metric,
-            "best_step": best["step"], "best": best[metric]}
+            "best_step": best["step"], "best": best[metric],
+            # seed 002 Table 4: the 1-based epoch of the lowest validation loss (what early
+            # stopping watches), and the epochs run (steps / steps per epoch)
+            "convergence_epoch": -(-(conv_step or step) // spe), "epochs_run": round(step / spe, 3),
+            "train_seconds": clock.train_seconds(step), "timed_steps": clock.steps,
+            **self.param_counts}
 
   def _agreed_stop(self, signals, step: int) -> bool:
     """Whether to stop after this step for a signal. One process decides at once; several
