@@ -20,7 +20,8 @@ of a checkpointed step in ``<workdir>/selection.json``::
 - A resumed run forgets evaluations after the step it resumes from (those steps are
   trained again); a checkpoint set aside (diverged, damaged) is forgotten with it.
 
-``resolve_step(workdir, "best" | "last" | N)`` turns ``eval.py --step`` into a step directory.
+``resolve_step(workdir, "best" | "last" | N)`` turns ``eval.py --step`` into a step, and
+``evaluate_checkpoint`` is eval.py (callable in-process).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 SELECTION = "selection.json"
 
@@ -166,3 +167,137 @@ def resolve_step(workdir: str, spec: str) -> Tuple[int, str]:
   if int(spec) not in steps:
     raise SelectionError(f"--step={spec}: no checkpoint of step {spec} ({have})")
   return int(spec), "step"
+
+
+# ---------------------------------------------------------------------- eval.py
+
+#: what a checkpoint's leaves depend on: an eval ``--config`` must agree with the run on these
+RUN_FIXED = ("model", "tokenizer", "peft", "train.seed")
+
+
+def checkpoint_kind(path: str) -> Tuple[str, str]:
+  """``("adapter" | "workdir", directory)`` of ``eval.py --checkpoint``, or a ConfigError."""
+  from peft_jax import inputs
+  if os.path.isfile(os.path.join(path, "peft_config.json")):
+    return "adapter", path
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return "workdir", path
+  if os.path.isfile(os.path.join(path, "adapter", "peft_config.json")):
+    return "adapter", os.path.join(path, "adapter")   # a workdir whose checkpoints are gone
+  raise inputs.ConfigError(f"--checkpoint {path} is neither a train.py workdir (expected "
+                           f"{path}/checkpoints/) nor an adapter directory (expected "
+                           "peft_config.json)")
+
+
+def _check_against_run(cfg, recorded: dict, workdir: str) -> None:
+  from peft_jax import inputs
+  from peft_jax.trainer import _flat_config
+  old, new = _flat_config(recorded), _flat_config(cfg.to_dict())
+  fixed = lambda k: any(k == f or k.startswith(f + ".") for f in RUN_FIXED)  # noqa: E731
+  changed = sorted(k for k in set(old) | set(new) if fixed(k) and old.get(k) != new.get(k))
+  if changed:
+    shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+    raise inputs.ConfigError(
+        f"--config differs from the config of the run in {workdir} on what its checkpoints "
+        f"depend on ({shown}{' ...' if len(changed) > 4 else ''}); leave --config out to "
+        "use the run's own config.json")
+
+
+def evaluate_checkpoint(checkpoint: str, config: Optional[str] = None,
+                        overrides: Sequence[Tuple[str, str]] = (), step: Optional[str] = None,
+                        split: Optional[str] = None, output: Optional[str] = None,
+                        say=print) -> Tuple[dict, List[str]]:
+  """What ``eval.py`` does (see its docstring): ``(eval.json's content, eval.md's lines)``.
+  Every bad input is one ConfigError / DataError before any compute."""
+  from peft_jax import config_lib, inputs
+  from peft_jax.builder import build
+  from peft_jax.evals.generation import evaluate_generation
+
+  kind, where = checkpoint_kind(checkpoint)
+  if kind == "adapter" and step is not None:
+    raise inputs.ConfigError(f"--step={step} chooses a checkpoint of a train.py workdir, "
+                             f"but {where} is an adapter directory (the final step only); pass "
+                             "the workdir as --checkpoint")
+  run = None
+  if kind == "workdir":
+    from peft_jax.trainer import RUN_CONFIG, _read_run_config
+    run = _read_run_config(where)
+    if run is None:
+      raise inputs.ConfigError(f"{where} has no {RUN_CONFIG} (written by train.py with its "
+                               "first checkpoint); cannot tell which run made the checkpoints")
+  if config:
+    cfg, notes = config_lib.load(config, overrides)
+    if run is not None:
+      _check_against_run(cfg, run["config"], where)
+  elif run is not None:
+    cfg, notes = config_lib.resolve(run["config"], overrides)
+  else:
+    raise inputs.ConfigError(f"--config is required with an adapter directory ({where})")
+  for n in notes:
+    say(f"note: {n}")
+  split = split or cfg.data.get("eval_split") or "validation"
+  cfg.data.eval_split = split
+  mc = inputs.model_config(cfg)
+
+  if kind == "workdir":
+    from peft_jax.integrity import manifest_problem
+    try:
+      step_n, chosen = resolve_step(where, step or "best")
+    except SelectionError as e:
+      raise inputs.ConfigError(str(e)) from None
+    step_dir = os.path.join(where, "checkpoints", str(step_n))
+    problem = manifest_problem(step_dir)      # checksums first: never evaluate damaged bytes
+    if problem is not None:
+      raise inputs.ConfigError(f"checkpoint step {step_n} in {where} is damaged: {problem}")
+    default_out = where
+  else:
+    from peft_jax.peft.io import read_adapter_config, verify_adapter
+    verify_adapter(where)
+    recorded = read_adapter_config(where)
+    step_n, chosen, step_dir = None, "adapter", where
+    default_out = os.path.dirname(os.path.abspath(where))
+  out = inputs.writable_dir(output or default_out, "--output",
+                            "a directory for eval.json and eval.md")
+  tok = inputs.tokenizer(cfg, mc)
+  _, rows = inputs.dataset(cfg)          # the rows of data.eval_split, i.e. --split
+
+  if kind == "workdir":
+    from peft_jax.trainer import _Checkpointer
+    built = build(cfg, with_weights=True)
+    inputs.check_base(run.get("base"), built.base_info, f"the run in {where}")
+    ckpt = _Checkpointer(where, cfg.train, read_only=True)
+    params, _ = ckpt.restore_trainable(step_n, built.state, built.state.params, built.param_sh)
+  else:
+    from peft_jax.peft.io import load_adapter_leaves
+    # the run's setup for the adapter's own method (mesh, shardings, base weights into shards)
+    built = build(cfg, peft={"method": recorded["method"], **recorded["hparams"]},
+                  with_weights=True)
+    inputs.check_base(recorded.get("base"), built.base_info, f"the adapter {where}")
+    params = load_adapter_leaves(where, built.state, verify=False)   # verified above
+  state = built.state
+  res = evaluate_generation(built.model, state.prepare(params), tok, mc, rows,
+                            max_source_len=cfg.data.max_source_len,
+                            max_new_tokens=cfg.eval.max_new_tokens,
+                            batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams,
+                            metric=cfg.eval.metric)
+  metrics = {k: v for k, v in res.items() if isinstance(v, (int, float))}
+  res = dict(res) | {"split": split, "step": step_n, "chosen": chosen, "checkpoint": step_dir,
+                     "method": state.method.name, "metric": cfg.eval.metric,
+                     "examples": len(rows)}
+  with open(os.path.join(out, "eval.json"), "w") as f:
+    json.dump(res, f, indent=2)
+  lines = [f"split: {split}; checkpoint: {step_dir}"
+           + (f" (step {step_n}, {chosen})" if step_n is not None else " (adapter)"), "",
+           "| metric | value |", "|---|---|"]
+  lines += [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in metrics.items()]
+  for group in ("per_category", "per_task"):
+    if group in res:   # SuperNI breakdowns
+      names = sorted(next(iter(res[group].values()), {}))
+      lines += ["", f"| {group[4:]} | " + " | ".join(names) + " |",
+                "|---|" + "---|" * len(names)]
+      lines += [f"| {k} | " + " | ".join(f"{v.get(n, 0):.4f}" for n in names) + " |"
+                for k, v in sorted(res[group].items())]
+  with open(os.path.join(out, "eval.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return res, lines

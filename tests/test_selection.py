@@ -109,3 +109,93 @@ def test_resolve_step_errors(tmp_path):
   with pytest.raises(selection.SelectionError, match="best step 9 .* has no checkpoint"):
     selection.resolve_step(str(tmp_path), "best")
   assert selection.resolve_step(str(tmp_path), "last") == (5, "last")
+
+
+# ---------------------------------------------------------------------- eval.py
+
+
+@pytest.fixture(scope="module")
+def run_with_test_split(tmp_path_factory):
+  """A real 20-step quickstart run, evaluated every 5 steps, every checkpoint kept, on a
+  copy of the data with a 10-row test split."""
+  from peft_jax.trainer import Trainer
+  root = tmp_path_factory.mktemp("sel")
+  data = root / "data"
+  shutil.copytree(os.path.join(REPO, "data", "quickstart"), data)
+  val = (data / "validation.jsonl").read_text().splitlines()
+  (data / "test.jsonl").write_text("\n".join(val[-10:]) + "\n")
+  c = _quickstart(eval_every=5, keep_last=5)
+  c.data.path = str(data)
+  wd = root / "wd"
+  res = Trainer(c, str(wd)).train()
+  return wd, res, json.loads((wd / "selection.json").read_text())
+
+
+def test_eval_step_best_last_n_reproduce_the_recorded_scores(run_with_test_split, tmp_path):
+  wd, res, rec = run_with_test_split
+  assert _steps(wd) == [5, 10, 15, 20]
+  best = rec["best_step"]
+  assert best == res["best_step"]
+  for spec, step in (("best", best), (None, best), ("last", 20), ("10", 10)):
+    out = tmp_path / str(spec)
+    out.mkdir()
+    got, lines = selection.evaluate_checkpoint(str(wd), step=spec, output=str(out))
+    assert got["step"] == step and got["split"] == "validation" and got["n"] == 16
+    # the trainer's own validation score of that step, from restored leaves
+    assert got["exact_match"] == rec["evaluations"][str(step)]["exact_match"], spec
+    on_disk = json.loads((out / "eval.json").read_text())
+    assert on_disk["step"] == step and on_disk["split"] == "validation"
+    assert lines[0].startswith("split: validation; checkpoint: ") and f"(step {step}, " in lines[0]
+  assert rec["evaluations"]["20"]["exact_match"] == res["tuned"]
+
+
+def test_eval_test_split_with_a_config(run_with_test_split, tmp_path):
+  wd, _, rec = run_with_test_split
+  qs = os.path.join(REPO, "configs", "quickstart.py")
+  data = str(wd.parent / "data")
+  got, lines = selection.evaluate_checkpoint(
+      str(wd), qs, [("data.path", data), ("data.max_eval_examples", "16")], split="test",
+      output=str(tmp_path))
+  assert got["split"] == "test" and got["n"] == 10 and got["step"] == rec["best_step"]
+  assert json.loads((tmp_path / "eval.json").read_text())["split"] == "test"
+  assert (tmp_path / "eval.md").read_text().startswith("split: test; ")
+  # a config that disagrees with the run on what the checkpoint depends on
+  from peft_jax.inputs import ConfigError
+  with pytest.raises(ConfigError, match=r"differs from the config of the run .*peft\.r: 8 -> 4"):
+    selection.evaluate_checkpoint(str(wd), qs, [("data.path", data), ("peft.r", "4")])
+
+
+def test_eval_errors(run_with_test_split, tmp_path):
+  from peft_jax.inputs import ConfigError
+  from peft_jax.data.common import DataError
+  wd, _, rec = run_with_test_split
+  with pytest.raises(ConfigError, match=r"--step=7: no checkpoint of step 7 .*: 5, 10, 15, 20"):
+    selection.evaluate_checkpoint(str(wd), step="7")
+  with pytest.raises(ConfigError, match="--step=3 chooses a checkpoint of a train.py workdir"):
+    selection.evaluate_checkpoint(str(wd / "adapter"), step="3")
+  with pytest.raises(DataError, match="no dev.jsonl"):
+    selection.evaluate_checkpoint(str(wd), split="dev")
+  # a damaged step: its manifest is checked before anything is computed
+  copy = tmp_path / "wd"
+  shutil.copytree(wd, copy, ignore=shutil.ignore_patterns("lock"))
+  step_dir = copy / "checkpoints" / str(rec["best_step"])
+  victim = next(p for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != "MANIFEST.json"
+                and p.stat().st_size > 0)
+  victim.write_bytes(b"x" * victim.stat().st_size)
+  with pytest.raises(ConfigError, match=f"checkpoint step {rec['best_step']} .* is damaged: "
+                     ".*fails its SHA-256"):
+    selection.evaluate_checkpoint(str(copy))
+  (copy / "selection.json").unlink()
+  with pytest.raises(ConfigError, match="no best checkpoint is recorded"):
+    selection.evaluate_checkpoint(str(copy))
+
+
+def test_eval_cli_bad_step_one_line(run_with_test_split):
+  wd, _, _ = run_with_test_split
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  r = subprocess.run([sys.executable, "eval.py", f"--checkpoint={wd}", "--step=99"], cwd=REPO,
+                     env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert r.stderr.strip().splitlines() == [
+      f"error: --step=99: no checkpoint of step 99 (checkpoints in {wd}/checkpoints: 5, 10, 15, 20)"]
