@@ -136,7 +136,7 @@ def test_eval_step_best_last_n_reproduce_the_recorded_scores(run_with_test_split
   assert _steps(wd) == [5, 10, 15, 20]
   best = rec["best_step"]
   assert best == res["best_step"]
-  for spec, step in (("best", best), (None, best), ("last", 20), ("10", 10)):
+  for spec, step in (("best", best), ("last", 20), ("10", 10)):
     out = tmp_path / str(spec)
     out.mkdir()
     got, lines = selection.evaluate_checkpoint(str(wd), step=spec, output=str(out))
