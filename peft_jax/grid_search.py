@@ -3,9 +3,9 @@
 Running (see ``sweep.py`` at the repository root for the command line)::
 
   from peft_jax import grid_search
-  sweep.run_sweep("configs/quickstart.py", "runs/sweep1",
-                  grid={"train.learning_rate": ["1e-3", "3e-3"], "peft.r": ["4", "8"]},
-                  seeds=[0, 1, 2])
+  grid_search.run_sweep("configs/quickstart.py", "runs/sweep1",
+                        grid={"train.learning_rate": ["1e-3", "3e-3"], "peft.r": ["4", "8"]},
+                        seeds=[0, 1, 2])
 
 Each grid point x seed runs ``train.py`` in a subprocess with its own workdir
 ``<workdir>/<point-name>/seed<k>``. On success the last stdout line of train.py (a
@@ -15,12 +15,29 @@ failed point (non-zero exit, no JSON last line, or an interrupted run) leaves
 ``failed.json`` with the stderr tail instead and is rerun next time (train.py
 itself resumes from the point's checkpoints).
 
+Model selection (seed 000): after a point trains, ``eval.py --checkpoint=<point dir>
+--step=best --split=<select_split>`` evaluates the checkpoint that was best on validation
+(peft_jax/selection.py) on the test split (``select_split``, default ``test``) and writes
+``<point dir>/<split>.json``; it runs once per point (skipped when that file exists, rerun
+when it failed: ``eval_failed.json``). The summary reports that test score, with the
+validation score of the same checkpoint next to it, never the final step's validation
+score. ``select_split="none"`` skips the evaluation; the summary then reports the best
+validation score.
+
+Diverged runs count as seed 000 counts them: its figures report diverged runs as scores
+near zero, and instability across seeds is one of its findings, so dropping them would
+flatter unstable methods. A run that exits with train.py's divergence status (3) gets a
+``result.json`` with score 0 and ``diverged: true``; it is not rerun, not dropped, enters
+mean and standard deviation as 0, and the summary counts diverged seeds per point.
+
 Aggregating (also on an existing sweep dir)::
 
-  summary = sweep.aggregate("runs/sweep1")   # summary.json, summary.md, metric_vs_<x>.png
+  summary = grid_search.aggregate("runs/sweep1")   # summary.json, summary.md, metric_vs_<x>.png
 
 groups results by grid point over seeds and reports mean and 2 sample standard
-deviations (ddof=1; a single seed has std 0, ``n`` says how many seeds).
+deviations (ddof=1; a single seed has std 0, ``n`` says how many seeds). The best point
+(bold) is chosen by its mean validation score, for the same reason the checkpoint is: the
+test score is reported, not selected on.
 """
 
 from __future__ import annotations
@@ -39,6 +56,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT_ENV = "PEFT_JAX_SWEEP_TRAIN"
+EVAL_SCRIPT_ENV = "PEFT_JAX_SWEEP_EVAL"
+#: train.py's exit status for TrainingDiverged (peft_jax/cli.py run_cli)
+EXIT_DIVERGED = 3
 SEED_KEY = "train.seed"
 STDERR_TAIL = 4000
 
@@ -252,6 +272,14 @@ def train_command(config: str, workdir: str, overrides: Dict[str, str], seed: in
   return cmd
 
 
+def eval_command(pdir: str, split: str, eval_script: Optional[str] = None) -> List[str]:
+  """eval.py on the point's best-on-validation checkpoint, with the run's own config."""
+  script = eval_script or os.environ.get(EVAL_SCRIPT_ENV) or os.path.join(REPO, "eval.py")
+  pdir = os.path.abspath(pdir)
+  return [sys.executable, script, f"--checkpoint={pdir}", "--step=best", f"--split={split}",
+          f"--output={os.path.join(pdir, 'eval_' + split)}"]
+
+
 def _last_json(stdout: str):
   for line in reversed((stdout or "").strip().splitlines()):
     line = line.strip()
@@ -272,18 +300,45 @@ def _write_json(path: str, obj):
   os.replace(tmp, path)
 
 
+def check_split_name(split: Optional[str]) -> str:
+  split = (split or "none").strip()
+  if not re.fullmatch(r"[A-Za-z0-9_.-]+", split):
+    raise SweepError(f"--select_split {split!r}: expected a split name (test, validation, "
+                     "...) or none")
+  return split
+
+
+def _run(runner, cmd, pdir):
+  t0 = time.time()
+  try:
+    r = runner(cmd, pdir)
+    rc, out, err = r.returncode, r.stdout or "", r.stderr or ""
+  except Exception as e:  # the runner itself broke: record, continue
+    rc, out, err = -1, "", f"{type(e).__name__}: {e}"
+  return rc, out, err, time.time() - t0
+
+
+def _last_line(err: str) -> str:
+  return next((l for l in reversed((err or "").strip().splitlines()) if l.strip()), "")
+
+
 def run_sweep(config: str, workdir: str, grid: Dict[str, Sequence], seeds: Sequence[int] = (0,),
               sets: Optional[Dict[str, str]] = None,
               runner: Optional[Callable[[List[str], str], Any]] = None,
               train_script: Optional[str] = None, validate: bool = True,
-              log: Callable[[str], None] = print) -> Dict[str, list]:
-  """Runs every grid point x seed not already finished; returns ``{done, skipped, failed}``.
+              log: Callable[[str], None] = print, select_split: str = "test",
+              eval_script: Optional[str] = None) -> Dict[str, list]:
+  """Runs every grid point x seed not already finished, then evaluates each point's best
+  checkpoint on ``select_split`` (``"none"``: not at all); returns ``{done, skipped,
+  diverged, failed, evaluated}`` (point directories).
 
   ``runner(cmd, workdir)`` runs one command and returns an object with ``returncode``,
-  ``stdout`` and ``stderr`` (default: ``subprocess.run``); ``train_script`` (or the
-  ``PEFT_JAX_SWEEP_TRAIN`` environment variable) replaces ``train.py``.
+  ``stdout`` and ``stderr`` (default: ``subprocess.run``); ``train_script`` /
+  ``eval_script`` (or the ``PEFT_JAX_SWEEP_TRAIN`` / ``PEFT_JAX_SWEEP_EVAL`` environment
+  variables) replace ``train.py`` / ``eval.py``.
   """
   sets = dict(sets or {})
+  select_split = check_split_name(select_split)
   if validate:
     check_points(config, grid, seeds, sets)
   else:
@@ -297,63 +352,122 @@ def run_sweep(config: str, workdir: str, grid: Dict[str, Sequence], seeds: Seque
   os.makedirs(workdir, exist_ok=True)
   _write_json(os.path.join(workdir, "sweep.json"),
               {"config": config, "grid": {k: [format_value(v) for v in vs] for k, vs in grid.items()},
-               "seeds": list(seeds), "set": sets})
+               "seeds": list(seeds), "set": sets, "select_split": select_split})
   runner = runner or _default_runner
-  status = {"done": [], "skipped": [], "failed": []}
+  status: Dict[str, list] = {"done": [], "skipped": [], "diverged": [], "failed": [],
+                             "evaluated": []}
   total = len(points)
   for i, p in enumerate(points, 1):
     tag = f"[{i}/{total}] {p['name']}/seed{p['seed']}"
     pdir = os.path.join(workdir, p["name"], f"seed{p['seed']}")
-    rpath, fpath = os.path.join(pdir, "result.json"), os.path.join(pdir, "failed.json")
+    rpath = os.path.join(pdir, "result.json")
     if os.path.exists(rpath):
       log(f"{tag}: done already, skipped")
       status["skipped"].append(pdir)
+      res = _read_json(rpath)
+    else:
+      res = _train_point(p, pdir, tag, config, sets, runner, train_script, log, status)
+    if res is None or res.get("diverged") or select_split == "none":
       continue
-    os.makedirs(pdir, exist_ok=True)
-    cmd = train_command(config, pdir, p["overrides"], p["seed"], sets, train_script)
-    log(f"{tag}: running")
-    t0 = time.time()
-    try:
-      r = runner(cmd, pdir)
-      rc, out, err = r.returncode, r.stdout or "", r.stderr or ""
-    except Exception as e:  # the runner itself broke: record, continue
-      rc, out, err = -1, "", f"{type(e).__name__}: {e}"
-    dt = time.time() - t0
-    with open(os.path.join(pdir, "stdout.log"), "w") as f:
-      f.write(out)
-    with open(os.path.join(pdir, "stderr.log"), "w") as f:
-      f.write(err)
-    res = _last_json(out) if rc == 0 else None
-    reason = None
-    if rc != 0:
-      reason = f"exit status {rc}"
-    elif res is None:
-      reason = "the last stdout line is not a JSON object"
-    elif res.get("interrupted_at"):
-      reason = f"interrupted at step {res['interrupted_at']}"
-    elif "tuned" not in res:
-      reason = "the result has no 'tuned' value"
-    if reason:
-      _write_json(fpath, {"point": p["overrides"], "seed": p["seed"], "reason": reason,
-                          "returncode": rc, "stderr_tail": err[-STDERR_TAIL:], "cmd": cmd,
-                          "seconds": round(dt, 2)})
-      last = next((l for l in reversed(err.strip().splitlines()) if l.strip()), "")
-      log(f"{tag}: FAILED ({reason}; {dt:.1f}s){': ' + last if last else ''}")
-      status["failed"].append(pdir)
-      continue
-    res = dict(res)
-    res.update({"point": p["overrides"], "seed": p["seed"], "config": config,
-                "seconds": round(dt, 2)})
+    _evaluate_point(pdir, tag, select_split, res, runner, eval_script, log, status)
+  log(f"sweep: {len(status['done'])} run, {len(status['skipped'])} skipped, "
+      f"{len(status['diverged'])} diverged, {len(status['failed'])} failed of {total}"
+      + (f"; {len(status['evaluated'])} best checkpoint(s) evaluated on {select_split}"
+         if select_split != "none" else ""))
+  return status
+
+
+def _read_json(path: str):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _train_point(p, pdir, tag, config, sets, runner, train_script, log, status):
+  """train.py for one point: its result (written to result.json), or None when it failed."""
+  rpath, fpath = os.path.join(pdir, "result.json"), os.path.join(pdir, "failed.json")
+  os.makedirs(pdir, exist_ok=True)
+  cmd = train_command(config, pdir, p["overrides"], p["seed"], sets, train_script)
+  log(f"{tag}: running")
+  rc, out, err, dt = _run(runner, cmd, pdir)
+  with open(os.path.join(pdir, "stdout.log"), "w") as f:
+    f.write(out)
+  with open(os.path.join(pdir, "stderr.log"), "w") as f:
+    f.write(err)
+  last = _last_line(err)
+  if rc == EXIT_DIVERGED:
+    # seed 000's convention: a diverged run scores (near) zero and stays in the statistics
+    res = {"diverged": True, "tuned": 0.0, "best": 0.0, "best_step": None, "metric": None,
+           "reason": last.removeprefix("error: "), "returncode": rc, "point": p["overrides"],
+           "seed": p["seed"], "config": config, "seconds": round(dt, 2)}
     _write_json(rpath, res)
     if os.path.exists(fpath):
       os.remove(fpath)
-    tuned = res.get("tuned")
-    tuned_s = f"{tuned:.4f}" if isinstance(tuned, (int, float)) else str(tuned)
-    log(f"{tag}: {res.get('metric', 'metric')} {tuned_s} ({dt:.1f}s)")
-    status["done"].append(pdir)
-  log(f"sweep: {len(status['done'])} run, {len(status['skipped'])} skipped, "
-      f"{len(status['failed'])} failed of {total}")
-  return status
+    log(f"{tag}: DIVERGED, counted with score 0 ({dt:.1f}s): {last}")
+    status["diverged"].append(pdir)
+    return res
+  res = _last_json(out) if rc == 0 else None
+  reason = None
+  if rc != 0:
+    reason = f"exit status {rc}"
+  elif res is None:
+    reason = "the last stdout line is not a JSON object"
+  elif res.get("interrupted_at"):
+    reason = f"interrupted at step {res['interrupted_at']}"
+  elif "tuned" not in res:
+    reason = "the result has no 'tuned' value"
+  if reason:
+    _write_json(fpath, {"point": p["overrides"], "seed": p["seed"], "reason": reason,
+                        "returncode": rc, "stderr_tail": err[-STDERR_TAIL:], "cmd": cmd,
+                        "seconds": round(dt, 2)})
+    log(f"{tag}: FAILED ({reason}; {dt:.1f}s){': ' + last if last else ''}")
+    status["failed"].append(pdir)
+    return None
+  res = dict(res)
+  res.update({"point": p["overrides"], "seed": p["seed"], "config": config,
+              "seconds": round(dt, 2)})
+  _write_json(rpath, res)
+  if os.path.exists(fpath):
+    os.remove(fpath)
+  best = res.get("best", res.get("tuned"))
+  best_s = f"{best:.4f}" if isinstance(best, (int, float)) else str(best)
+  log(f"{tag}: validation {res.get('metric', 'metric')} {best_s} at step "
+      f"{res.get('best_step')} ({dt:.1f}s)")
+  status["done"].append(pdir)
+  return res
+
+
+def _evaluate_point(pdir, tag, split, res, runner, eval_script, log, status):
+  """eval.py on the point's best checkpoint on ``split`` -> ``<pdir>/<split>.json``
+  (skipped when it exists; ``eval_failed.json`` when it fails)."""
+  spath, fpath = os.path.join(pdir, f"{split}.json"), os.path.join(pdir, "eval_failed.json")
+  if os.path.exists(spath):
+    return
+  metric = res.get("metric")
+  cmd = eval_command(pdir, split, eval_script)
+  rc, out, err, dt = _run(runner, cmd, pdir)
+  got = _last_json(out) if rc == 0 else None
+  reason = None
+  if rc != 0:
+    reason = f"eval.py exit status {rc}"
+  elif got is None:
+    reason = "eval.py's last stdout line is not a JSON object"
+  elif not isinstance(got.get(metric), (int, float)):
+    reason = f"eval.py's result has no {metric!r} value"
+  if reason:
+    last = _last_line(err)
+    _write_json(fpath, {"split": split, "reason": reason, "returncode": rc,
+                        "stderr_tail": err[-STDERR_TAIL:], "cmd": cmd, "seconds": round(dt, 2)})
+    log(f"{tag}: {split} evaluation FAILED ({reason}; {dt:.1f}s){': ' + last if last else ''}")
+    status["failed"].append(pdir)
+    return
+  _write_json(spath, {"split": split, "step": got.get("step"), "chosen": got.get("chosen"),
+                      "metric": metric, "score": float(got[metric]),
+                      "validation": res.get("best"), "metrics": got, "seconds": round(dt, 2)})
+  if os.path.exists(fpath):
+    os.remove(fpath)
+  log(f"{tag}: {split} {metric} {float(got[metric]):.4f} (best checkpoint, step "
+      f"{got.get('step')}; {dt:.1f}s)")
+  status["evaluated"].append(pdir)
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -401,49 +515,95 @@ def _fmt(x: float) -> str:
   return f"{x:.4f}"
 
 
+def _score_of(r: dict, split: str) -> Tuple[Optional[float], Optional[float], str]:
+  """(reported score, validation score of the selected checkpoint, why missing) of a run."""
+  if r.get("diverged"):
+    return 0.0, 0.0, ""
+  val = r.get("best")
+  if not isinstance(val, (int, float)):
+    val = r.get("tuned")            # a result written before selection was recorded
+  val = float(val) if isinstance(val, (int, float)) else None
+  if split == "none":
+    return val, val, "" if val is not None else "no validation score"
+  path = os.path.join(r["_dir"], f"{split}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return float(json.load(f)["score"]), val, ""
+  why = f"no {split} evaluation of the best checkpoint"
+  fpath = os.path.join(r["_dir"], "eval_failed.json")
+  if os.path.exists(fpath):
+    with open(fpath) as f:
+      tail = _last_line(json.load(f).get("stderr_tail", ""))
+    why += f" (eval.py failed{': ' + tail if tail else ''})"
+  return None, val, why
+
+
 def aggregate(workdir: str, x: Optional[str] = None, lines: Optional[str] = None,
-              logx: Optional[bool] = None, plot: bool = True) -> dict:
-  """Writes ``summary.json``, ``summary.md`` and ``metric_vs_<x>.png``; returns the summary."""
+              logx: Optional[bool] = None, plot: bool = True,
+              select_split: Optional[str] = None) -> dict:
+  """Writes ``summary.json``, ``summary.md`` and ``metric_vs_<x>.png``; returns the summary.
+  ``select_split``: the split whose score of the best checkpoint is reported (default: the
+  sweep's, from ``sweep.json``; ``none``: the validation score)."""
   if not os.path.isdir(workdir):
     raise SweepError(f"sweep directory {workdir!r} does not exist")
   results, failed = collect(workdir)
   if not results:
     raise SweepError(f"no results to aggregate in {workdir!r} (no */seed*/result.json)")
   keys: List[str] = []
+  spec: dict = {}
   spec_path = os.path.join(workdir, "sweep.json")
   if os.path.exists(spec_path):
     with open(spec_path) as f:
-      keys = [k for k in json.load(f).get("grid", {})]
+      spec = json.load(f)
+    keys = [k for k in spec.get("grid", {})]
+  split = select_split or spec.get("select_split") or "none"
   for r in results:
     for k in r["point"]:
       if k not in keys:
         keys.append(k)
-  metrics = sorted({str(r.get("metric", "metric")) for r in results})
+  metrics = sorted({str(r["metric"]) for r in results if r.get("metric")}) or ["metric"]
   metric = metrics[0] if len(metrics) == 1 else "/".join(metrics)
 
+  failed = [{"point": f.get("point"), "seed": f.get("seed"), "reason": f.get("reason")}
+            for f in failed]
   groups: Dict[tuple, List[dict]] = {}
   for r in results:
+    r["_score"], r["_val"], why = _score_of(r, split)
+    if r["_score"] is None or r["_val"] is None:
+      failed.append({"point": r["point"], "seed": r["seed"], "reason": why})
+      continue
     groups.setdefault(tuple(format_value(r["point"].get(k, "")) for k in keys), []).append(r)
+  if not groups:
+    raise SweepError(f"no run in {workdir!r} has a score to aggregate: "
+                     f"{failed[0]['reason'] if failed else 'none finished'}")
   rows = []
   for pt in sorted(groups, key=lambda t: tuple(_sort_key(v) for v in t)):
     rs = sorted(groups[pt], key=lambda r: r["seed"])
-    vals = [float(r["tuned"]) for r in rs]
-    m, s = mean_std(vals)
+    vals, vvals = [r["_score"] for r in rs], [r["_val"] for r in rs]
+    m, sd = mean_std(vals)
+    vm, vsd = mean_std(vvals)
     row = {"point": {k: parse_value(v) for k, v in zip(keys, pt)},
-           "name": point_name(dict(zip(keys, pt))), "n": len(vals), "mean": m, "std": s,
-           "two_std": 2 * s, "values": vals, "seeds": [r["seed"] for r in rs]}
-    losses = [float(r["eval_loss"]) for r in rs if isinstance(r.get("eval_loss"), (int, float))]
+           "name": point_name(dict(zip(keys, pt))), "n": len(vals),
+           "diverged": sum(bool(r.get("diverged")) for r in rs),
+           "mean": m, "std": sd, "two_std": 2 * sd, "values": vals,
+           "val_mean": vm, "val_std": vsd, "val_two_std": 2 * vsd, "val_values": vvals,
+           "seeds": [r["seed"] for r in rs],
+           "best_steps": [r.get("best_step") for r in rs]}
+    ok = [r for r in rs if not r.get("diverged")]
+    losses = [float(r["eval_loss"]) for r in ok if isinstance(r.get("eval_loss"), (int, float))]
     if losses:
       row["eval_loss_mean"] = mean_std(losses)[0]
-    untuned = [float(r["untuned"]) for r in rs if isinstance(r.get("untuned"), (int, float))]
+    untuned = [float(r["untuned"]) for r in ok if isinstance(r.get("untuned"), (int, float))]
     if untuned:
       row["untuned_mean"] = mean_std(untuned)[0]
     rows.append(row)
-  best = max(range(len(rows)), key=lambda i: rows[i]["mean"])
-  summary = {"metric": metric, "keys": keys, "rows": rows, "best": rows[best]["point"],
-             "best_mean": rows[best]["mean"], "num_results": len(results),
-             "failed": [{"point": f.get("point"), "seed": f.get("seed"),
-                         "reason": f.get("reason")} for f in failed]}
+  # the point is selected on validation, like the checkpoint; ties: the first in grid order
+  best = max(range(len(rows)), key=lambda i: (rows[i]["val_mean"], -i))
+  summary = {"metric": metric, "split": "validation" if split == "none" else split,
+             "select_split": split, "keys": keys, "rows": rows, "best": rows[best]["point"],
+             "best_mean": rows[best]["mean"], "best_val_mean": rows[best]["val_mean"],
+             "num_results": sum(r["n"] for r in rows),
+             "num_diverged": sum(r["diverged"] for r in rows), "failed": failed}
   md = markdown_table(summary)
   with open(os.path.join(workdir, "summary.md"), "w") as f:
     f.write(md)
@@ -454,19 +614,27 @@ def aggregate(workdir: str, x: Optional[str] = None, lines: Optional[str] = None
 
 
 def markdown_table(summary: dict) -> str:
-  """One row per grid point: the swept values, ``n``, the metric as ``mean ± 2std``."""
-  keys, metric = summary["keys"], summary["metric"]
+  """One row per grid point: the swept values, ``n``, diverged seeds, the reported score
+  (``split`` score of each run's best checkpoint on validation) as ``mean ± 2std`` and,
+  when that is not validation, the validation score of the same checkpoints."""
+  keys, metric, split = summary["keys"], summary["metric"], summary.get("split", "validation")
   names = short_names(keys)
-  head = [names[k] for k in keys] + ["n", f"{metric} (mean ± 2std)"]
+  scores = [split] + (["validation"] if split != "validation" else [])
+  head = ([names[k] for k in keys] + ["n", "diverged"]
+          + [f"{s} {metric} (mean ± 2std)" for s in scores])
   out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
   best = summary.get("best")
   for row in summary["rows"]:
-    cell = f"{_fmt(row['mean'])} ± {_fmt(row['two_std'])}"
+    cells = [f"{_fmt(row['mean'])} ± {_fmt(row['two_std'])}"]
+    if split != "validation":
+      cells.append(f"{_fmt(row['val_mean'])} ± {_fmt(row['val_two_std'])}")
     if row["point"] == best and len(summary["rows"]) > 1:
-      cell = f"**{cell}**"
+      cells[0] = f"**{cells[0]}**"
     out.append("| " + " | ".join([format_value(row["point"][k]) for k in keys]
-                                 + [str(row["n"]), cell]) + " |")
+                                 + [str(row["n"]), str(row.get("diverged", 0))] + cells) + " |")
   text = "\n".join(out) + "\n"
+  text += (f"\nEach run: the {split} score of its best checkpoint on validation; diverged runs "
+           "count as 0. Bold: the point with the best mean validation score.\n")
   if summary.get("failed"):
     text += f"\n{len(summary['failed'])} failed run(s) not included:\n"
     for f in summary["failed"]:
@@ -521,9 +689,11 @@ def plot_summary(summary: dict, workdir: str, x: Optional[str] = None,
     ax.set_xticks(range(len(cats)))
     ax.set_xticklabels(cats)
   ax.set_xlabel(names[x])
-  ax.set_ylabel(summary["metric"])
+  ax.set_ylabel(f"{summary.get('split', 'validation')} {summary['metric']}")
   ns = sorted({r["n"] for r in summary["rows"]})
-  ax.set_title(f"{summary['metric']} vs {names[x]} (mean ± 2 std, n={'/'.join(map(str, ns))})")
+  ax.set_title(f"{summary.get('split', 'validation')} {summary['metric']} of the best checkpoint "
+               f"vs {names[x]}\n(mean ± 2 std, n={'/'.join(map(str, ns))}, diverged runs as 0)",
+               fontsize=9)
   if line_keys:
     ax.legend(fontsize=8)
   ax.grid(True, alpha=0.3)
@@ -550,6 +720,10 @@ def build_parser():
                  help="a fixed override for every run (repeatable)")
   p.add_argument("--use_config_grid", action="store_true",
                  help="take the grid from the config file's GRID (for the variant's method)")
+  p.add_argument("--select_split", default=None, metavar="SPLIT|none",
+                 help="evaluate each point's best checkpoint on validation on this split and "
+                 "report that score (default test, seed 000's protocol; with --aggregate_only "
+                 "the sweep's own); none: skip, report the best validation score")
   p.add_argument("--aggregate_only", action="store_true",
                  help="do not run; aggregate the results already in --workdir")
   p.add_argument("--dry_run", action="store_true", help="print the points and commands only")
@@ -586,24 +760,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       sets = dict(parse_set_arg(s) for s in args.set)
       seeds = parse_seeds(args.seeds)
       check_points(args.config, grid, seeds, sets)
+      split = check_split_name(args.select_split or "test")
       if args.dry_run:
         for p in expand_grid(grid, seeds):
           pdir = os.path.join(args.workdir, p["name"], f"seed{p['seed']}")
           print(" ".join(train_command(args.config, pdir, p["overrides"], p["seed"], sets)))
+          if split != "none":
+            print(" ".join(eval_command(pdir, split)))
         return 0
-      status = run_sweep(args.config, args.workdir, grid, seeds, sets)
-      if not status["done"] and not status["skipped"]:
+      status = run_sweep(args.config, args.workdir, grid, seeds, sets, select_split=split)
+      if not status["done"] and not status["skipped"] and not status["diverged"]:
         print(f"error: every run failed; see {args.workdir}/*/seed*/failed.json", file=sys.stderr)
         return 1
-    summary = aggregate(args.workdir, x=args.x, lines=args.lines, plot=not args.no_plot)
+    summary = aggregate(args.workdir, x=args.x, lines=args.lines, plot=not args.no_plot,
+                        select_split=args.select_split)
   except SweepError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(open(os.path.join(args.workdir, "summary.md")).read().rstrip())
   if summary.get("plot"):
     print(f"plot: {summary['plot']}")
-  out = {"metric": summary["metric"], "best": summary["best"], "best_mean": summary["best_mean"],
-         "num_results": summary["num_results"], "failed": len(summary["failed"]),
+  out = {"metric": summary["metric"], "split": summary["split"], "best": summary["best"],
+         "best_mean": summary["best_mean"], "best_val_mean": summary["best_val_mean"],
+         "num_results": summary["num_results"], "diverged": summary["num_diverged"],
+         "failed": len(summary["failed"]),
          "summary": os.path.join(args.workdir, "summary.json")}
   print(json.dumps(out))
   return 1 if summary["failed"] else 0

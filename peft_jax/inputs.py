@@ -219,11 +219,21 @@ def dataset(cfg) -> Tuple[List[dict], List[dict]]:
       raise DataError(f"quickstart: data.path {root} is {'a file' if os.path.exists(root) else 'missing'}"
                       "; expected a folder with train.jsonl and validation.jsonl")
     train = read_jsonl(os.path.join(root, "train.jsonl"), "quickstart")
-    val = read_jsonl(os.path.join(root, "validation.jsonl"), "quickstart")
+    split = d.get("eval_split") or "validation"     # <split>.jsonl (eval.py --split)
+    if not os.path.isfile(os.path.join(root, f"{split}.jsonl")):
+      from peft_jax.data.common import DataError
+      have = sorted(n[:-6] for n in os.listdir(root) if n.endswith(".jsonl"))
+      raise DataError(f"quickstart: data.eval_split={split!r} but {root} has no {split}.jsonl "
+                      f"(splits there: {', '.join(have)})")
+    val = read_jsonl(os.path.join(root, f"{split}.jsonl"), "quickstart")
   elif d.name == "jsonl":
     if not knobs.get("train_file") or not knobs.get("validation_file"):
       raise ConfigError("data.name='jsonl' needs data.train_file and data.validation_file "
                         "(JSONL files of {input, target} rows)")
+    if (d.get("eval_split") or "validation") != "validation":
+      raise ConfigError(f"data.name='jsonl' evaluates data.validation_file only, not "
+                        f"data.eval_split={d.eval_split!r}; point data.validation_file at "
+                        "that split's file instead")
     train = read_jsonl(resolve_path(knobs["train_file"]), "data.train_file")
     val = read_jsonl(resolve_path(knobs["validation_file"]), "data.validation_file")
   else:

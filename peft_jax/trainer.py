@@ -31,6 +31,7 @@ from peft_jax.builder import build
 from peft_jax.models import family_of
 from peft_jax.peft import summary
 from peft_jax.peft.base import flatten, split_trainable, unflatten
+from peft_jax.selection import Selection
 
 
 class TrainingDiverged(RuntimeError):
@@ -241,7 +242,11 @@ class Trainer:
       self._config_pending = False
     self.opt, self.step_fn, self.opt_sh = self.built.train_step(self.total)
     self.eval_loss_fn = self.built.eval_loss()
-    self.ckpt = _Checkpointer(workdir, tc, say=print if self.main else None) if workdir else None
+    # which checkpoint is best on validation (<workdir>/selection.json; peft_jax/selection.py)
+    self.selection = Selection(workdir, cfg.eval.metric, cfg.data.get("eval_split") or "validation",
+                               write=self.main)
+    self.ckpt = _Checkpointer(workdir, tc, say=print if self.main else None,
+                              selection=self.selection) if workdir else None
     self.writer = None          # opened by train(), which knows the step it resumes from
     self._saveable = jax.jit(lambda tr, opt: _finite_tree(tr) & _finite_tree(opt))
 
@@ -328,6 +333,7 @@ class Trainer:
         step, epoch, pos = meta["step"], meta["epoch"], meta["pos"]
         say(f"resumed from {self.ckpt.directory} at step {step}")
     self._start_step = step
+    self.selection.drop_after(step)     # evaluations after the resumed step: trained again
     # records after the resumed step are written again: drop them (JSONL and TensorBoard)
     self.writer = MetricsWriter(self.workdir, resume_step=step)
     info = summary(self.state)
@@ -350,7 +356,6 @@ class Trainer:
   def _loop(self, it, step, epoch, pos, params, opt_state, untuned, bar, signals):
     tc, metric = self.cfg.train, self.cfg.eval.metric
     say = print if self.main else (lambda *a, **k: None)
-    best = {"step": None, metric: -math.inf, "eval_loss": math.inf}
     patience, bad_evals, best_loss = tc.get("early_stopping_patience") or 0, 0, math.inf
     t0, tokens = time.time(), 0
     last = None
@@ -391,9 +396,8 @@ class Trainer:
           best_loss, bad_evals, conv_step = res["eval_loss"], 0, step
         else:
           bad_evals += 1
-        if res[metric] > best[metric]:
-          best = {"step": step, metric: res[metric], "eval_loss": res["eval_loss"]}
         self._save(step, params, opt_state, epoch, pos, res[metric], m)
+        self.selection.record(step, res)       # after the save: a candidate has a checkpoint
         stop_early = bool(patience and bad_evals >= patience)
       elif step < self.total and (
           (tc.save_every and step % tc.save_every == 0)
@@ -430,15 +434,15 @@ class Trainer:
                      os.path.join(self.workdir, "adapter"), base=self.base_info)
     final = self.evaluate(params)
     self.writer.write(step, _scalars("eval", final))
-    if final[metric] > best[metric]:
-      best = {"step": step, metric: final[metric], "eval_loss": final["eval_loss"]}
+    self.selection.record(step, final, final=True)    # the final step is a candidate too
+    best_step, best_score = self.selection.best()
     self.params = params
     if final["eval_loss"] < best_loss:
       conv_step = step
     spe = self.steps_per_epoch
     return {"untuned": None if untuned is None else untuned[metric], "tuned": final[metric],
             "eval_loss": final["eval_loss"], "steps": step, "metric": metric,
-            "best_step": best["step"], "best": best[metric],
+            "best_step": best_step, "best": best_score,
             # seed 002 Table 4: the 1-based epoch of the lowest validation loss (what early
             # stopping watches), and the epochs run (steps / steps per epoch)
             "convergence_epoch": -(-(conv_step or step) // spe), "epochs_run": round(step / spe, 3),
@@ -637,24 +641,33 @@ class _silence_background_errors:
 
 class _Checkpointer:
   """Orbax: trainable leaves + optimizer state + step/data position; keeps the last
-  ``train.keep_last`` and the best (by the validation metric). Each step directory gets a
+  ``train.keep_last`` and the best on validation (the step ``selection`` names, see
+  peft_jax/selection.py; ``read_only`` for eval.py). Each step directory gets a
   checksum manifest once orbax has finished it; restore verifies it and falls back to the
   newest intact step, setting damaged ones aside in ``checkpoints.set_aside/``."""
 
-  def __init__(self, workdir, tc, say=None):
+  def __init__(self, workdir, tc, say=None, selection=None, read_only=False):
     import orbax.checkpoint as ocp
     self.ocp, self.tc, self.say = ocp, tc, say or (lambda *a, **k: None)
+    self.selection, self.read_only = selection, read_only
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     self.aside = os.path.abspath(os.path.join(workdir, "checkpoints.set_aside"))
     self._open()
 
   def _open(self):
     ocp = self.ocp
+    if self.read_only:     # eval.py: reads a step, never saves or deletes
+      self.mngr = ocp.CheckpointManager(
+          self.directory, options=ocp.CheckpointManagerOptions(read_only=True,
+                                                               enable_async_checkpointing=False))
+      return
     cm = ocp.checkpoint_managers
+    # the last keep_last, and the step selection.json names as best on validation (orbax's
+    # BestN would keep the latest of equal scores and cannot score the final step, which
+    # is saved before its evaluation)
     policy = cm.AnyPreservationPolicy([
         cm.LatestN(n=max(int(self.tc.get("keep_last") or 2), 1)),
-        cm.BestN(get_metric_fn=lambda m: m["metric"], reverse=False, n=1,
-                 keep_checkpoints_without_metrics=False)])
+        _PreserveSelected(self)])
     self.mngr = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(preservation_policy=policy,
                                                              enable_async_checkpointing=False))
@@ -706,6 +719,8 @@ class _Checkpointer:
       os.makedirs(self.aside, exist_ok=True)
       dst = os.path.join(self.aside, f"{step}-{why}-{int(time.time())}")
       os.replace(self.step_dir(step), dst)
+    if self.selection is not None:
+      self.selection.forget(step)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"set_aside_{step}")
@@ -730,18 +745,24 @@ class _Checkpointer:
                f"{self.aside} and the run resumes from "
                f"{'step %d' % older if older is not None else 'the start'}")
 
+  def restore_trainable(self, step, state, params, param_sh):
+    """Step ``step``'s trainable leaves onto ``params`` (frozen leaves kept), without the
+    optimizer state: ``(params, meta)``. For evaluation; the caller verifies the manifest."""
+    params, _, meta = self._restore(step, state, params, None, param_sh, None)
+    return params, meta
+
   def _restore(self, step, state, params, opt_state, param_sh, opt_sh):
     ocp = self.ocp
     tr, fr = split_trainable(params, state.trainable)
     fsh = flatten(param_sh)
     sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     abstract_tr = unflatten({k: sds(v, fsh[k]) for k, v in tr.items()})
-    abstract_opt = jax.tree_util.tree_map(sds, opt_state, opt_sh)
+    items = {"trainable": ocp.args.StandardRestore(abstract_tr), "meta": ocp.args.JsonRestore()}
+    if opt_state is not None:
+      items["opt_state"] = ocp.args.StandardRestore(
+          jax.tree_util.tree_map(sds, opt_state, opt_sh))
     try:
-      got = self.mngr.restore(step, args=ocp.args.Composite(
-          trainable=ocp.args.StandardRestore(abstract_tr),
-          opt_state=ocp.args.StandardRestore(abstract_opt),
-          meta=ocp.args.JsonRestore()))
+      got = self.mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises several types for structure/shape mismatches
       raise inputs.ConfigError(f"checkpoint {self.directory}/{step} does not match this run's "
                             f"model and method ({type(e).__name__}: {str(e)[:300]}); use another "
@@ -751,4 +772,17 @@ class _Checkpointer:
                             f"{got['meta'].get('method')!r}, this run uses {state.method.name!r}")
     restored = flatten(got["trainable"])
     params = unflatten({**fr, **restored})
-    return params, got["opt_state"], got["meta"]
+    return params, (got["opt_state"] if opt_state is not None else None), got["meta"]
+
+
+class _PreserveSelected:
+  """An orbax preservation policy: keeps the step the run's :class:`Selection` names as
+  best on validation (whatever ``keep_last`` says)."""
+
+  def __init__(self, ckpt: "_Checkpointer"):
+    self.ckpt = ckpt
+
+  def should_preserve(self, checkpoints, *, context=None):
+    sel = self.ckpt.selection
+    best = sel.best_step if sel is not None else None
+    return [c.step == best for c in checkpoints]

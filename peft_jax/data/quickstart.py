@@ -34,9 +34,12 @@ def make_example(rng: random.Random):
           "target": "positive" if 2 * n_pos > n_sent else "negative"}
 
 
-def generate(n_train=2000, n_val=200, seed=0):
+def generate(n_train=2000, n_val=200, n_test=200, seed=0):
+  """(train, validation, test); the test rows are drawn after the others, so adding them
+  left train and validation unchanged."""
   rng = random.Random(seed)
-  return ([make_example(rng) for _ in range(n_train)], [make_example(rng) for _ in range(n_val)])
+  return ([make_example(rng) for _ in range(n_train)], [make_example(rng) for _ in range(n_val)],
+          [make_example(rng) for _ in range(n_test)])
 
 
 def build_tokenizer():
@@ -51,8 +54,8 @@ def build_tokenizer():
 
 def write(out_dir=DATA_DIR):
   os.makedirs(out_dir, exist_ok=True)
-  train, val = generate()
-  for name, rows in (("train", train), ("validation", val)):
+  train, val, test = generate()
+  for name, rows in (("train", train), ("validation", val), ("test", test)):
     with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as f:
       for r in rows:
         f.write(json.dumps(r) + "\n")
