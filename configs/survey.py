@@ -11,9 +11,10 @@ Variant parts: model in {t5-large (default), t5-3b, t5-11b, tiny}; task in {bool
 Settings (section 11.1): learning rate swept over {1e-3, 1e-4, 1e-5} on the NLU tasks
 (``GRID``; the best one then runs two more seeds), CNN/DailyMail at 1e-3 with one seed
 (``GRID['cnn_dailymail']``; run it with ``--seeds=0``); batch 32 with the micro-batch
-sizes of its Table 3 (``MICRO_BATCH``); input 512, output 8 (classification) or 128
-(CNN/DM); 3 epochs but at least 100 update steps, CNN/DM one epoch; each method with its
-library's defaults (AdapterHub for adapters, prefix tuning, MAM, Compacter, UniPELT; HF
+sizes of its Table 3 (``MICRO_BATCH``: examples per forward pass on its one GPU, hence
+``train.micro_batch_per_device``: on N devices a forward pass holds N times as many);
+input 512, output 8 (classification) or 128 (CNN/DM); 3 epochs but at least 100 update
+steps, CNN/DM one epoch; each method with its library's defaults (AdapterHub for adapters, prefix tuning, MAM, Compacter, UniPELT; HF
 PEFT for LoRA, (IA)^3, LN tuning; LoKr for KronA).
 
 Which is which (the survey's names -> ours):
@@ -134,7 +135,8 @@ def get_config(variant: str = ""):
   else:   # the sweep's middle value (GRID); 1e-5 for full fine-tuning
     c.train.learning_rate = 1e-5 if v["method"] == "full" else 1e-4
   c.train.batch_size = 32
-  c.train.micro_batch_size = MICRO_BATCH.get((v["model"], v["task"]), 0)
+  # per device: the survey trained on one GPU; on N devices each forward holds N times it
+  c.train.micro_batch_per_device = MICRO_BATCH[v["model"], v["task"]] if v["model"] != "tiny" else 0
   c.train.num_epochs = 1 if v["task"] == "cnn_dailymail" else 3
   c.train.min_steps = 0 if v["task"] == "cnn_dailymail" else 100
   c.eval.metric = TASKS[v["task"]]
@@ -143,7 +145,6 @@ def get_config(variant: str = ""):
     tiny_model(c, "t5-tiny", vocab_size=32128)
     c.tokenizer = "../shared/data/tokenizers/t5"
     c.train.min_steps = 0
-    c.train.micro_batch_size = 0
     small = {"prefix_tuning": {"prefix_length": 4, "prefix_bottleneck_size": 8},
              "prompt_tuning": {"prefix_length": 4},
              "prefix_tuning_hf": {"num_virtual_tokens": 4, "encoder_hidden_size": 8},

@@ -109,10 +109,6 @@ def build(cfg, devices: Optional[Sequence[Any]] = None, peft: Optional[Dict[str,
   else:
     method, overrides = peft["method"], {k: v for k, v in peft.items() if k != "method"}
   state = apply_peft(mc, abstract_params(mc), method, overrides)
-  micro = int(tc.micro_batch_size or tc.batch_size)
-  if tc.batch_size % micro:
-    raise inputs.ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of "
-                          f"train.micro_batch_size={micro}")
   if devices is None:
     mesh = inputs.make_mesh(cfg)
   else:
@@ -121,6 +117,19 @@ def build(cfg, devices: Optional[Sequence[Any]] = None, peft: Optional[Dict[str,
     except sharding.ShardingError as e:
       raise inputs.ConfigError(f"config.mesh: {e}") from None
   shards = sharding.batch_shards(mesh)
+  per_device = int(tc.get("micro_batch_per_device") or 0)
+  if per_device:    # a per-accelerator setting (e.g. the survey's Table 3, one GPU each)
+    micro = min(int(tc.batch_size), per_device * shards)
+    if tc.batch_size % micro:
+      raise inputs.ConfigError(
+          f"train.micro_batch_per_device={per_device} on {shards} data x fsdp devices gives "
+          f"micro-batches of {micro} rows, which do not divide train.batch_size="
+          f"{tc.batch_size}; expected a per-device size whose multiple divides the batch")
+  else:
+    micro = int(tc.micro_batch_size or tc.batch_size)
+    if tc.batch_size % micro:
+      raise inputs.ConfigError(f"train.batch_size={tc.batch_size} must be a multiple of "
+                               f"train.micro_batch_size={micro}")
   if micro % shards:
     raise inputs.ConfigError(
         f"the micro-batch ({micro} rows) must split evenly over the mesh's data x fsdp = "

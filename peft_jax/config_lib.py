@@ -101,6 +101,10 @@ def _schema():
           "batch_size": Field(32, "examples per optimizer step (the effective batch)", ge=1),
           "micro_batch_size": Field(0, "> 0: accumulate gradients over batch_size / "
                                     "micro_batch_size micro-batches", ge=0),
+          "micro_batch_per_device": Field(0, "> 0: rows per device in each forward pass "
+                                          "instead: the micro-batch is this times the devices "
+                                          "the batch is split over (data x fsdp), at most "
+                                          "batch_size; overrides micro_batch_size", ge=0),
           "drop_last": Field(False, "drop each epoch's last partial batch (default: every "
                              "example is seen each epoch; the last batch is padded with "
                              "zero-weight rows)"),

@@ -60,3 +60,19 @@ def test_eval_size_is_a_seeded_subset():
   c.data.eval_size = len(full) + 5                       # larger than the split: all rows
   _, everything = inputs.dataset(c)
   assert everything == full
+
+
+def test_micro_batch_per_device():
+  """A per-device micro-batch (the survey's Table 3, one GPU each) scales with the devices
+  the batch is split over, capped at the batch; one error line when it cannot divide it."""
+  from peft_jax.builder import build
+  c = _quickstart()
+  c.train.batch_size = 32
+  c.train.micro_batch_per_device = 1          # 8 devices (tests/conftest.py): 8 rows, 4 passes
+  assert build(c).micro_batch == 8
+  c.train.micro_batch_per_device = 32         # more than the batch: one pass of 32
+  assert build(c).micro_batch == 32
+  c.train.micro_batch_per_device = 3          # 24 rows do not divide 32
+  import pytest
+  with pytest.raises(inputs.ConfigError, match="micro_batch_per_device=3 on 8"):
+    build(c)

@@ -124,6 +124,6 @@ def test_seed003_survey_prompt_and_prefix_are_adapterhubs():
 def test_seed003_micro_batches_and_rates():
   for (model, task), mb in SURVEY.MICRO_BATCH.items():
     t = SURVEY.get_config(f"{model},{task},houlsby").train
-    assert t.micro_batch_size == mb and t.batch_size == 32
+    assert t.micro_batch_per_device == mb and t.batch_size == 32
   cnn = SURVEY.get_config("t5-large,cnn_dailymail,houlsby").train
   assert cnn.learning_rate == 1e-3 and cnn.num_epochs == 1 and cnn.min_steps == 0
