@@ -234,7 +234,16 @@ def load_runs(sweeps: Sequence[str]) -> Tuple[List[Run], List[dict]]:
                                              f"seed{f.get('seed', 0)}")})
       else:
         failed.append({**f, "sweep": sweep})
+    split = spec.get("select_split", "test")
     for r in results:
+      # the sweep's evaluation of the best-on-validation checkpoint (grid_search writes
+      # <point>/seed<k>/<split>.json): the score the paper reports
+      spath = os.path.join(r["_dir"], f"{split}.json")
+      if split == "test" and not r.get("diverged") and os.path.isfile(spath):
+        with open(spath) as f:
+          sel = json.load(f)
+        if _num(sel.get("score")) is not None:
+          r["test"], r["test_step"] = float(sel["score"]), sel.get("step")
       config = str(r.get("config") or spec.get("config") or "")
       sets = {k: str(v) for k, v in (spec.get("set") or {}).items()}
       point = dict(r.get("point") or {})
