@@ -4,7 +4,6 @@ dropping; ``data.eval_size`` evaluates on a seeded subset, the same rows for eve
 import importlib.util
 import os
 
-import numpy as np
 
 from peft_jax import inputs
 
