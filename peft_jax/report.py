@@ -326,6 +326,20 @@ def best_setting(runs: Sequence[Run]) -> List[Run]:
   return max(groups, key=lambda g: stats(_scores(g))["mean"])
 
 
+def best_cells(runs: Sequence[Run], methods, key: str, values, tasks) -> Dict[tuple, List[Run]]:
+  """``{(method, value of key, task): the runs of its best setting}`` for the cells that
+  have runs (``key``: the row's second coordinate, e.g. ``data.size`` or ``model.name``)."""
+  cells: Dict[tuple, List[Run]] = {}
+  for m in methods:
+    for v in values:
+      for t in tasks:
+        sel = best_setting([r for r in runs if r.method == m and str(r.get(key)) == v
+                            and str(r.get("data.name")) == t])
+        if sel:
+          cells[(m, v, t)] = sel
+  return cells
+
+
 def _diverged(group: Sequence[Run]) -> int:
   return sum(r.diverged for r in group)
 
@@ -615,14 +629,7 @@ def report_002(runs: List[Run], out: str) -> Tuple[str, dict, List[str]]:
   methods = _order({r.method for r in runs}, _names(mod, "METHODS") + _names(mod, "ABLATIONS"))
   tasks = _order({str(r.get("data.name")) for r in runs}, _names(mod, "TASKS"))
   sizes = _order({str(r.get("data.size")) for r in runs}, SIZES)
-  cells: Dict[tuple, List[Run]] = {}
-  for m in methods:
-    for z in sizes:
-      for t in tasks:
-        sel = best_setting([r for r in runs if r.method == m and str(r.get("data.size")) == z
-                            and str(r.get("data.name")) == t])
-        if sel:
-          cells[(m, z, t)] = sel
+  cells = best_cells(runs, methods, "data.size", sizes, tasks)
   row_keys = [(m, z) for z in sizes for m in methods if any((m, z, t) in cells for t in tasks)]
 
   def table(title, fn, note, fmt=pm):
@@ -718,14 +725,7 @@ def report_003(runs: List[Run], out: str) -> Tuple[str, dict, List[str]]:
   methods = _order({r.method for r in runs}, _names(mod, "METHODS"))
   tasks = _order({str(r.get("data.name")) for r in runs}, SURVEY_TASKS)
   models = _model_order(runs)
-  cells: Dict[tuple, List[Run]] = {}
-  for m in methods:
-    for mo in models:
-      for t in tasks:
-        sel = best_setting([r for r in runs if r.method == m and str(r.get("model.name")) == mo
-                            and str(r.get("data.name")) == t])
-        if sel:
-          cells[(m, mo, t)] = sel
+  cells = best_cells(runs, methods, "model.name", models, tasks)
   rows, per_ds = [], []
   for m in methods:
     for mo in models:
