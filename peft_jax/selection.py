@@ -213,6 +213,7 @@ def evaluate_checkpoint(checkpoint: str, config: Optional[str] = None,
   from peft_jax.builder import build
   from peft_jax.evals.generation import evaluate_generation
 
+  loaded = config_lib.load(config, overrides) if config else None   # bad fields first
   kind, where = checkpoint_kind(checkpoint)
   if kind == "adapter" and step is not None:
     raise inputs.ConfigError(f"--step={step} chooses a checkpoint of a train.py workdir, "
@@ -225,8 +226,8 @@ def evaluate_checkpoint(checkpoint: str, config: Optional[str] = None,
     if run is None:
       raise inputs.ConfigError(f"{where} has no {RUN_CONFIG} (written by train.py with its "
                                "first checkpoint); cannot tell which run made the checkpoints")
-  if config:
-    cfg, notes = config_lib.load(config, overrides)
+  if loaded is not None:
+    cfg, notes = loaded
     if run is not None:
       _check_against_run(cfg, run["config"], where)
   elif run is not None:

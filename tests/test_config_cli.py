@@ -71,7 +71,7 @@ BAD = [
     ("train.py", [], "--config"),
     ("train.py", [f"--config={QS}", "--dryrun"], "Unknown command line flag 'dryrun'"),
     ("eval.py", [f"--config={QS}", "--checkpoint=/nonexistent/dir"],
-     "is neither a train.py workdir nor an adapter directory"),
+     "is neither a train.py workdir"),
     ("eval.py", [f"--config={QS}", "--checkpoint=/tmp", "--config.eval.batch_size=0"],
      "eval.batch_size=0"),
 ]
@@ -269,7 +269,14 @@ def test_eval_on_another_base_stops_and_on_the_same_base_runs(short_run):
                       "--config.data.max_eval_examples=8")
   assert rc == 0, err[-2000:]
   assert json.loads(out.strip().splitlines()[-1])["exact_match"] == tuned
+  # a workdir: the config must be the run's on what the checkpoints depend on
   rc, out, err = _cli("eval.py", f"--config={QS}", f"--checkpoint={wd}",
+                      "--config.data.max_eval_examples=8", "--config.train.seed=1")
+  errors = [ln for ln in (out + err).splitlines() if ln.startswith("error:")]
+  assert rc == 2 and len(errors) == 1 and "Traceback" not in out + err, out + err
+  assert "train.seed: 0 -> 1" in errors[0]
+  # its adapter directory: the adapter records its base weights, another base stops
+  rc, out, err = _cli("eval.py", f"--config={QS}", f"--checkpoint={wd}/adapter",
                       "--config.data.max_eval_examples=8", "--config.train.seed=1")
   errors = [ln for ln in (out + err).splitlines() if ln.startswith("error:")]
   assert rc == 2 and len(errors) == 1 and "Traceback" not in out + err, out + err
