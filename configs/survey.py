@@ -3,7 +3,10 @@ x {full and 14 PEFT methods}.
 
   python train.py --config=configs/survey.py:t5-large,rte,lora_qv --config.model.checkpoint=/ckpt/t5-large
   python sweep.py --config=configs/survey.py:t5-large,rte,houlsby --use_config_grid --seeds=0,1,2 \\
-      --workdir=runs/survey_large_rte_houlsby
+      --select_split=validation --workdir=runs/survey_large_rte_houlsby
+
+SuperGLUE's test labels are hidden and the survey reports the validation split, so its
+sweeps select and report on validation (``--select_split=validation``).
 
 Variant parts: model in {t5-large (default), t5-3b, t5-11b, tiny}; task in {boolq, rte
 (default), copa, cnn_dailymail}; method in METHODS (default lora_qv).
