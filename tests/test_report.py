@@ -373,7 +373,8 @@ def test_real_tiny_sweep_then_report(tmp_path):
            "--grid", "train.learning_rate=1e-3,3e-3", "--seeds=0,1",
            "--set", "config.train.num_steps=12", "--set", "config.train.eval_every=6",
            "--set", "config.train.eval_at_start=False",
-           "--set", "config.data.max_eval_examples=16", "--set", "config.eval.batch_size=16")
+           "--set", "config.data.max_eval_examples=16", "--set", "config.eval.batch_size=16",
+           "--select_split=none")   # the held-out evaluation: tests/test_seed_pipeline.py
   assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
   res = json.loads((wd / "train.learning_rate=1e-3" / "seed1" / "result.json").read_text())
   # the trainer's new fields: timing excludes the compiling first step, counts at steady rate
