@@ -223,8 +223,9 @@ def dataset(cfg) -> Tuple[List[dict], List[dict]]:
     if not os.path.isfile(os.path.join(root, f"{split}.jsonl")):
       from peft_jax.data.common import DataError
       have = sorted(n[:-6] for n in os.listdir(root) if n.endswith(".jsonl"))
-      raise DataError(f"quickstart: data.eval_split={split!r} but {root} has no {split}.jsonl "
-                      f"(splits there: {', '.join(have)})")
+      raise DataError(f"quickstart: data.eval_split={split!r} but {root} has no {split}.jsonl; "
+                      f"expected a JSONL file of {{input, target}} rows per split (splits "
+                      f"there: {', '.join(have) or 'none'})")
     val = read_jsonl(os.path.join(root, f"{split}.jsonl"), "quickstart")
   elif d.name == "jsonl":
     if not knobs.get("train_file") or not knobs.get("validation_file"):
