@@ -422,6 +422,14 @@ def _plt():
   return plt
 
 
+def _save(plt, fig, path: str) -> str:
+  """Lays out, writes the PNG and frees the figure; returns its path."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def line_plot(path: str, title: str, xlabel: str, ylabel: str,
               series: Dict[str, Dict[Any, List[float]]], xorder: Sequence[Any],
               logx: bool = False, scale: float = 1.0) -> str:
@@ -458,10 +466,7 @@ def line_plot(path: str, title: str, xlabel: str, ylabel: str,
   if len(series) > 1 or any(series):
     ax.legend(fontsize=8)
   ax.grid(True, alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 def bar_panels(path: str, title: str, ylabels: Dict[str, str],
@@ -496,10 +501,7 @@ def bar_panels(path: str, title: str, ylabels: Dict[str, str],
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
   fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 # ----------------------------------------------------------------------------- seed 000
@@ -835,10 +837,7 @@ def _generic_plot(path, title, xlabel, ylabel, series, xorder, logx):
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=8)
   ax.grid(True, alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return _save(plt, fig, path)
 
 
 # ----------------------------------------------------------------------------- entry point
