@@ -148,11 +148,24 @@ class Family(abc.ABC):
 
   # ------------------------------------------------------------------ generation
   @abc.abstractmethod
+  def start(self, model, params, ids, mask, max_new_tokens: int):
+    """Generation's start: ``(first logits [B, V], cache, aux)``. The cache has room for
+    ``max_new_tokens`` more tokens; ``aux`` is a pytree of arrays (what :meth:`advance`
+    needs besides the cache), so both can cross ``jax.jit`` boundaries."""
+
+  @abc.abstractmethod
+  def advance(self, model, params, aux, cache, tokens, t):
+    """Feeds ``tokens`` ``[B]`` (the token chosen at step ``t``, traced) and returns
+    ``(next logits [B, V], new cache)``."""
+
   def prefill(self, model, params, ids, mask, max_new_tokens: int, repeat: int):
-    """Generation's start (:mod:`peft_jax.decoding`): ``(first logits [B, V], cache for B rows,
-    step)``; ``step(cache, tokens, t)`` feeds the token chosen at step ``t`` for all
-    ``B * repeat`` rows (batch-major, as beam search orders them) and returns
+    """:meth:`start` as a closure (:mod:`peft_jax.decoding`): ``(first logits [B, V], cache
+    for B rows, step)``; ``step(cache, tokens, t)`` feeds the token chosen at step ``t`` for
+    all ``B * repeat`` rows (batch-major, as beam search orders them) and returns
     ``(next logits, new cache)``."""
+    first, cache, aux = self.start(model, params, ids, mask, max_new_tokens)
+    aux = jax.tree_util.tree_map(lambda x: jnp.repeat(x, repeat, 0) if x.ndim else x, aux)
+    return first, cache, lambda c, tokens, t: self.advance(model, params, aux, c, tokens, t)
 
   # ------------------------------------------------------------------ HF checkpoints
   @abc.abstractmethod

@@ -80,8 +80,7 @@ class LlamaFamily(Family):
     return f"model.layers.{layer}.{sub}.{_HF_PROJ[name]}"
 
   # generation
-  def prefill(self, model, params, ids, mask, max_new_tokens, repeat):
-
+  def start(self, model, params, ids, mask, max_new_tokens):
     cfg, v = model.cfg, {"params": params}
     b, p = ids.shape
     # Move the padding to the left (stable sort puts pads first, tokens keep their order).
@@ -96,14 +95,15 @@ class LlamaFamily(Family):
     cache = init_cache(cfg, b, n_pre + p + max_new_tokens)
     logits, cache = model.apply(v, ids, slots, positions, True, cache, 0, use_embed_site=True)
     slots = jnp.concatenate([jnp.ones((b, n_pre), bool), slots], axis=1)
-    slots, n_valid = jnp.repeat(slots, repeat, 0), jnp.repeat(n_valid, repeat, 0)
+    # the slot of step t's token: after the prepended tokens and the prompt
+    aux = {"slots": slots, "n_valid": n_valid, "offset": jnp.int32(n_pre + p)}
+    return logits[:, -1], cache, aux
 
-    def step(cache, tokens, t):
-      logits, cache = model.apply(v, tokens[:, None], slots, (n_valid + t)[:, None], True, cache,
-                                  n_pre + p + t, use_embed_site=False)
-      return logits[:, -1], cache
-
-    return logits[:, -1], cache, step
+  def advance(self, model, params, aux, cache, tokens, t):
+    logits, cache = model.apply({"params": params}, tokens[:, None], aux["slots"],
+                                (aux["n_valid"] + t)[:, None], True, cache, aux["offset"] + t,
+                                use_embed_site=False)
+    return logits[:, -1], cache
 
   # HF checkpoints
   def config_from_hf(self, hf: Dict[str, Any], tensor_names=()):

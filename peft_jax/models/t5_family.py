@@ -96,8 +96,7 @@ class T5Family(Family):
     return f"{stack}.block.{layer}.layer.{j}.{att}.{name}"
 
   # generation
-  def prefill(self, model, params, ids, mask, max_new_tokens, repeat):
-
+  def start(self, model, params, ids, mask, max_new_tokens):
     cfg, v = model.cfg, {"params": params}
     enc, enc_mask = model.apply(v, ids, mask, method=model.encode)
     b = ids.shape[0]
@@ -105,15 +104,14 @@ class T5Family(Family):
     start = jnp.full((b, 1), cfg.decoder_start_token_id, jnp.int32)
     logits, cache = model.apply(v, start, enc, enc_mask, None, True, cache, 0, "fill",
                                 method=model.decode)
-    enc, enc_mask = jnp.repeat(enc, repeat, 0), jnp.repeat(enc_mask, repeat, 0)
+    return logits[:, -1], cache, {"enc": enc, "enc_mask": enc_mask}
 
-    def step(cache, tokens, t):
-      # slot 0 holds the start token, so the token of step t goes to slot t + 1
-      logits, cache = model.apply(v, tokens[:, None], enc, enc_mask, None, True, cache, t + 1,
-                                  "step", method=model.decode)
-      return logits[:, -1], cache
-
-    return logits[:, -1], cache, step
+  def advance(self, model, params, aux, cache, tokens, t):
+    # slot 0 holds the start token, so the token of step t goes to slot t + 1
+    logits, cache = model.apply({"params": params}, tokens[:, None], aux["enc"],
+                                aux["enc_mask"], None, True, cache, t + 1, "step",
+                                method=model.decode)
+    return logits[:, -1], cache
 
   # HF checkpoints
   def config_from_hf(self, hf: Dict[str, Any], tensor_names=()):
