@@ -26,6 +26,7 @@ of a checkpointed step in ``<workdir>/selection.json``::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -203,22 +204,55 @@ def _check_against_run(cfg, recorded: dict, workdir: str) -> None:
         "use the run's own config.json")
 
 
-def evaluate_checkpoint(checkpoint: str, config: Optional[str] = None,
-                        overrides: Sequence[Tuple[str, str]] = (), step: Optional[str] = None,
-                        split: Optional[str] = None, output: Optional[str] = None,
-                        say=print) -> Tuple[dict, List[str]]:
-  """What ``eval.py`` does (see its docstring): ``(eval.json's content, eval.md's lines)``.
-  Every bad input is one ConfigError / DataError before any compute."""
+@dataclasses.dataclass
+class Loaded:
+  """A checkpoint ready to evaluate: ``model.apply({"params": params}, ...)`` with the
+  prepared parameters (base plus method)."""
+  cfg: Any
+  mc: Any
+  built: Any
+  state: Any
+  model: Any
+  params: Any                  # the prepared tree the model reads
+  tokenizer: Any
+  kind: str                    # workdir | adapter | hf_adapter | base
+  where: Optional[str]
+  step: Optional[int]
+  chosen: str                  # best | last | step | adapter | hf_adapter | base
+  default_out: Optional[str]   # where reports go unless --output says otherwise
+
+  def describe(self) -> str:
+    if self.kind == "workdir":
+      return f"{self.where} step {self.step} ({self.chosen})"
+    if self.kind == "base":
+      return "the base model alone"
+    return f"{self.kind.replace('_', ' ')} {self.where}"
+
+
+def load_for_eval(checkpoint: Optional[str], config: Optional[str] = None,
+                  overrides: Sequence[Tuple[str, str]] = (), step: Optional[str] = None,
+                  say=print, before_weights=None) -> Loaded:
+  """Resolves the config and restores a checkpoint (see eval.py): a train.py workdir (its
+  ``step``), one of our adapter directories, a Hugging Face PEFT adapter directory
+  (``adapter_config.json``), or ``None``: the base model of ``config`` alone. Every bad
+  input is one ConfigError before any compute: ``before_weights(cfg, tokenizer, default_out)``
+  runs before the weights are read (eval.py checks its output directory and its data)."""
   from peft_jax import config_lib, inputs
   from peft_jax.builder import build
-  from peft_jax.evals.generation import evaluate_generation
 
   loaded = config_lib.load(config, overrides) if config else None   # bad fields first
-  kind, where = checkpoint_kind(checkpoint)
-  if kind == "adapter" and step is not None:
+  if checkpoint is None:
+    kind, where = "base", None
+  elif os.path.isfile(os.path.join(checkpoint, "adapter_config.json")) and not \
+      os.path.isfile(os.path.join(checkpoint, "peft_config.json")):
+    kind, where = "hf_adapter", checkpoint
+  else:
+    kind, where = checkpoint_kind(checkpoint)
+  if kind != "workdir" and step is not None:
     raise inputs.ConfigError(f"--step={step} chooses a checkpoint of a train.py workdir, "
-                             f"but {where} is an adapter directory (the final step only); pass "
-                             "the workdir as --checkpoint")
+                             f"but {where or 'no --checkpoint'} is "
+                             f"{'an adapter directory (the final step only)' if where else 'given'}"
+                             "; pass the workdir as --checkpoint")
   run = None
   if kind == "workdir":
     from peft_jax.trainer import RUN_CONFIG, _read_run_config
@@ -233,13 +267,14 @@ def evaluate_checkpoint(checkpoint: str, config: Optional[str] = None,
   elif run is not None:
     cfg, notes = config_lib.resolve(run["config"], overrides)
   else:
-    raise inputs.ConfigError(f"--config is required with an adapter directory ({where})")
+    what = {"base": "without --checkpoint (the base model alone)"}.get(
+        kind, f"with an adapter directory ({where})")
+    raise inputs.ConfigError(f"--config is required {what}")
   for n in notes:
     say(f"note: {n}")
-  split = split or cfg.data.get("eval_split") or "validation"
-  cfg.data.eval_split = split
   mc = inputs.model_config(cfg)
 
+  step_n, chosen, recorded = None, kind, None
   if kind == "workdir":
     from peft_jax.integrity import manifest_problem
     try:
@@ -251,16 +286,18 @@ def evaluate_checkpoint(checkpoint: str, config: Optional[str] = None,
     if problem is not None:
       raise inputs.ConfigError(f"checkpoint step {step_n} in {where} is damaged: {problem}")
     default_out = where
-  else:
+  elif kind == "adapter":
     from peft_jax.peft.io import read_adapter_config, verify_adapter
     verify_adapter(where)
     recorded = read_adapter_config(where)
-    step_n, chosen, step_dir = None, "adapter", where
     default_out = os.path.dirname(os.path.abspath(where))
-  out = inputs.writable_dir(output or default_out, "--output",
-                            "a directory for eval.json and eval.md")
+  elif kind == "hf_adapter":
+    default_out = os.path.dirname(os.path.abspath(where))
+  else:
+    default_out = None
   tok = inputs.tokenizer(cfg, mc)
-  _, rows = inputs.dataset(cfg)          # the rows of data.eval_split, i.e. --split
+  if before_weights is not None:
+    before_weights(cfg, tok, default_out)
 
   if kind == "workdir":
     from peft_jax.trainer import _Checkpointer
@@ -268,15 +305,55 @@ def evaluate_checkpoint(checkpoint: str, config: Optional[str] = None,
     inputs.check_base(run.get("base"), built.base_info, f"the run in {where}")
     ckpt = _Checkpointer(where, cfg.train, read_only=True)
     params, _ = ckpt.restore_trainable(step_n, built.state, built.state.params, built.param_sh)
-  else:
+    state, model = built.state, built.model
+  elif kind == "adapter":
     from peft_jax.peft.io import load_adapter_leaves
     # the run's setup for the adapter's own method (mesh, shardings, base weights into shards)
     built = build(cfg, peft={"method": recorded["method"], **recorded["hparams"]},
                   with_weights=True)
     inputs.check_base(recorded.get("base"), built.base_info, f"the adapter {where}")
     params = load_adapter_leaves(where, built.state, verify=False)   # verified above
-  state = built.state
-  res = evaluate_generation(built.model, state.prepare(params), tok, mc, rows,
+    state, model = built.state, built.model
+  else:
+    built = build(cfg, peft={"method": "full"}, with_weights=True)   # the plain base model
+    state, model, params = built.state, built.model, built.state.params
+    if kind == "hf_adapter":
+      from peft_jax.models import build_model
+      from peft_jax.peft.hf_peft import import_hf_peft
+      state, params = import_hf_peft(where, built.mc, built.state.params)
+      model = build_model(built.mc, state.sites)
+  return Loaded(cfg=cfg, mc=mc, built=built, state=state, model=model,
+                params=state.prepare(params), tokenizer=tok, kind=kind, where=where,
+                step=step_n, chosen=chosen, default_out=default_out)
+
+
+def evaluate_checkpoint(checkpoint: str, config: Optional[str] = None,
+                        overrides: Sequence[Tuple[str, str]] = (), step: Optional[str] = None,
+                        split: Optional[str] = None, output: Optional[str] = None,
+                        say=print) -> Tuple[dict, List[str]]:
+  """What ``eval.py`` does without ``--suite`` (see its docstring): ``(eval.json's content,
+  eval.md's lines)``. Every bad input is one ConfigError / DataError before any compute."""
+  from peft_jax import inputs
+  from peft_jax.evals.generation import evaluate_generation
+
+  holder = {}
+
+  def before_weights(cfg, tok, default_out):
+    if default_out is None and output is None:
+      raise inputs.ConfigError("--output is required when evaluating the base model alone")
+    holder["out"] = inputs.writable_dir(output or default_out, "--output",
+                                        "a directory for eval.json and eval.md")
+    cfg.data.eval_split = split or cfg.data.get("eval_split") or "validation"
+    holder["rows"] = inputs.dataset(cfg)[1]     # the rows of data.eval_split, i.e. --split
+
+  ld = load_for_eval(checkpoint, config, overrides, step=step, say=say,
+                     before_weights=before_weights)
+  cfg, mc, tok, out, rows = ld.cfg, ld.mc, ld.tokenizer, holder["out"], holder["rows"]
+  split = cfg.data.eval_split
+  step_n, chosen, state = ld.step, ld.chosen, ld.state
+  step_dir = os.path.join(ld.where, "checkpoints", str(step_n)) if ld.kind == "workdir" \
+      else ld.where
+  res = evaluate_generation(ld.model, ld.params, tok, mc, rows,
                             max_source_len=cfg.data.max_source_len,
                             max_new_tokens=cfg.eval.max_new_tokens,
                             batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams,
