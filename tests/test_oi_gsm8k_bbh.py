@@ -104,7 +104,8 @@ def test_read_jsonl_names_file_and_line(tmp_path):
   p.write_text('{"a": 1}\n{"a": \n')
   with pytest.raises(DataError, match=r"x.jsonl:2: not valid JSON"):
     common.read_jsonl(str(p))
-  p.write_text('{"a": "x\u2028y"}\n{"a": 2}')     # a raw U+2028 inside a string; no final newline
+  # A raw U+2028 inside a string (str.splitlines would split there); no final newline.
+  p.write_text('{"a": "x\u2028y"}\n{"a": 2}', encoding="utf-8")
   assert common.read_jsonl(str(p)) == [(1, {"a": "x\u2028y"}), (2, {"a": 2})]
   with pytest.raises(DataError, match="nope.jsonl: no such file"):
     common.read_jsonl(str(tmp_path / "nope.jsonl"))
@@ -164,9 +165,9 @@ def test_gsm8k_bad_gold_names_the_line(tmp_path, oi):
 
 
 # The question of test.jsonl line 1 (id "0"), literally.
-TOULA = ("Toula went to the bakery and bought various types of pastries. She bought 3 dozen donuts "
-         "which cost $68 per dozen, 2 dozen mini cupcakes which cost $80 per dozen, and 6 dozen mini "
-         "cheesecakes for $55 per dozen. How much was the total cost?")
+TOULA = ("Toula went to the bakery and bought various types of pastries. She bought 3 dozen "
+         "donuts which cost $68 per dozen, 2 dozen mini cupcakes which cost $80 per dozen, and "
+         "6 dozen mini cheesecakes for $55 per dozen. How much was the total cost?")
 
 
 @pytest.mark.shared_data
@@ -207,7 +208,8 @@ def test_gsm8k_prompts_byte_for_byte(oi):
   (req,) = gsm8k.requests([bare], settings(gsm8k), None)
   assert req.prompt == "Answer the following question.\n\nQuestion: How many?\nAnswer:"
   (req,) = gsm8k.requests([bare], settings(gsm8k, chat=True), None)
-  assert req.prompt == "<|user|>\nAnswer the following question.\n\nQuestion: How many?\n<|assistant|>\nAnswer:"
+  assert req.prompt == ("<|user|>\nAnswer the following question.\n\nQuestion: How many?\n"
+                        "<|assistant|>\nAnswer:")
 
 
 def test_gsm8k_stop_sequences():
@@ -223,7 +225,8 @@ def test_gsm8k_stop_sequences():
 @pytest.mark.shared_data
 def test_gsm8k_gold_scores_one_and_other_answers_score_near_zero(oi):
   items = gsm8k.load(str(oi), settings(gsm8k), subsample=False)
-  raw = [json.loads(line)["answer"] for line in (oi / "gsm8k" / "test.jsonl").read_text().splitlines()]
+  lines = (oi / "gsm8k" / "test.jsonl").read_text().splitlines()
+  raw = [json.loads(line)["answer"] for line in lines]
   # The upstream answer field (rationale, "<<calc>>" notes, "#### N"): its last number is N.
   for it, text in zip(items, raw):
     assert gsm8k.extract(text) == it["answer"]
@@ -271,7 +274,8 @@ def test_bbh_load(oi, global_random):
 
 
 SPORTS_COT = (
-    "Determine whether an artificially constructed sentence relating to sports is plausible or not.\n"
+    "Determine whether an artificially constructed sentence relating to sports is plausible or "
+    "not.\n"
     "\n"
     "Q: Is the following sentence plausible? \"Bam Adebayo scored a reverse layup in the Western "
     "Conference Finals.\"\n"
@@ -287,7 +291,8 @@ SPORTS_COT = (
     "part of basketball. So the answer is yes.")
 
 SPORTS_DIRECT = (
-    "Determine whether an artificially constructed sentence relating to sports is plausible or not.\n"
+    "Determine whether an artificially constructed sentence relating to sports is plausible or "
+    "not.\n"
     "\n"
     "Q: Is the following sentence plausible? \"Bam Adebayo scored a reverse layup in the Western "
     "Conference Finals.\"\n"

@@ -11,11 +11,13 @@ that the modules agree on it:
   ``random.Random`` in place of the module-level generator (``random.Random(42)`` draws
   exactly what ``random.seed(42)`` then the module-level ``random`` draws);
 - :func:`resolve_settings` turns a module's ``defaults`` plus a task's overrides into the
-  ``settings`` dict, refusing unknown keys with a :class:`ConfigError`;
+  ``settings`` dict, refusing unknown keys with a :class:`ConfigError` (so every module's
+  ``defaults`` lists all its keys, ``chat`` included);
 - :func:`read_json` / :func:`read_jsonl` / :func:`read_text` raise one-line
-  :class:`DataError`\\ s that name the file (and the line);
-- :func:`first_outputs` pairs items with the first output of each predicted id, the
-  selection every single-sample benchmark scores.
+  :class:`DataError` lines that name the file (and the line);
+- :func:`check_ids` / :func:`first_outputs` refuse ids that no item has and pair items
+  with the first output of each predicted id, the selection every single-sample
+  benchmark scores.
 """
 
 from __future__ import annotations
