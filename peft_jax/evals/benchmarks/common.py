@@ -13,8 +13,8 @@ that the modules agree on it:
 - :func:`resolve_settings` turns a module's ``defaults`` plus a task's overrides into the
   ``settings`` dict, refusing unknown keys with a :class:`ConfigError` (so every module's
   ``defaults`` lists all its keys, ``chat`` included);
-- :func:`read_json` / :func:`read_jsonl` / :func:`read_text` raise one-line
-  :class:`DataError` lines that name the file (and the line);
+- :func:`read_json` / :func:`read_jsonl` / :func:`read_text` raise a one-line
+  :class:`DataError` naming the file (and the line);
 - :func:`check_ids` / :func:`first_outputs` refuse ids that no item has and pair items
   with the first output of each predicted id, the selection every single-sample
   benchmark scores.
