@@ -25,6 +25,18 @@ choosing would make it a second validation set). Any split the data set has is a
 Writes ``eval.json`` and ``eval.md`` (both recording split and step) next to the checkpoint
 (the workdir, or the adapter's parent) or to ``--output``, and prints, as the last line,
 the metrics with ``split`` and ``step`` as one JSON object.
+
+``--suite=tulu`` runs the open-instruct evaluation suite instead (seed 000's Table 3: MMLU,
+GSM8K, BBH, TyDiQA, Codex HumanEval, AlpacaEval outputs; ``peft_jax/evals/suite.py``)::
+
+  python eval.py --config=configs/tulu.py:lora --checkpoint=runs/tulu_lora --suite=tulu
+  python eval.py --config=configs/tulu.py:lora --suite=tulu --output=/tmp/base   # base alone
+
+``--checkpoint`` may then also be a Hugging Face PEFT adapter directory, or be left out (the
+base model alone). The config's ``eval.suite_*`` fields choose the data directory, the
+tasks, the prompt format and smoke-run caps. Reports go to ``<checkpoint>/suite/<step or
+adapter>/`` or to ``--output``; a rerun resumes. The last line printed is one JSON object:
+each task's headline and seed 000's Table 3.
 """
 
 from __future__ import annotations
@@ -44,7 +56,8 @@ flags.DEFINE_string("split", None, "the split to evaluate: validation, test or a
                     "data set (default: the config's data.eval_split, i.e. validation)")
 flags.DEFINE_string("output", None, "where eval.json / eval.md go (default: the workdir, or the "
                     "adapter's parent)")
-flags.mark_flags_as_required(["checkpoint"])
+flags.DEFINE_enum("suite", None, ["tulu"], "run the open-instruct evaluation suite (seed "
+                  "000's Table 3) instead of the config's evaluation split")
 
 
 def main(argv):
@@ -52,6 +65,20 @@ def main(argv):
   from absl import logging
   logging.set_verbosity(logging.WARNING)
   from peft_jax import cli
+  from peft_jax.config_lib import ConfigError
+  if FLAGS.suite:
+    from peft_jax.evals.suite import evaluate_suite
+    if FLAGS.split is not None:
+      raise ConfigError("--split chooses the data set's split; the suite has its own "
+                        "benchmarks (leave --split out with --suite)")
+    res = evaluate_suite(FLAGS.checkpoint, FLAGS.config, cli.CONFIG_OVERRIDES, step=FLAGS.step,
+                         output=FLAGS.output)
+    print(json.dumps({"output": res["output"],
+                      "tasks": {k: v["value"] for k, v in res["tasks"].items()},
+                      "table3_average": res["table3"]["average"]}))
+    return
+  if FLAGS.checkpoint is None:
+    raise ConfigError("--checkpoint is required (a train.py workdir or an adapter directory)")
   from peft_jax.selection import evaluate_checkpoint
   res, lines = evaluate_checkpoint(FLAGS.checkpoint, FLAGS.config, cli.CONFIG_OVERRIDES,
                                    step=FLAGS.step, split=FLAGS.split, output=FLAGS.output)

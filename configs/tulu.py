@@ -18,6 +18,15 @@ token ids training puts before each answer (BOS first); a prompt longer than
 
   python train.py --config=configs/tulu.py:lora,tiny --config.data.path=/data/tulu.jsonl \
       --workdir=/tmp/tulu_tiny       # a random tiny LLaMA with the real tokenizer
+
+Evaluation (seed 000's Table 3): the open-instruct suite, ``peft_jax/evals/suite.py``::
+
+  python eval.py --checkpoint=runs/tulu_lora --suite=tulu \
+      --config.eval.suite_data_dir=/data/eval     # open-instruct's data/eval layout
+
+``eval.suite_data_dir`` defaults to the real items in ``../shared/data/open_instruct_eval``
+(a few per benchmark, for checks); the full benchmarks come from open-instruct's
+``scripts/data/prepare_eval_data.sh`` in the same layout.
 """
 
 from peft_jax.config_lib import base_config, parse_variant, tiny_model
@@ -51,6 +60,8 @@ def get_config(variant: str = ""):
   c.train.micro_batch_size = 8     # one 4096-token sequence per device on 8 devices
   c.eval.metric = "rougeL"
   c.eval.max_new_tokens = 256
+  # eval.py --suite=tulu: the open-instruct benchmarks (module docstring)
+  c.eval.suite_data_dir = "../shared/data/open_instruct_eval"
   if v["model"] == "tiny":
     tiny_model(c, "llama-tiny", vocab_size=32000)
     c.tokenizer = "../shared/data/tokenizers/llama"

@@ -140,6 +140,18 @@ def _schema():
           "num_beams": Field(1, "beam width; 1: greedy", ge=1),
           "metric": Field("rougeL", "the metric reported and used to pick the best checkpoint",
                           choices=tuple(INSTANCE_METRICS) + tuple(CLASSIFICATION_METRICS)),
+          "suite_data_dir": Field("", "eval.py --suite: the benchmarks' directory, laid out "
+                                  "like open-instruct's data/eval (gsm8k/, bbh/, mmlu/, "
+                                  "tydiqa/, codex_humaneval/, alpaca_eval/)"),
+          "suite_tasks": Field("", "eval.py --suite: comma-separated tasks or benchmarks "
+                               "(empty: all; peft_jax.evals.benchmarks.SUITE)"),
+          "suite_chat": Field("auto", "eval.py --suite: the TULU chat template (true), plain "
+                              "prompts (false), or auto: chat for a tuned TULU model, plain "
+                              "for the base model alone", choices=("auto", "true", "false")),
+          "suite_max_examples": Field(0, "eval.py --suite: > 0 caps every subsampling setting "
+                                      "(smoke runs; 0: the protocol's)", ge=0),
+          "suite_max_new_tokens": Field(0, "eval.py --suite: > 0 caps the new tokens of every "
+                                        "output (smoke runs; 0: the protocol's)", ge=0),
       },
       "mesh": {
           "data": Field(1, "devices on the data axis (-1: the rest)", check_fn=_mesh_axis),

@@ -223,10 +223,10 @@ class Loaded:
 
   def describe(self) -> str:
     if self.kind == "workdir":
-      return f"{self.where} step {self.step} ({self.chosen})"
+      return f"{os.path.abspath(self.where)} step {self.step} ({self.chosen})"
     if self.kind == "base":
       return "the base model alone"
-    return f"{self.kind.replace('_', ' ')} {self.where}"
+    return f"{self.kind.replace('_', ' ')} {os.path.abspath(self.where)}"
 
 
 def load_for_eval(checkpoint: Optional[str], config: Optional[str] = None,
@@ -236,7 +236,8 @@ def load_for_eval(checkpoint: Optional[str], config: Optional[str] = None,
   ``step``), one of our adapter directories, a Hugging Face PEFT adapter directory
   (``adapter_config.json``), or ``None``: the base model of ``config`` alone. Every bad
   input is one ConfigError before any compute: ``before_weights(cfg, tokenizer, default_out)``
-  runs before the weights are read (eval.py checks its output directory and its data)."""
+  runs before the weights are read (eval.py checks its output directory and its data; the
+  last argument is a :class:`Loaded` without the model, for its description)."""
   from peft_jax import config_lib, inputs
   from peft_jax.builder import build
 
@@ -297,7 +298,8 @@ def load_for_eval(checkpoint: Optional[str], config: Optional[str] = None,
     default_out = None
   tok = inputs.tokenizer(cfg, mc)
   if before_weights is not None:
-    before_weights(cfg, tok, default_out)
+    before_weights(cfg, tok, default_out, Loaded(
+        cfg, mc, None, None, None, None, tok, kind, where, step_n, chosen, default_out))
 
   if kind == "workdir":
     from peft_jax.trainer import _Checkpointer
@@ -338,7 +340,7 @@ def evaluate_checkpoint(checkpoint: str, config: Optional[str] = None,
 
   holder = {}
 
-  def before_weights(cfg, tok, default_out):
+  def before_weights(cfg, tok, default_out, _):
     if default_out is None and output is None:
       raise inputs.ConfigError("--output is required when evaluating the base model alone")
     holder["out"] = inputs.writable_dir(output or default_out, "--output",

@@ -85,22 +85,40 @@ def chat_prompt(user: str, answer_prefix: str = "") -> str:
 @dataclasses.dataclass(frozen=True)
 class SuiteTask:
   """A row of the suite: a benchmark with settings (``chat`` is decided by the suite unless
-  ``settings`` fixes it) and the metric reported for it (a key of ``score``'s result)."""
+  ``settings`` fixes it) and the headline reported for it: ``headline`` is a key of
+  ``score``'s result holding a fraction in [0, 1] (shown as a percentage), ``label`` says
+  what it is."""
   name: str
   benchmark: str
   settings: Dict[str, Any]
-  headline: str          # the metric shown in the summary, e.g. "exact_match"
+  headline: str
+  label: str
 
 
 #: The standard TULU job groups (open-instruct ``scripts/submit_eval_jobs.py``), by task name.
+#: HumanEval runs without the chat format in those groups, AlpacaEval always with it.
 SUITE: Dict[str, SuiteTask] = {t.name: t for t in (
-    SuiteTask("mmlu_0shot", "mmlu", {"n_shot": 0}, "accuracy"),
-    SuiteTask("mmlu_5shot", "mmlu", {"n_shot": 5}, "accuracy"),
-    SuiteTask("gsm8k_cot", "gsm8k", {"n_shot": 8, "cot": True}, "exact_match"),
-    SuiteTask("bbh_cot", "bbh", {"cot": True}, "average_exact_match"),
-    SuiteTask("tydiqa_goldp_1shot", "tydiqa", {"n_shot": 1, "no_context": False}, "f1"),
-    SuiteTask("tydiqa_no_context_1shot", "tydiqa", {"n_shot": 1, "no_context": True}, "f1"),
-    SuiteTask("codex_humaneval_t0.1", "codex_humaneval", {"temperature": 0.1}, "pass@1"),
-    SuiteTask("codex_humaneval_t0.8", "codex_humaneval", {"temperature": 0.8}, "pass@10"),
-    SuiteTask("alpaca_eval", "alpaca_eval", {}, "n"),
+    SuiteTask("mmlu_0shot", "mmlu", {"n_shot": 0}, "score", "accuracy (0-shot)"),
+    SuiteTask("mmlu_5shot", "mmlu", {"n_shot": 5}, "score", "accuracy (5-shot)"),
+    SuiteTask("gsm8k_cot", "gsm8k", {"n_shot": 8, "cot": True}, "score", "EM (8-shot, CoT)"),
+    SuiteTask("bbh_cot", "bbh", {"cot": True}, "score", "EM (3-shot, CoT), task average"),
+    SuiteTask("tydiqa_goldp_1shot", "tydiqa", {"n_shot": 1, "no_context": False}, "score",
+              "F1 (1-shot, gold passage), language average"),
+    SuiteTask("tydiqa_no_context_1shot", "tydiqa", {"n_shot": 1, "no_context": True}, "score",
+              "F1 (1-shot, no context), language average"),
+    SuiteTask("codex_humaneval_t0.1", "codex_humaneval", {"temperature": 0.1, "chat": False},
+              "pass@1", "pass@1 (T=0.1, 20 samples)"),
+    SuiteTask("codex_humaneval_t0.8", "codex_humaneval", {"temperature": 0.8, "chat": False},
+              "pass@10", "pass@10 (T=0.8, 20 samples)"),
+    SuiteTask("alpaca_eval", "alpaca_eval", {"chat": True}, "score",
+              "outputs for the AlpacaEval judge"),
 )}
+
+#: Seed 000's Table 3: (column, metric, suite task, key of the task's result).
+TABLE3 = (
+    ("MMLU (factuality)", "EM (0-shot)", "mmlu_0shot", "score"),
+    ("GSM (reasoning)", "EM (8-shot, CoT)", "gsm8k_cot", "score"),
+    ("BBH (reasoning)", "EM (3-shot, CoT)", "bbh_cot", "score"),
+    ("TydiQA (multilinguality)", "F1 (1-shot, GP)", "tydiqa_goldp_1shot", "score"),
+    ("Codex-Eval (coding)", "P@10 (0-shot)", "codex_humaneval_t0.8", "pass@10"),
+)
