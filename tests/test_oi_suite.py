@@ -91,3 +91,73 @@ def test_a_bad_predictions_line_is_one_error(tmp_path):
   p.write_text('{"id": "0", "output": "a"}\n{"id": "1", "out')
   assert [r["id"] for r in suite.read_predictions(str(p))] == ["0"]
   assert p.read_text() == '{"id": "0", "output": "a"}\n'
+
+
+def _tulu_mixture(path, n=24):
+  rows = [{"dataset": "toy", "id": str(i), "messages": [
+      {"role": "user", "content": f"Say the number {i}."},
+      {"role": "assistant", "content": f"The number is {i}."}]} for i in range(n)]
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def _run(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  r = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                     timeout=1200)
+  assert r.returncode == 0, (args, r.stdout[-3000:], r.stderr[-3000:])
+  return r
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_tiny_tulu_runs_the_whole_suite_end_to_end(shared_data, tmp_path):
+  """configs/tulu.py:lora,tiny trained for two steps, then eval.py --suite=tulu on its
+  workdir: every task of the suite runs on the shared items (one per subsampling setting,
+  short outputs), writes its files, and its predictions re-score to the same numbers with
+  ``python -m peft_jax.evals.score``. A rerun generates nothing."""
+  mix = tmp_path / "mix.jsonl"
+  _tulu_mixture(mix)
+  wd = str(tmp_path / "run")
+  _run("train.py", "--config=configs/tulu.py:lora,tiny", f"--config.data.path={mix}",
+       f"--workdir={wd}", "--config.train.num_steps=2")
+  caps = ["--config.eval.suite_max_examples=1", "--config.eval.suite_max_new_tokens=12"]
+  r = _run("eval.py", f"--checkpoint={wd}", "--suite=tulu", *caps)
+  last = json.loads(r.stdout.strip().splitlines()[-1])
+  out = last["output"]
+  assert out == os.path.join(wd, "suite", "step_2")
+  assert set(last["tasks"]) == set(SUITE)
+  summary = json.load(open(os.path.join(out, "suite.json")))
+  assert summary["table3"]["complete"] and 0 <= summary["table3"]["average"] <= 100
+  data = str(shared_data / "open_instruct_eval")
+  for name, task in SUITE.items():
+    d = os.path.join(out, name)
+    rows = [json.loads(x) for x in open(os.path.join(d, "predictions.jsonl"))]
+    metrics = json.load(open(os.path.join(d, "metrics.json")))
+    assert rows and metrics["n_items"] >= 1, name
+    prompts = [x["prompt"] for x in rows if "prompt" in x]
+    if task.benchmark in ("codex_humaneval",):
+      assert not prompts[0].startswith("<|user|>")           # plain, as the TULU groups
+      assert len(rows) == 20 * metrics["n_items"]            # 20 samples per problem
+    else:
+      assert prompts[0].startswith("<|user|>\n"), (name, prompts[0][:40])   # chat (auto)
+    if task.benchmark == "mmlu":
+      assert all(x["output"] in "ABCD" and len(x["probs"]) == 4 for x in rows)
+    if task.benchmark == "alpaca_eval":
+      outs = json.load(open(os.path.join(d, "model_outputs.json")))
+      assert len(outs) == metrics["n_items"] and list(outs[0]) == [
+          "dataset", "instruction", "output", "generator"]
+      continue
+    head = metrics[task.headline]
+    assert 0 <= head <= 1, (name, head)
+    settings = ([f"--setting=no_context={json.dumps(task.settings['no_context'])}"]
+                if task.benchmark == "tydiqa" else [])
+    s = _run("-m", "peft_jax.evals.score", f"--benchmark={task.benchmark}", f"--data_dir={data}",
+             f"--predictions={os.path.join(d, 'predictions.jsonl')}", *settings)
+    rescored = json.loads(s.stdout.strip().splitlines()[-1])
+    assert rescored[task.headline] == pytest.approx(head), name
+  md = open(os.path.join(out, "suite.md")).read()
+  assert "Seed 000, Table 3" in md and "## mmlu_0shot" in md
+  before = {n: open(os.path.join(out, n, "predictions.jsonl")).read() for n in SUITE}
+  r2 = _run("eval.py", f"--checkpoint={wd}", "--suite=tulu", *caps)
+  assert json.loads(r2.stdout.strip().splitlines()[-1]) == last
+  assert {n: open(os.path.join(out, n, "predictions.jsonl")).read() for n in SUITE} == before
