@@ -149,10 +149,8 @@ def test_tiny_tulu_runs_the_whole_suite_end_to_end(shared_data, tmp_path):
       continue
     head = metrics[task.headline]
     assert 0 <= head <= 1, (name, head)
-    settings = ([f"--setting=no_context={json.dumps(task.settings['no_context'])}"]
-                if task.benchmark == "tydiqa" else [])
     s = _run("-m", "peft_jax.evals.score", f"--benchmark={task.benchmark}", f"--data_dir={data}",
-             f"--predictions={os.path.join(d, 'predictions.jsonl')}", *settings)
+             f"--predictions={os.path.join(d, 'predictions.jsonl')}")
     rescored = json.loads(s.stdout.strip().splitlines()[-1])
     assert rescored[task.headline] == pytest.approx(head), name
   md = open(os.path.join(out, "suite.md")).read()
