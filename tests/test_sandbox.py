@@ -307,3 +307,13 @@ def test_a_cpu_hog_with_threads_times_out():
   result = sandbox.run_program(source, timeout=1.0)
   assert result.status == "timed out"
   _assert_clean(result)
+
+
+def test_a_program_cannot_forge_the_verdict_or_a_setup_error():
+  source = ("import os\n"
+            "for fd in range(3, 64):\n"
+            "  try:\n    os.write(fd, b'X forged\\nP forged\\n')\n"
+            "  except OSError:\n    pass\n"
+            "os._exit(0)\n")
+  result = sandbox.run_program(source)
+  assert result.status == "failed: the program exited before its end (exit status 0)"

@@ -270,13 +270,17 @@ def _failed(reason: str) -> str:
 
 def _verdict(returncode: int, messages: List[str], timed_out: bool, stderr_tail: str,
              token: str):
-  """(passed, status) from what the child said and how it ended."""
-  by_kind = {}
+  """(passed, status) from what the child said and how it ended. Only the child writes
+  before its ``S`` line; after it the program could write too, so there a setup error
+  (``X``) is ignored, and the pass line must carry the token."""
+  by_kind, passes = {}, []
   for message in messages:
     kind, _, text = message.partition(" ")
+    if kind == "X" and "S" not in by_kind:
+      raise SandboxError(f"the sandbox could not be set up: {text}")
+    if kind == "P":
+      passes.append(text)
     by_kind.setdefault(kind, text)
-  if "X" in by_kind:
-    raise SandboxError(f"the sandbox could not be set up: {by_kind['X']}")
   if "S" in by_kind and by_kind["S"] != _expected_layers():
     raise SandboxError(f"the child applied {by_kind['S']!r}, expected {_expected_layers()!r}")
   if timed_out:
@@ -288,7 +292,7 @@ def _verdict(returncode: int, messages: List[str], timed_out: bool, stderr_tail:
   if "S" not in by_kind:
     raise SandboxError(f"the sandboxed interpreter exited with status {returncode} before "
                        f"starting the program: {stderr_tail or 'no message'}")
-  if returncode == 0 and by_kind.get("P") == token:
+  if returncode == 0 and token in passes:
     return True, "passed"
   if "E" in by_kind:
     return False, _failed(by_kind["E"])
