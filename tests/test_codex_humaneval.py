@@ -215,3 +215,5 @@ def test_outputs_must_match_the_problems(items):
     BENCHMARK.score(items[:2], {items[0]["id"]: ["    pass\n"]}, {})
   with pytest.raises(DataError, match="unknown task id"):
     BENCHMARK.score(items[:1], {items[0]["id"]: ["    pass\n"], "HumanEval/999": ["x"]}, {})
+  with pytest.raises(DataError, match="list of strings"):
+    BENCHMARK.score(items[:1], {items[0]["id"]: "    pass\n"}, {})

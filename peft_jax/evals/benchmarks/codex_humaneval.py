@@ -211,6 +211,9 @@ def _check_outputs(items: Sequence[dict], outputs: Dict[str, Sequence[str]]) -> 
     if not texts:
       raise DataError(f"codex_humaneval: no completions for {item['id']}; expected every "
                       f"problem attempted")
+    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+      raise DataError(f"codex_humaneval: the completions of {item['id']} are not a list of "
+                      f"strings; expected one string per sample")
 
 
 def score(items: Sequence[dict], outputs: Dict[str, Sequence[str]], settings: Dict) -> dict:
