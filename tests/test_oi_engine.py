@@ -23,7 +23,7 @@ def _tiny(tok_dir):
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=32, intermediate_size=64,
                                  num_attention_heads=4, num_key_value_heads=2,
-                                 num_hidden_layers=2, max_position_embeddings=256,
+                                 num_hidden_layers=2, max_position_embeddings=4096,
                                  bos_token_id=1, eos_token_id=2, initializer_range=0.2)
   hf = transformers.LlamaForCausalLM(cfg).eval()   # a wide init: peaked next-token probabilities
   d = tempfile.mkdtemp(prefix="peftjax_oi_llama_")
@@ -61,7 +61,7 @@ def test_greedy_chunks_equal_one_program_decoding(tiny):
   reqs = [Request(id=str(i), prompt=p, max_new_tokens=n, stop=stops[i % 3:i % 3 + 1])
           for i, p in enumerate(PROMPTS)]
   got = Engine(model, params, tok, batch_size=3).generate(reqs)
-  ids = [tok(p)["input_ids"] for p in PROMPTS]
+  ids = [[tok.bos_token_id] + tok(p)["input_ids"] for p in PROMPTS]   # BOS: see Engine.encode
   a, m = pad_prompts(ids, 0, "left")
   ref = np.asarray(generate(model, params, a, m, max_new_tokens=n, eos_token_id=tok.eos_token_id,
                             pad_token_id=0))
@@ -108,7 +108,7 @@ def _letter_probs_hf(hf, tok, prompts):
   ids = [tok.encode(c)[-1] for c in (" A", " B", " C", " D")]
   with torch.no_grad():
     for p in prompts:
-      x = torch.tensor([tok(p)["input_ids"]])
+      x = torch.tensor([[tok.bos_token_id] + tok(p)["input_ids"]])
       probs = torch.softmax(hf(x).logits[0, -1].double(), -1)
       out.append([float(probs[i]) for i in ids])
   return np.array(out)
@@ -166,5 +166,9 @@ def test_mmlu_letter_probabilities_with_an_hf_peft_lora_adapter(tiny, shared_dat
   ref = _letter_probs_hf(pm, tok, [r.prompt for r in reqs])
   ours = np.array([got[r.id]["probs"] for r in reqs])
   np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
-  base_ref = _letter_probs_hf(base, tok, [r.prompt for r in reqs])
-  assert np.abs(base_ref - ref).max() > 1e-3 * ref.max()   # the adapter changes the answer
+  # the adapter changes the probabilities (get_peft_model wrapped ``base`` in place, so the
+  # base's probabilities come from our model without the adapter)
+  _, _, base_model, _, _, _ = tiny
+  plain = Engine(base_model, params, tok, batch_size=4).choose(reqs)
+  base_probs = np.array([plain[r.id]["probs"] for r in reqs])
+  assert np.abs(base_probs - ref).max() > 0.05 * ref.max()

@@ -3,8 +3,9 @@
 :class:`Engine` answers :class:`~peft_jax.evals.benchmarks.Request` objects with a model, its
 parameters (base plus adapter, prepared) and a tokenizer.
 
-- **Prompts** are tokenised with the tokenizer's special tokens (BOS for LLaMA), as
-  open-instruct does. A prompt longer than the model's positions allow (after room for the
+- **Prompts** are tokenised with the tokenizer's special tokens, and a causal model's prompt
+  starts with BOS even when the tokenizer directory does not ask for it (a bare
+  ``tokenizer.model``), as open-instruct's LLaMA prompts do. A prompt longer than the model's positions allow (after room for the
   new tokens) is cut from the left, keeping BOS, and counted in :attr:`Engine.truncated`.
 - **Batches.** Rows are sorted by prompt length (longest first, so the largest program is
   compiled and any memory failure comes first) and cut into batches of ``batch_size`` rows.
@@ -151,10 +152,12 @@ class Engine:
     """Token ids of ``prompt`` (special tokens included), cut from the left to leave ``room``
     positions (BOS kept)."""
     ids = list(self.tokenizer(prompt)["input_ids"])
+    bos = self.tokenizer.bos_token_id
+    if bos is not None and not self.seq2seq and ids[:1] != [bos]:
+      ids = [bos] + ids       # a tokenizer directory without add_bos_token (LLaMA adds it)
     limit = max(2, self.max_positions - room)
     if len(ids) > limit:
       self.truncated += 1
-      bos = self.tokenizer.bos_token_id
       head = [bos] if bos is not None and ids[:1] == [bos] else []
       ids = head + ids[len(ids) - (limit - len(head)):]
     return ids
