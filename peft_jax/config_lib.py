@@ -148,6 +148,9 @@ def _schema():
           "suite_chat": Field("auto", "eval.py --suite: the TULU chat template (true), plain "
                               "prompts (false), or auto: chat for a tuned TULU model, plain "
                               "for the base model alone", choices=("auto", "true", "false")),
+          "suite_settings": Field("", "eval.py --suite: settings over the TULU defaults, "
+                                  "'<task or benchmark>.<key>=<JSON or text>; ...', e.g. "
+                                  "'tydiqa.missing_shots=borrow_dev; gsm8k.n_shot=4'"),
           "suite_max_examples": Field(0, "eval.py --suite: > 0 caps every subsampling setting "
                                       "(smoke runs; 0: the protocol's)", ge=0),
           "suite_max_new_tokens": Field(0, "eval.py --suite: > 0 caps the new tokens of every "

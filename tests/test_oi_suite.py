@@ -23,6 +23,19 @@ def test_task_names():
   assert {t for _, _, t, _ in TABLE3} <= set(SUITE)
 
 
+def test_parse_settings():
+  names = suite.task_names("tydiqa,gsm8k_cot")
+  got = suite.parse_settings("tydiqa.missing_shots=borrow_dev; gsm8k_cot.n_shot=4;"
+                             " tydiqa_goldp_1shot.max_context_length=256", names)
+  assert got == {"tydiqa_goldp_1shot": {"missing_shots": "borrow_dev", "max_context_length": 256},
+                 "tydiqa_no_context_1shot": {"missing_shots": "borrow_dev"},
+                 "gsm8k_cot": {"n_shot": 4}}
+  with pytest.raises(ConfigError, match="selects none"):
+    suite.parse_settings("mmlu.n_shot=3", names)
+  with pytest.raises(ConfigError, match="expected"):
+    suite.parse_settings("n_shot=3", names)
+
+
 def test_task_settings_caps_and_fixed_chat():
   s = suite.task_settings("bbh_cot", chat=True, max_examples=2)
   assert s["chat"] is True and s["max_num_examples_per_task"] == 2 and s["cot"] is True
@@ -120,7 +133,9 @@ def test_tiny_tulu_runs_the_whole_suite_end_to_end(shared_data, tmp_path):
   wd = str(tmp_path / "run")
   _run("train.py", "--config=configs/tulu.py:lora,tiny", f"--config.data.path={mix}",
        f"--workdir={wd}", "--config.train.num_steps=2")
-  caps = ["--config.eval.suite_max_examples=1", "--config.eval.suite_max_new_tokens=12"]
+  caps = ["--config.eval.suite_max_examples=1", "--config.eval.suite_max_new_tokens=12",
+          # the shared sample has train shots for 4 of TyDiQA's 9 languages
+          "--config.eval.suite_settings=tydiqa.missing_shots=borrow_dev"]
   r = _run("eval.py", f"--checkpoint={wd}", "--suite=tulu", *caps)
   last = json.loads(r.stdout.strip().splitlines()[-1])
   out = last["output"]
@@ -154,7 +169,9 @@ def test_tiny_tulu_runs_the_whole_suite_end_to_end(shared_data, tmp_path):
     rescored = json.loads(s.stdout.strip().splitlines()[-1])
     assert rescored[task.headline] == pytest.approx(head), name
   md = open(os.path.join(out, "suite.md")).read()
-  assert "Seed 000, Table 3" in md and "## mmlu_0shot" in md
+  for section in ("Seed 000, Table 3", "## mmlu_0shot: accuracy per category",
+                  "## bbh_cot: per task", "## tydiqa_goldp_1shot: per language"):
+    assert section in md, section
   before = {n: open(os.path.join(out, n, "predictions.jsonl")).read() for n in SUITE}
   r2 = _run("eval.py", f"--checkpoint={wd}", "--suite=tulu", *caps)
   assert json.loads(r2.stdout.strip().splitlines()[-1]) == last

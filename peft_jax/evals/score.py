@@ -68,9 +68,10 @@ def get_benchmark(name: str):
 
 def score_outputs(bm, items: Sequence[Mapping[str, Any]], outputs: Mapping[str, List[str]],
                   settings: Mapping[str, Any]) -> Dict[str, Any]:
-  """``bm.score`` after checking that every id in ``outputs`` is an item's id."""
+  """``bm.score`` of the items ``outputs`` covers, after checking that every id in
+  ``outputs`` is an item's id (a predictions file of a subsample scores that subsample)."""
   common.check_ids(items, outputs, bm.name)
-  return bm.score(items, outputs, settings)
+  return bm.score([it for it in items if it["id"] in outputs], outputs, settings)
 
 
 def score_file(benchmark: str, data_dir: str, predictions_path: str,

@@ -58,6 +58,32 @@ def task_names(spec: str | Sequence[str] | None) -> List[str]:
   return out
 
 
+def parse_settings(spec: str, names: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+  """``eval.suite_settings`` -> ``{task: {key: value}}`` for the tasks ``names``:
+  ``'<task or benchmark>.<key>=<value>; ...'``, values parsed as JSON when they parse (else
+  text). One ConfigError for a malformed part or a name that selects none of ``names``."""
+  out: Dict[str, Dict[str, Any]] = {}
+  for part in (p.strip() for p in (spec or "").split(";")):
+    if not part:
+      continue
+    head, eq, value = part.partition("=")
+    who, dot, key = head.strip().rpartition(".")
+    if not eq or not dot or not who or not key:
+      raise ConfigError(f"eval.suite_settings part {part!r}; expected "
+                        "'<task or benchmark>.<key>=<value>'")
+    hit = [n for n in names if n == who or SUITE[n].benchmark == who]
+    if not hit:
+      raise ConfigError(f"eval.suite_settings names {who!r}, which selects none of the tasks "
+                        f"that run ({', '.join(names)})")
+    try:
+      v = json.loads(value)
+    except ValueError:
+      v = value.strip()
+    for n in hit:
+      out.setdefault(n, {})[key.strip()] = v
+  return out
+
+
 def task_settings(name: str, chat: Optional[bool] = None, max_examples: int = 0,
                   overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
   """The settings a suite task runs with: the benchmark's defaults (the TULU jobs'), the
@@ -291,9 +317,17 @@ def markdown(summary: Dict[str, Any]) -> List[str]:
             + ("" if t3["complete"] else " (of the columns that ran)") + " |"]
   for n, res in summary["results"].items():
     for key, val in res.items():
-      if key.startswith("per_") and isinstance(val, dict) and val:
-        lines += ["", f"## {n}: {key[4:].replace('_', ' ')}", ""] + _breakdown(key[4:], val)
+      if isinstance(val, dict) and val:      # a breakdown
+        title, col = _TITLES.get(key, (key.replace("_", " "), key.split("_")[-1]))
+        lines += ["", f"## {n}: {title}", ""] + _breakdown(col, val)
   return lines
+
+
+#: breakdown key -> (section title, first column)
+_TITLES = {"per_task": ("per task", "task"), "per_language": ("per language", "language"),
+           "subject_acc": ("accuracy per subject", "subject"),
+           "subcat_acc": ("accuracy per subcategory", "subcategory"),
+           "cat_acc": ("accuracy per category", "category")}
 
 
 def _breakdown(name: str, table: Dict[str, Any]) -> List[str]:
@@ -344,7 +378,8 @@ def evaluate_suite(checkpoint: Optional[str], config: Optional[str] = None,
                         "laid out like open-instruct's data/eval")
     names = task_names(e.get("suite_tasks") or None)
     chat = {"auto": None, "true": True, "false": False}[e.get("suite_chat") or "auto"]
-    holder.update(data_dir=data_dir, names=names, chat_mode=chat)
+    over = parse_settings(e.get("suite_settings") or "", names)
+    holder.update(data_dir=data_dir, names=names, chat_mode=chat, overrides=over)
     if output is None and default_out is None:
       raise ConfigError("--output is required when evaluating the base model alone")
     holder["out"] = inputs.writable_dir(output or default_out, "--output",
@@ -355,7 +390,8 @@ def evaluate_suite(checkpoint: Optional[str], config: Optional[str] = None,
                         "codex_humaneval/, alpaca_eval/)")
     out = _suite_dir(holder["out"], output, partial)
     for n in names:         # every task's data and earlier predictions, before the weights
-      s = task_settings(n, _chat(chat, partial), int(e.get("suite_max_examples") or 0))
+      s = task_settings(n, _chat(chat, partial), int(e.get("suite_max_examples") or 0),
+                        over.get(n))
       benchmark(SUITE[n].benchmark).load(data_dir, s)
       _check_resume(os.path.join(out, n), _record(
           n, s, partial.describe(), int(e.get("suite_max_new_tokens") or 0),
@@ -373,4 +409,5 @@ def evaluate_suite(checkpoint: Optional[str], config: Optional[str] = None,
   return run_suite(engine, holder["data_dir"], out, holder["names"], chat=chat,
                    max_examples=int(cfg.eval.get("suite_max_examples") or 0),
                    max_new_tokens=int(cfg.eval.get("suite_max_new_tokens") or 0),
-                   model_label=ld.describe(), say=say) | {"output": out}
+                   model_label=ld.describe(), overrides=holder["overrides"],
+                   say=say) | {"output": out}
