@@ -176,3 +176,34 @@ def test_tiny_tulu_runs_the_whole_suite_end_to_end(shared_data, tmp_path):
   r2 = _run("eval.py", f"--checkpoint={wd}", "--suite=tulu", *caps)
   assert json.loads(r2.stdout.strip().splitlines()[-1]) == last
   assert {n: open(os.path.join(out, n, "predictions.jsonl")).read() for n in SUITE} == before
+
+
+@pytest.mark.shared_data
+def test_eval_loads_a_hugging_face_peft_adapter(shared_data, tmp_path):
+  """eval.py's loader takes an HF PEFT adapter directory (adapter_config.json) on the
+  config's base model: the loaded model computes what ours does with the same LoRA."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from peft_jax import config_lib
+  from peft_jax.builder import build
+  from peft_jax.models import build_model
+  from peft_jax.peft import apply_peft
+  from peft_jax.peft.hf_peft import export_hf_peft
+  from peft_jax.selection import load_for_eval
+  spec = os.path.join(REPO, "configs", "tulu.py") + ":lora,tiny"
+  cfg, _ = config_lib.load(spec, [])
+  base = build(cfg, peft={"method": "full"}, with_weights=True)
+  st = apply_peft(base.mc, base.state.params, "lora",
+                  {"r": 4, "lora_alpha": 8, "target_modules": "q,k"}, rng=jax.random.PRNGKey(1))
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.3 if "lora_B" in jax.tree_util.keystr(p) else x, st.params)
+  export_hf_peft(st, params, str(tmp_path / "hf"))
+  ld = load_for_eval(str(tmp_path / "hf"), spec, say=lambda s: None)
+  assert ld.kind == "hf_adapter" and ld.default_out == str(tmp_path)
+  ids = jnp.arange(1, 9, dtype=jnp.int32)[None]
+  want = build_model(base.mc, st.sites).apply({"params": st.prepare(params)}, ids)
+  plain = base.model.apply({"params": base.state.params}, ids)
+  got = ld.model.apply({"params": ld.params}, ids)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  assert np.abs(np.asarray(plain) - np.asarray(want)).max() > 1e-3     # the adapter acts

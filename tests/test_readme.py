@@ -64,7 +64,7 @@ def _prepare(block, tmp):
   placeholder commands (``...``) are left out."""
   paths = {}
   for line in block:
-    for m in re.finditer(r"--workdir=(\S+)", line):
+    for m in re.finditer(r"--(?:workdir|output)=(\S+)", line):
       paths[m.group(1)] = os.path.join(tmp, os.path.basename(m.group(1).rstrip("/")))
   cmds = []
   for line in block:
