@@ -29,9 +29,9 @@ import random
 import types
 from typing import Dict, List, Optional, Sequence
 
-from peft_jax.config_lib import ConfigError
 from peft_jax.data.common import DataError
 from peft_jax.evals.benchmarks import Request, chat_prompt
+from peft_jax.evals.benchmarks.common import resolve_settings
 
 NAME = "alpaca_eval"
 DEFAULTS = {"max_new_tokens": 8192, "chat": True, "max_num_examples": None, "generator": "peft-jax"}
@@ -41,28 +41,10 @@ KEY_ORDER = ("dataset", "instruction", "output", "generator")
 NOTE = "judged by alpaca_eval (API); see model_outputs.json"
 
 
-def _resolve_settings(settings: Optional[dict]) -> dict:
-  """The defaults updated with ``settings``; unknown keys or bad values are a ConfigError.
-  (A private stand-in for ``benchmarks.common.resolve_settings``.)"""
-  settings = dict(settings or {})
-  unknown = sorted(set(settings) - set(DEFAULTS))
-  if unknown:
-    raise ConfigError(f"{NAME}: unknown setting(s) {unknown}; expected some of {sorted(DEFAULTS)}")
-  s = {**DEFAULTS, **settings}
-  for key, optional in (("max_new_tokens", False), ("max_num_examples", True)):
-    v = s[key]
-    if (v is None and not optional) or (v is not None and (isinstance(v, bool) or
-                                                           not isinstance(v, int) or v < 1)):
-      raise ConfigError(f"{NAME}: {key}={v!r}; expected an integer >= 1" + (" or None" if optional else ""))
-  if not isinstance(s["generator"], str) or not s["generator"]:
-    raise ConfigError(f"{NAME}: generator={s['generator']!r}; expected a non-empty model name")
-  return s
-
-
 def load(data_dir: str, settings: Optional[dict] = None, subsample: bool = True) -> List[dict]:
   """Every row (or ``max_num_examples`` of them): ``{"id", "instruction", "row"}`` where
   ``row`` is the whole dataset row."""
-  s = _resolve_settings(settings)
+  s = resolve_settings(BENCHMARK, settings)
   path = os.path.join(os.fspath(data_dir), DATA_FILE)
   if not os.path.isfile(path):
     raise DataError(f"{NAME}: no file {path}; expected AlpacaEval's rows as JSON lines")
@@ -86,7 +68,7 @@ def load(data_dir: str, settings: Optional[dict] = None, subsample: bool = True)
 
 
 def requests(items: Sequence[dict], settings: Optional[dict] = None, tokenizer=None) -> List[Request]:
-  s = _resolve_settings(settings)
+  s = resolve_settings(BENCHMARK, settings)
   return [Request(id=it["id"], prompt=chat_prompt(it["instruction"]) if s["chat"] else it["instruction"],
                   max_new_tokens=s["max_new_tokens"]) for it in items]
 
@@ -94,7 +76,7 @@ def requests(items: Sequence[dict], settings: Optional[dict] = None, tokenizer=N
 def score(items: Sequence[dict], outputs: Dict[str, List[str]], settings: Optional[dict] = None) -> dict:
   """No local metric (the judge is an API): ``score`` None, with the counts and the mean
   output length in characters (AlpacaEval's ``avg_length``)."""
-  _resolve_settings(settings)
+  resolve_settings(BENCHMARK, settings)
   texts = [(outputs.get(it["id"]) or [""])[0] for it in items]
   return {"score": None, "n": len(items), "missing": sum(it["id"] not in outputs for it in items),
           "avg_length": sum(map(len, texts)) / len(texts) if texts else 0.0, "note": NOTE}
@@ -116,6 +98,7 @@ def write_model_outputs(path: str, records: Sequence[dict]) -> None:
     f.write("\n")
 
 
-BENCHMARK = types.SimpleNamespace(name=NAME, defaults=DEFAULTS, load=load, requests=requests,
-                                  score=score, model_outputs=model_outputs,
-                                  write_model_outputs=write_model_outputs)
+BENCHMARK = types.SimpleNamespace(
+    name=NAME, defaults=DEFAULTS, load=load, requests=requests, score=score,
+    model_outputs=model_outputs, write_model_outputs=write_model_outputs,
+    minimums={"max_new_tokens": 1, "max_num_examples": 1})

@@ -170,4 +170,6 @@ BENCHMARK = types.SimpleNamespace(
     name=NAME,
     defaults={"cot": True, "max_num_examples_per_task": 40, "max_new_tokens": 512,
               "chat": False, "stop_at_double_newline": False, "additional_stop_sequence": ()},
-    load=load, requests=requests, score=score, extract=extract)
+    load=load, requests=requests, score=score, extract=extract,
+    nullable=("max_num_examples_per_task",),
+    minimums={"max_num_examples_per_task": 1, "max_new_tokens": 1})

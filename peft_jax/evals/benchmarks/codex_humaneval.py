@@ -51,10 +51,9 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from peft_jax.config_lib import ConfigError
 from peft_jax.data.common import DataError
 from peft_jax.evals import sandbox
-from peft_jax.evals.benchmarks import Request, chat_prompt
+from peft_jax.evals.benchmarks import Request, chat_prompt, common
 
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 CHAT_STOP = "\n```"
@@ -80,22 +79,8 @@ DEFAULTS = {
 
 
 def resolve_settings(settings: Dict) -> Dict:
-  """``DEFAULTS`` updated with ``settings``; unknown keys and bad values raise ConfigError."""
-  unknown = sorted(set(settings) - set(DEFAULTS))
-  if unknown:
-    raise ConfigError(f"codex_humaneval: unknown setting(s) {unknown}; expected some of "
-                      f"{sorted(DEFAULTS)}")
-  s = {**DEFAULTS, **settings}
-  n, ks, limit = s["unbiased_sampling_size_n"], s["k"], s["max_num_examples"]
-  if not isinstance(n, int) or n < 1:
-    raise ConfigError(f"codex_humaneval: unbiased_sampling_size_n={n!r}; expected an int >= 1")
-  if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
-    raise ConfigError(f"codex_humaneval: k={ks!r}; expected a list of ints >= 1")
-  if limit is not None and (not isinstance(limit, int) or limit < 1):
-    raise ConfigError(f"codex_humaneval: max_num_examples={limit!r}; expected None or an int >= 1")
-  if not isinstance(s["temperature"], (int, float)) or s["temperature"] < 0:
-    raise ConfigError(f"codex_humaneval: temperature={s['temperature']!r}; expected a number >= 0")
-  return s
+  """``DEFAULTS`` updated with ``settings``, checked (:func:`common.resolve_settings`)."""
+  return common.resolve_settings(BENCHMARK, settings)
 
 
 # ----------------------------------------------------------------------------- data
@@ -240,6 +225,9 @@ class CodexHumanEval:
   """The ``BENCHMARK`` protocol object (see :mod:`peft_jax.evals.benchmarks`)."""
   name = "codex_humaneval"
   defaults = DEFAULTS
+  nullable = ("max_num_examples", "workers")
+  minimums = {"temperature": 0, "unbiased_sampling_size_n": 1, "k": 1, "max_num_examples": 1,
+              "timeout": 0.01, "memory_mb": 64, "workers": 1}
 
   def load(self, data_dir, settings: Dict, subsample: bool = True) -> List[dict]:
     return load(data_dir, settings, subsample)

@@ -11,7 +11,9 @@ that the modules agree on it:
   ``random.Random`` in place of the module-level generator (``random.Random(42)`` draws
   exactly what ``random.seed(42)`` then the module-level ``random`` draws);
 - :func:`resolve_settings` turns a module's ``defaults`` plus a task's overrides into the
-  ``settings`` dict, refusing unknown keys with a :class:`ConfigError` (so every module's
+  ``settings`` dict, refusing unknown keys, values of the wrong kind and, where the
+  ``BENCHMARK`` declares them, values under its ``minimums``, outside its ``choices``, or
+  None outside its ``nullable`` keys, with one :class:`ConfigError` (so every module's
   ``defaults`` lists all its keys, ``chat`` included);
 - :func:`read_json` / :func:`read_jsonl` / :func:`read_text` raise a one-line
   :class:`DataError` naming the file (and the line);
@@ -125,14 +127,29 @@ def resolve_settings(benchmark, overrides: Optional[Mapping[str, Any]] = None) -
   so that settings stay hashable and printable the same way. ``benchmark`` is a
   ``BENCHMARK`` object (``name`` and ``defaults``)."""
   settings = dict(benchmark.defaults)
+  nullable = set(getattr(benchmark, "nullable", ())) | {k for k, v in settings.items() if v is None}
   for key, value in dict(overrides or {}).items():
     if key not in settings:
       raise ConfigError(f"unknown setting {key!r} for {benchmark.name}"
                         f"{did_you_mean(key, settings)}; known: {', '.join(sorted(settings))}")
     problem = _type_error(benchmark.name, key, value, settings[key])
+    if value is None and key not in nullable:
+      problem = f"setting {key}=None of {benchmark.name}: expected a value"
     if problem:
       raise ConfigError(problem)
     settings[key] = tuple(value) if isinstance(value, list) else value
+  for key, low in getattr(benchmark, "minimums", {}).items():
+    v = settings[key]
+    vals = v if isinstance(v, (tuple, list)) else () if v is None else (v,)
+    if isinstance(v, (tuple, list)) and not v or any(
+        isinstance(x, bool) or not isinstance(x, (int, float)) or x < low for x in vals):
+      raise ConfigError(f"setting {key}={v!r} of {benchmark.name}: expected "
+                        f"{'a non-empty list of numbers' if isinstance(v, tuple) else 'a number'}"
+                        f" >= {low}")
+  for key, allowed in getattr(benchmark, "choices", {}).items():
+    if settings[key] not in allowed:
+      raise ConfigError(f"setting {key}={settings[key]!r} of {benchmark.name}: expected one of "
+                        f"{list(allowed)}")
   return settings
 
 

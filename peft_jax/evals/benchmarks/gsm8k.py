@@ -181,4 +181,6 @@ BENCHMARK = types.SimpleNamespace(
     name=NAME,
     defaults={"n_shot": 8, "cot": True, "max_num_examples": 200, "max_new_tokens": 512,
               "stop_at_double_newline": False, "chat": False, "additional_stop_sequence": ()},
-    load=load, requests=requests, score=score, extract=extract)
+    load=load, requests=requests, score=score, extract=extract,
+    nullable=("max_num_examples",),
+    minimums={"n_shot": 0, "max_num_examples": 1, "max_new_tokens": 1})

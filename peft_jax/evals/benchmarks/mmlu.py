@@ -43,9 +43,9 @@ import re
 import types
 from typing import Dict, List, Optional, Sequence
 
-from peft_jax.config_lib import ConfigError
 from peft_jax.data.common import DataError
 from peft_jax.evals.benchmarks import Request, chat_prompt
+from peft_jax.evals.benchmarks.common import resolve_settings
 
 NAME = "mmlu"
 DEFAULTS = {"n_shot": 0, "chat": False, "max_prompt_tokens": 2048, "n_instances": None}
@@ -89,24 +89,6 @@ CATEGORIES = {
 
 
 # ----------------------------------------------------------------------------- settings
-
-def _resolve_settings(settings: Optional[dict]) -> dict:
-  """The defaults updated with ``settings``; unknown keys or bad values are a ConfigError.
-  (A private stand-in for ``benchmarks.common.resolve_settings``.)"""
-  settings = dict(settings or {})
-  unknown = sorted(set(settings) - set(DEFAULTS))
-  if unknown:
-    raise ConfigError(f"{NAME}: unknown setting(s) {unknown}; expected some of {sorted(DEFAULTS)}")
-  s = {**DEFAULTS, **settings}
-  for key, low, optional in (("n_shot", 0, False), ("max_prompt_tokens", 1, False),
-                             ("n_instances", 1, True)):
-    v = s[key]
-    if (v is None and not optional) or (v is not None and (isinstance(v, bool) or
-                                                           not isinstance(v, int) or v < low)):
-      raise ConfigError(f"{NAME}: {key}={v!r}; expected an integer >= {low}"
-                        + (" or None" if optional else ""))
-  return s
-
 
 # ----------------------------------------------------------------------------- CSV like pandas
 
@@ -209,7 +191,7 @@ def _instance_rows(n_rows: int, n: Optional[int]) -> List[int]:
 def load(data_dir: str, settings: Optional[dict] = None, subsample: bool = True) -> List[dict]:
   """The test questions of every subject (sorted), each with its subject's first
   ``n_shot`` dev rows as ``shots``; id ``<subject>/<0-based row of the test csv>``."""
-  s = _resolve_settings(settings)
+  s = resolve_settings(BENCHMARK, settings)
   root = os.path.join(os.fspath(data_dir), "mmlu")
   items = []
   for subject in _subjects(root):
@@ -267,7 +249,7 @@ def choose_shots(item: dict, settings: dict, tokenizer) -> int:
 
 
 def requests(items: Sequence[dict], settings: Optional[dict] = None, tokenizer=None) -> List[Request]:
-  s = _resolve_settings(settings)
+  s = resolve_settings(BENCHMARK, settings)
   out = []
   for item in items:
     k = choose_shots(item, s, tokenizer)
@@ -285,7 +267,7 @@ def _mean(xs: List[bool]) -> float:
 def score(items: Sequence[dict], outputs: Dict[str, List[str]], settings: Optional[dict] = None) -> dict:
   """Accuracy of the chosen letters (``outputs[id][0]``, stripped). An item without an
   output counts as wrong (``missing``), as does an output that is not A-D (``invalid``)."""
-  _resolve_settings(settings)
+  resolve_settings(BENCHMARK, settings)
   if not items:
     raise ValueError(f"{NAME}: no items to score")
   by_subject: Dict[str, List[bool]] = {}
@@ -320,5 +302,6 @@ def score(items: Sequence[dict], outputs: Dict[str, List[str]], settings: Option
   }
 
 
-BENCHMARK = types.SimpleNamespace(name=NAME, defaults=DEFAULTS, load=load, requests=requests,
-                                  score=score)
+BENCHMARK = types.SimpleNamespace(
+    name=NAME, defaults=DEFAULTS, load=load, requests=requests, score=score,
+    nullable=("n_instances",), minimums={"n_shot": 0, "max_prompt_tokens": 1, "n_instances": 1})

@@ -57,9 +57,9 @@ import string
 import types
 from typing import Dict, List, Optional, Sequence
 
-from peft_jax.config_lib import ConfigError
 from peft_jax.data.common import DataError
 from peft_jax.evals.benchmarks import Request, chat_prompt
+from peft_jax.evals.benchmarks.common import resolve_settings
 
 NAME = "tydiqa"
 DEFAULTS = {"n_shot": 1, "no_context": False, "max_num_examples_per_lang": 100,
@@ -93,26 +93,6 @@ TEMPLATES = {
 
 
 # ----------------------------------------------------------------------------- settings
-
-def _resolve_settings(settings: Optional[dict]) -> dict:
-  """The defaults updated with ``settings``; unknown keys or bad values are a ConfigError.
-  (A private stand-in for ``benchmarks.common.resolve_settings``.)"""
-  settings = dict(settings or {})
-  unknown = sorted(set(settings) - set(DEFAULTS))
-  if unknown:
-    raise ConfigError(f"{NAME}: unknown setting(s) {unknown}; expected some of {sorted(DEFAULTS)}")
-  s = {**DEFAULTS, **settings}
-  for key, low, optional in (("n_shot", 0, False), ("max_num_examples_per_lang", 1, True),
-                             ("max_context_length", 1, True), ("max_new_tokens", 1, False)):
-    v = s[key]
-    if (v is None and not optional) or (v is not None and (isinstance(v, bool) or
-                                                           not isinstance(v, int) or v < low)):
-      raise ConfigError(f"{NAME}: {key}={v!r}; expected an integer >= {low}"
-                        + (" or None" if optional else ""))
-  if s["missing_shots"] not in MISSING_SHOTS:
-    raise ConfigError(f"{NAME}: missing_shots={s['missing_shots']!r}; expected one of {list(MISSING_SHOTS)}")
-  return s
-
 
 # ----------------------------------------------------------------------------- load
 
@@ -179,7 +159,7 @@ def load(data_dir: str, settings: Optional[dict] = None, subsample: bool = True)
   """The dev questions to evaluate (see the module docstring for the order and shots); each
   item: id, language, context, question, answers, shots (a list of n_shot
   ``{id, context, question, answer}``, shared by the items of a language)."""
-  s = _resolve_settings(settings)
+  s = resolve_settings(BENCHMARK, settings)
   root = os.path.join(os.fspath(data_dir), "tydiqa")
   dev = read_squad(os.path.join(root, DEV_FILE))
   languages = sorted({q["language"] for q in dev})
@@ -241,7 +221,7 @@ def prompt_text(item: dict, settings: dict, cut=lambda text: text) -> str:
 
 
 def requests(items: Sequence[dict], settings: Optional[dict] = None, tokenizer=None) -> List[Request]:
-  s = _resolve_settings(settings)
+  s = resolve_settings(BENCHMARK, settings)
   cache: Dict[str, str] = {}
 
   def cut(text: str) -> str:
@@ -294,7 +274,7 @@ def _best(metric, prediction: str, answers: List[str]) -> float:
 def score(items: Sequence[dict], outputs: Dict[str, List[str]], settings: Optional[dict] = None) -> dict:
   """EM, F1 and recall per language (0-100) of ``outputs[id][0]`` stripped (no output
   scores as an empty one); averages over the languages present."""
-  _resolve_settings(settings)
+  resolve_settings(BENCHMARK, settings)
   if not items:
     raise ValueError(f"{NAME}: no items to score")
   per: Dict[str, Dict[str, List[float]]] = {}
@@ -312,5 +292,9 @@ def score(items: Sequence[dict], outputs: Dict[str, List[str]], settings: Option
   return {"score": avg["f1"] / 100.0, **avg, "per_language": per_language, "n": len(items)}
 
 
-BENCHMARK = types.SimpleNamespace(name=NAME, defaults=DEFAULTS, load=load, requests=requests,
-                                  score=score)
+BENCHMARK = types.SimpleNamespace(
+    name=NAME, defaults=DEFAULTS, load=load, requests=requests, score=score,
+    nullable=("max_num_examples_per_lang", "max_context_length"),
+    minimums={"n_shot": 0, "max_num_examples_per_lang": 1, "max_context_length": 1,
+              "max_new_tokens": 1},
+    choices={"missing_shots": MISSING_SHOTS})
