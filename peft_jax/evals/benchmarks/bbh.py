@@ -141,9 +141,7 @@ def requests(items: Sequence[Mapping[str, Any]], settings: Mapping[str, Any],
              tokenizer=None) -> List[Request]:
   """One greedy generation per item (BBH has no length rule, so ``tokenizer`` is unused)."""
   del tokenizer
-  stop = stop_sequences(settings)
-  return [Request(id=it["id"], prompt=prompt(it, settings),
-                  max_new_tokens=settings["max_new_tokens"], stop=stop) for it in items]
+  return common.greedy_requests(items, settings, prompt, stop_sequences(settings))
 
 
 # ----------------------------------------------------------------------------- scoring

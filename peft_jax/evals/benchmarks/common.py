@@ -248,3 +248,12 @@ def first_outputs(items: Sequence[Mapping], outputs: Mapping[str, Any],
   after :func:`check_ids`."""
   check_ids(items, outputs, benchmark)
   return [(it, first_output(outputs[it["id"]])) for it in items if it["id"] in outputs]
+
+
+def greedy_requests(items: Sequence[Mapping[str, Any]], settings: Mapping[str, Any], prompt,
+                    stop: Tuple[str, ...]) -> List[Any]:
+  """One greedy generation per item: ``prompt(item, settings)`` with the task's stop strings
+  and ``settings["max_new_tokens"]`` (GSM8K, BBH)."""
+  from peft_jax.evals.benchmarks import Request
+  return [Request(id=it["id"], prompt=prompt(it, settings),
+                  max_new_tokens=settings["max_new_tokens"], stop=stop) for it in items]
