@@ -151,6 +151,10 @@ def _schema():
           "suite_settings": Field("", "eval.py --suite: settings over the TULU defaults, "
                                   "'<task or benchmark>.<key>=<JSON or text>; ...', e.g. "
                                   "'tydiqa.missing_shots=borrow_dev; gsm8k.n_shot=4'"),
+          "suite_batch_size": Field(8, "eval.py --suite: prompts per generation batch (each "
+                                    "row holds a key/value cache of up to the model's "
+                                    "positions: 8 x 4,096 tokens is 16 GiB for LLaMA-2-7B in "
+                                    "bf16)", ge=1),
           "suite_max_examples": Field(0, "eval.py --suite: > 0 caps every subsampling setting "
                                       "(smoke runs; 0: the protocol's)", ge=0),
           "suite_max_new_tokens": Field(0, "eval.py --suite: > 0 caps the new tokens of every "

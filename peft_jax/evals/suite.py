@@ -402,7 +402,7 @@ def evaluate_suite(checkpoint: Optional[str], config: Optional[str] = None,
   cfg = ld.cfg
   chat = _chat(holder["chat_mode"], ld)
   out = _suite_dir(holder["out"], output, ld)
-  engine = Engine(ld.model, ld.params, ld.tokenizer, batch_size=int(cfg.eval.batch_size),
+  engine = Engine(ld.model, ld.params, ld.tokenizer, batch_size=int(cfg.eval.suite_batch_size),
                   seed=int(cfg.train.seed))
   say(f"suite: {ld.describe()}; {'chat' if chat else 'plain'} prompts; "
       f"{len(holder['names'])} tasks; reports in {out}")
