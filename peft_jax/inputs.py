@@ -161,9 +161,9 @@ def make_mesh(cfg):
 
 
 def tokenizer(cfg, mc=None):
-  """``AutoTokenizer`` from ``config.tokenizer`` or the checkpoint directory. A bare
+  """``AutoTokenizer`` from ``config.tokenizer`` or the checkpoint directory (a generic
+  ``tokenizers`` directory directly, see :func:`_generic_tokenizer_class`). A bare
   vocabulary (e.g. only ``tokenizer.json``) gets its EOS/pad tokens from the model config."""
-  from transformers import AutoTokenizer
   path = cfg.get("tokenizer") or cfg.model.get("checkpoint")
   if not path:
     raise ConfigError("config.tokenizer (or model.checkpoint) must name a tokenizer directory")
@@ -171,7 +171,11 @@ def tokenizer(cfg, mc=None):
   if not os.path.isdir(path):
     raise ConfigError(f"config.tokenizer: {path} is not a directory; expected a tokenizer "
                       "saved in the Hugging Face layout")
-  tok = AutoTokenizer.from_pretrained(path)
+  cls = _generic_tokenizer_class(path)
+  if cls is None:
+    from transformers import AutoTokenizer
+    cls = AutoTokenizer
+  tok = cls.from_pretrained(path)
   if mc is not None:
     if tok.eos_token_id is None and mc.eos_token_id is not None:
       tok.eos_token = tok.convert_ids_to_tokens(int(mc.eos_token_id))
@@ -180,6 +184,33 @@ def tokenizer(cfg, mc=None):
       if pad is not None:
         tok.pad_token = tok.convert_ids_to_tokens(int(pad))
   return tok
+
+
+#: ``tokenizer_config.json`` classes that name the generic ``tokenizers``-backed tokenizer
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _generic_tokenizer_class(path: str):
+  """transformers' generic tokenizer class when ``path`` holds a ``tokenizer.json`` whose
+  ``tokenizer_config.json`` names that class and nothing else could change the choice (no
+  ``config.json`` with a model type, no ``auto_map``), else ``None`` (then
+  ``AutoTokenizer`` decides). AutoTokenizer's module imports torch (3 s of a quickstart's
+  start on 2 CPU cores); this class loads the same tokenizer without it."""
+  import json
+  files = ("tokenizer.json", "tokenizer_config.json")
+  if os.path.exists(os.path.join(path, "config.json")) or \
+      not all(os.path.isfile(os.path.join(path, f)) for f in files):
+    return None
+  try:
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+      tc = json.load(f)
+  except (OSError, ValueError):
+    return None               # AutoTokenizer reports it
+  if not isinstance(tc, dict) or tc.get("tokenizer_class") not in GENERIC_TOKENIZERS or \
+      "auto_map" in tc:
+    return None
+  from transformers import PreTrainedTokenizerFast
+  return PreTrainedTokenizerFast
 
 
 def read_jsonl(path, what: str = "data") -> List[Dict[str, Any]]:

@@ -62,7 +62,9 @@ def rouge_scorer(rouge_types=("rougeL",), use_stemmer: bool = True):
   """A cached ``rouge_score`` scorer (SuperNI's default: rougeL with the stemmer)."""
   key = (tuple(rouge_types), use_stemmer)
   if key not in _SCORERS:
-    from rouge_score import rouge_scorer as rs
+    from peft_jax.imports import without
+    with without("scipy"):     # nltk's optional scipy, unused by rouge (peft_jax/imports.py)
+      from rouge_score import rouge_scorer as rs
     _SCORERS[key] = rs.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
   return _SCORERS[key]
 

@@ -33,6 +33,14 @@ def _truncate_after(path: str, step: int) -> None:
   os.replace(tmp, path)
 
 
+def _summary_writer():
+  """tensorboardX's ``SummaryWriter``, imported without torch (see peft_jax/imports.py)."""
+  from peft_jax.imports import without
+  with without("torch"):
+    from tensorboardX import SummaryWriter
+  return SummaryWriter
+
+
 class MetricsWriter:
   def __init__(self, workdir, resume_step: int = 0):
     self.workdir = workdir if workdir and jax.process_index() == 0 else None
@@ -43,7 +51,7 @@ class MetricsWriter:
       _truncate_after(path, resume_step)
       self._f = open(path, "a")
       try:
-        from tensorboardX import SummaryWriter
+        SummaryWriter = _summary_writer()
         self._tb = SummaryWriter(os.path.join(self.workdir, "tb"),
                                  purge_step=resume_step + 1 if resume_step else None)
       except ImportError:
