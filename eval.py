@@ -66,6 +66,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from peft_jax import cli
   from peft_jax.config_lib import ConfigError
+  from peft_jax import compile_cache
+  compile_cache.enable()          # compiled programs from disk (peft_jax/compile_cache.py)
   if FLAGS.suite:
     from peft_jax.evals.suite import evaluate_suite
     if FLAGS.split is not None:

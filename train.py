@@ -9,6 +9,9 @@
 
 Any config field is set with --config.<section>.<field>=<value>; --config.peft.method=<m>
 switches to method m with its defaults (then --config.peft.<hyperparameter>=... for m's own).
+
+Compiled programs are cached on disk (peft_jax/compile_cache.py: $PEFT_JAX_CACHE_DIR, default
+~/.cache/peft_jax/jax_cache; PEFT_JAX_COMPILATION_CACHE=0 turns it off).
 """
 
 from __future__ import annotations
@@ -96,7 +99,11 @@ def main(argv):
                                            "trainable_percent_of_base")}
                      | {"method": cfg.peft.method}))
     return
+  from peft_jax import compile_cache
+  cache = compile_cache.enable()    # a second identical run loads its programs from disk
   res = Trainer(cfg, FLAGS.workdir, allow_changed=FLAGS.allow_changed).train()
+  if cache is not None:
+    res["compilation_cache"] = {"dir": cache, **compile_cache.stats()}
   if res.get("interrupted_at"):
     print(json.dumps(res))
     return

@@ -1,10 +1,23 @@
-"""Test setup: 8 simulated CPU devices (before any JAX call), fp32 matmuls."""
+"""Test setup: 8 simulated CPU devices (before any JAX call), fp32 matmuls, and one
+compilation cache for the session's train.py / eval.py subprocesses (a temporary
+directory, removed at the end: nothing is written to the real home)."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# the programs' persistent compilation cache (peft_jax/compile_cache.py): shared by the
+# session's subprocesses, which compile the same quickstart steps again and again
+_CACHE = tempfile.mkdtemp(prefix="peft_jax_test_cache_")
+os.environ["PEFT_JAX_CACHE_DIR"] = _CACHE
+os.environ.pop("PEFT_JAX_COMPILATION_CACHE", None)
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import jax  # noqa: E402
 
