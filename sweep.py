@@ -14,6 +14,9 @@ evaluates the point's best checkpoint on validation on --select_split (default t
 into <split>.json, once. The summary reports that score with the validation score of the
 same checkpoints; diverged runs (exit status 3) count as 0 and are counted per point.
 Writes summary.json, summary.md and metric_vs_<x>.png (see peft_jax/grid_search.py).
+Every point's train.py and eval.py share the persistent compilation cache
+(peft_jax/compile_cache.py): the seeds of a point, and the programs a grid value leaves
+unchanged (evaluation, for a learning-rate grid), are compiled once.
 """
 
 import sys
