@@ -20,7 +20,7 @@ Variants:
   AdapterHub counterpart run on peft-jax alone. ``run.peak_tflops`` (989: H100 / H200
   dense bf16) gives model FLOPs utilisation. The sides run one after the other
   (``run.together=false``): two full fine-tunings of LLaMA-2-7B do not fit one GPU.
-* ``smoke``: tiny models, one timed step per block (the test, seconds).
+* ``smoke``: tiny models (no dropout), LoRA only, two timed steps (the test, seconds).
 
 Sections: ``run`` (peft_jax/bench/config.py RUN: steps, blocks, tokens), ``models`` (the
 checkpoint's ``transformers`` config kwargs plus family, batch and lengths), ``methods``
@@ -41,7 +41,8 @@ T5_SMALL = dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_heads=8, 
                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 T5_LARGE = dict(T5_SMALL, d_model=1024, d_ff=4096, num_heads=16, num_layers=24)
 T5_TINY = dict(T5_SMALL, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2, vocab_size=128,
-               relative_attention_num_buckets=8, relative_attention_max_distance=16)
+               relative_attention_num_buckets=8, relative_attention_max_distance=16,
+               dropout_rate=0.0)
 LLAMA_SMALL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376,
                    num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=8,
                    max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -82,7 +83,7 @@ def get_config(variant: str = ""):
   c = ml_collections.ConfigDict()
   c.run = ml_collections.ConfigDict({
       "models": "t5,llama", "methods": "lora,ia3,houlsby,prefix_tuning,full",
-      "dtype": "float32", "warmup_steps": 1, "steps_per_block": 2, "blocks": 3, "n_batches": 2,
+      "dtype": "float32", "warmup_steps": 1, "steps_per_block": 1, "blocks": 4, "n_batches": 2,
       "new_tokens": 32, "infer_blocks": 2, "merged": True, "learning_rate": 1e-4, "seed": 0,
       "hf_threads": 0, "adapterhub_python": ".venv-adapters/bin/python", "together": True,
       "timeout_s": 3600,
@@ -110,7 +111,6 @@ def get_config(variant: str = ""):
                  "houlsby": {"method": "houlsby"}, "full": {"method": "full"},
                  "prefix_tuning": {"method": "prefix_tuning", "num_virtual_tokens": 3}}
     c.run.methods = "lora"
-    c.run.steps_per_block = 1
     c.run.blocks = 2
     c.run.new_tokens = 3
     c.run.infer_blocks = 1

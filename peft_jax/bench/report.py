@@ -166,8 +166,10 @@ def page(result: Dict[str, Any], command: str, png: Optional[str]) -> str:
       f"blocks of {run['steps_per_block']} training steps per side; generation of "
       f"{run['new_tokens']} new tokens per row (greedy, no EOS stop), "
       f"{run['infer_blocks']} timed calls per side and kind after one warm-up call; medians "
-      "over blocks; the two sides' processes alive together, taking turns, the order "
-      "alternating from block to block.",
+      "over blocks; " + ("the two sides' processes alive together, taking turns, the order "
+                         "alternating from block to block" if run.get("together", True) else
+                         "one side after the other") +
+      f"; torch threads: {run.get('hf_threads') or 'torch default (one per core)'}.",
       "",
       "Ratios are peft-jax / HF: above 1 peft-jax is faster; for memory, below 1 it needs "
       "less. The HF side loads the same random-weight checkpoint and the same initial method "
@@ -175,7 +177,10 @@ def page(result: Dict[str, Any], command: str, png: Optional[str]) -> str:
       "each process's resident high-water mark after training (libraries and runtime "
       "included; device statistics on accelerators); \"growth over imports\" subtracts the "
       "peft-jax process's mark before it loaded the weights, and \"plan\" is `--plan`'s "
-      "estimate (arguments + outputs - aliased + temporaries of the compiled step).",
+      "estimate (arguments + outputs - aliased + temporaries of the compiled step). "
+      "Timings taken while other processes compete for the cores are noisy, and torch's "
+      "OpenMP threads lose more to such competition than XLA's thread pool: read the "
+      "ratios with the load line above.",
       "",
       "## Throughput",
       "",
