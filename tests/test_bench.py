@@ -127,3 +127,37 @@ def test_bad_command_line_is_one_error_line():
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1].startswith("error: run.methods names 'nope'")
   assert proc.stdout == ""
+
+
+def test_report_marks_missing_sides_and_failures(tmp_path):
+  """Rows without an HF side, a failed row and a full row: tables, page and PNG say n/a."""
+  from peft_jax.bench import report
+  full = {"train_tokens_per_s": 100.0, "infer_tokens_per_s": 50.0, "peak_train_mb": 900.0,
+          "trainable_params": 10, "loss0": 1.0, "compile_s": 2.0, "rss_base_mb": 100.0,
+          "plan": {"peak_bytes": 2**29}, "plan_peak_mb": 512.0, "device": "cpu:cpu"}
+  rows = [
+      {"model": "t5", "method": "lora", "reference": "peft", "peft_jax": dict(full),
+       "hf_peft": dict(full, train_tokens_per_s=50.0), "loss_diff": 1e-7, "ratio_train": 2.0,
+       "ratio_infer": 1.0, "ratio_infer_merged": None, "ratio_memory": 1.0},
+      {"model": "t5", "method": "compacter", "reference": None, "peft_jax": dict(full),
+       "hf_peft": None, "ratio_train": None, "ratio_infer": None, "ratio_infer_merged": None,
+       "ratio_memory": None},
+      {"model": "t5", "method": "ia3", "reference": "peft", "peft_jax": {}, "hf_peft": {},
+       "error": "hf: setup failed: boom", "ratio_train": None, "ratio_infer": None,
+       "ratio_infer_merged": None, "ratio_memory": None}]
+  result = {"rows": rows, "machine": {"cpu": "x", "cores": 2}, "seconds": 1.0, "date": "today",
+            "load": {"loadavg_start": [1, 1, 1], "loadavg_end": [2, 2, 2],
+                     "loadavg_1min": {"min": 1, "median": 1.5, "max": 2},
+                     "other_processes_cores": None},
+            "run": bench_config.load(SMOKE)["run"], "models": {}, "methods": {}}
+  table = report.speed_table(result).splitlines()
+  assert table[2].startswith("| t5 | lora | HF PEFT | 10 / 10 |") and "**2.00**" in table[2]
+  assert table[3].startswith("| t5 | compacter | n/a | 10 / n/a |")
+  assert table[4].count("n/a") >= 10
+  mem = report.memory_table(result).splitlines()
+  assert "| 800 | 512 | 0.64 |" in mem[2]       # growth over imports, plan, plan / growth
+  text = report.page(result, "python bench.py --config=x", "r.png")
+  assert "## Failed rows" in text and "t5 / ia3: hf: setup failed: boom" in text
+  report.plot(result, str(tmp_path / "r.png"))
+  assert (tmp_path / "r.png").stat().st_size > 1000
+  assert json.loads(report.json_line(result))["rows"][1]["hf_peft"] is None
