@@ -336,8 +336,8 @@ class Trainer:
       after += packing.tokens(b) * rows // tc.batch_size
     frac = after / max(before, 1)
     on = frac <= packing.AUTO_MAX_FRACTION
-    return on, (f"data.pack=auto: training batches are {'' if on else 'not '}packed (packed, "
-                f"epoch 0's first {n} batches hold {frac:.0%} of their unpacked tokens)")
+    return on, (f"data.pack=auto: training batches are {'' if on else 'not '}packed (packing "
+                f"epoch 0's first {n} batches leaves {frac:.0%} of their tokens)")
 
   # ------------------------------------------------------------------ evaluation
   def evaluate(self, params) -> Dict[str, Any]:

@@ -243,6 +243,7 @@ def _trainer(tmp_path, pack):
   c.data.train_file, c.data.validation_file = _varied_jsonl(tmp_path)
   c.peft = {"method": "lora", "r": 4, "init_lora_weights": False, "target_modules": "all-linear"}
   c.train.batch_size = 16              # 8 devices (conftest): packed rows are 8 or 16
+  c.train.micro_batch_size = 8         # unpacked: 2 micro-batches; packed in 8 rows: 1
   c.train.num_steps = 0
   c.train.num_epochs = 2
   return Trainer(c, None)
@@ -285,3 +286,22 @@ def test_auto_leaves_quickstart_unpacked():
   c.data.max_train_examples = 64
   c.data.max_eval_examples = 8
   assert not Trainer(c, None).pack
+
+
+def test_bench_script_runs_both_ways():
+  """``scripts/bench_packing.py`` (tiny): both runs, the same real tokens, packed fuller."""
+  import argparse
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "bench_packing", os.path.join(REPO, "scripts", "bench_packing.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  lengths = mod.tulu_like_lengths(2000, 4096)
+  assert 300 < np.median(lengths) < 520 and (lengths == 4096).mean() < 0.03
+  args = argparse.Namespace(batch_size=8, steps=1, max_len=64, answer_frac=0.5, vocab=64,
+                            hidden=16, heads=2, layers=1)
+  out = mod.run(args)
+  un, pk = out["unpacked"], out["packed"]
+  assert un["real_tokens"] == pk["real_tokens"] > 0
+  assert pk["token_slots"] < un["token_slots"] and pk["fill"] > un["fill"]
+  assert un["tokens_per_s"] > 0 and pk["tokens_per_s"] > 0 and "speedup" in out

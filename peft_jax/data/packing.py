@@ -49,17 +49,20 @@ AUTO_MAX_FRACTION = 0.8
 #: ``auto`` measures this many batches of epoch 0
 AUTO_BATCHES = 32
 #: the sites at which a handler acts on a whole row (see the module docstring)
-ROW_SITES = ("embed", "attention_kv", "positions")
+ROW_SITES = {"embed": "prepends tokens to each row (embed site)",
+             "attention_kv": "adds keys and values to each row's attention (attention_kv site)",
+             "positions": "shifts each row's positions (positions site)"}
 
 
 def packing_problem(sites) -> Optional[str]:
   """Why a model with these ``Sites`` cannot train on packed rows, or None."""
   for h in sites.handlers:
-    kinds = [k for k in ROW_SITES if hasattr(h, k)]
-    if kinds or getattr(h, "packable", True) is False:
-      what = f"acts at the {' and '.join(kinds)} site(s)" if kinds else "pools over the sequence"
-      return (f"its {type(h).__name__} {what}, once per row: packed rows would share that "
-              "across examples")
+    what = [ROW_SITES[k] for k in ROW_SITES if hasattr(h, k)]
+    if getattr(h, "packable", True) is False:
+      what.append("pools over each row")
+    if what:
+      return (f"its {type(h).__name__} {' and '.join(what)}, which a packed row would share "
+              "among its examples")
   return None
 
 
