@@ -81,7 +81,7 @@ class Built:
                  self.state.params, self.state.no_decay)
     opt, step = make_train_step(self.state, self.model, tx, accum_steps=self.accum,
                                 mesh=self.mesh, param_shardings=self.param_sh,
-                                rules=self.rules, donate=donate)
+                                rules=self.rules, donate=donate, micro_rows=self.micro_batch)
     return opt, step, opt_state_shardings(opt, self.state.params, self.param_sh, self.mesh)
 
   def eval_loss(self):
@@ -109,6 +109,12 @@ def build(cfg, devices: Optional[Sequence[Any]] = None, peft: Optional[Dict[str,
   else:
     method, overrides = peft["method"], {k: v for k, v in peft.items() if k != "method"}
   state = apply_peft(mc, abstract_params(mc), method, overrides)
+  if peft is None and cfg.data.get("pack") is True:
+    from peft_jax.data.packing import packing_problem
+    problem = packing_problem(state.sites)
+    if problem:
+      raise inputs.ConfigError(f"data.pack=true: method {method!r} cannot train on packed rows: "
+                               f"{problem}; use data.pack=auto or false")
   if devices is None:
     mesh = inputs.make_mesh(cfg)
   else:

@@ -96,6 +96,11 @@ def _schema():
                              "evaluation split (the same rows for every method; seed 002 caps "
                              "validation and test at 2,500)", ge=0),
           "eval_split": Field("validation", "the split evaluated during and after training"),
+          "pack": Field("auto", "pack each training batch's examples into fewer rows "
+                        "(segment-masked attention, per-segment positions; the same examples "
+                        "and loss per step): true, false, or auto: on when the method allows "
+                        "it and it saves >= 20% of the padded tokens (peft_jax/data/packing.py)",
+                        "bool_or_str", choices=("auto",)),
       },
       "train": {
           "batch_size": Field(32, "examples per optimizer step (the effective batch)", ge=1),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +75,8 @@ def loss_fn(model, params, batch, rng, deterministic: bool):
 
 
 def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool = False,
-                    mesh=None, param_shardings=None, rules=None, loss=None, donate: bool = True):
+                    mesh=None, param_shardings=None, rules=None, loss=None, donate: bool = True,
+                    micro_rows: Optional[int] = None):
   """Returns ``(opt, step)``; ``step(params, opt_state, batch, rng) -> (params, opt_state, metrics)``.
 
   The one training step: the trainer runs it (through :mod:`peft_jax.builder`), the
@@ -89,6 +90,10 @@ def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool 
   * ``accum_steps > 1``: the batch's leading axis is split into that many
     micro-batches, scanned; gradients and loss are token-weighted, so the update
     equals the one for the whole batch at once. Only trainable gradients are carried.
+  * ``micro_rows``: the micro-batch's rows instead; a batch of ``rows`` rows (traced per
+    shape) runs as ``rows // micro_rows`` micro-batches, or one pass when ``rows <=
+    micro_rows``: packed batches (:mod:`peft_jax.data.packing`) have fewer rows than the
+    configured batch and so fewer micro-batches.
   * A non-finite loss or gradient leaves params and optimizer state unchanged and
     reports ``finite = False`` (the loop stops; the last good state is kept).
   * Jitted with the parameter and optimizer buffers donated.
@@ -136,6 +141,15 @@ def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool 
     g = {k: (jnp.where(masks[k], v, 0) if k in masks else v) for k, v in g.items()}
     return tot, ntok, _constrain_flat(g), fr
 
+  def micro_count(batch) -> int:
+    if micro_rows is None:
+      return accum_steps
+    rows = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    if rows > micro_rows and rows % micro_rows:
+      raise ValueError(f"a batch of {rows} rows does not split into micro-batches of "
+                       f"{micro_rows} rows")
+    return max(rows // micro_rows, 1)
+
   flat_sh = None
   if mesh is not None:
     if param_shardings is None:
@@ -154,13 +168,14 @@ def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool 
 
   def _step(params, opt_state, batch, rng):
     inner = opt_state.inner if hooked else opt_state
-    if accum_steps == 1:
+    accum = micro_count(batch)
+    if accum == 1:
       tot, ntok, g, fr = grads_of(params, batch, rng)
     else:
       # strided: micro-batch a = rows a, a+A, a+2A, ... (stays on the batch's devices)
       micro = jax.tree_util.tree_map(
-          lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum_steps, accum_steps)
-                                           + x.shape[1:]), 0, 1), batch)
+          lambda x: jnp.swapaxes(x.reshape((x.shape[0] // accum, accum) + x.shape[1:]), 0, 1),
+          batch)
       if mesh is not None:
         from peft_jax.sharding import BATCH
         from jax.sharding import NamedSharding, PartitionSpec
@@ -176,7 +191,7 @@ def make_train_step(state, model, tx, accum_steps: int = 1, deterministic: bool 
         return (_constrain_flat({k: gs[k] + g[k].astype(jnp.float32) for k in gs}), ts + t,
                 ns + n), None
 
-      (g, tot, ntok), _ = jax.lax.scan(body, (zero, 0.0, 0.0), (micro, jnp.arange(accum_steps)))
+      (g, tot, ntok), _ = jax.lax.scan(body, (zero, 0.0, 0.0), (micro, jnp.arange(accum)))
       g = {k: v.astype(tr0[k].dtype) for k, v in g.items()}
     denom = jnp.maximum(ntok, 1.0)
     g = {k: v / denom.astype(v.dtype) for k, v in g.items()}

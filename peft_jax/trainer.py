@@ -292,6 +292,13 @@ class Trainer:
       print(f"note: no model.checkpoint given: {self.mc.model_type} preset "
             f"{cfg.model.get('name')!r} starts from random weights")
     self.rng = jax.random.PRNGKey(tc.seed)
+    # packing (peft_jax/data/packing.py): the batch's examples in fewer rows, rows a multiple
+    # of the devices the batch is split over (and of the micro-batch once above it)
+    self.micro, self.shards = spec.micro_batch, sharding.batch_shards(self.mesh)
+    self._row_spans = {tc.batch_size: self.rows}
+    self.pack, why = self._decide_packing(spec.state.sites)
+    if self.main and why:
+      print(why)
 
     # then the weights, straight into their shards
     self.built = spec.with_weights()
@@ -333,23 +340,69 @@ class Trainer:
 
   def batches(self, epoch: int, start: int) -> Iterator[Any]:
     """``(epoch, index, host rows, global device batch)``: every process walks the same
-    order but builds only its rows (``self.rows``), padded to the global batch's bucket."""
-    tc, d = self.cfg.train, self.cfg.data
+    order but builds only its rows (``self.rows``), padded to the global batch's bucket.
+    Packed (``self.pack``): every process packs the whole batch the same way and keeps its
+    rows of the packed batch. A pure function of (seed, epoch, index), as without packing."""
+    tc = self.cfg.train
     lo, hi = self.rows
     while True:
       order = epoch_order(self.n_train, tc.seed, epoch)
       for i in range(start, self.steps_per_epoch):
         idx = order[i * tc.batch_size:(i + 1) * tc.batch_size]
-        if self.chat is not None:
-          from peft_jax.data.tulu import chat_batch
-          host = chat_batch(self.chat, idx[lo:hi], self.pad, d.max_source_len + d.max_target_len,
-                            batch_size=hi - lo, lengths_from=idx)
-        else:
-          host = make_batch(self.enc, idx[lo:hi], self.layout, self.pad, self.start,
-                            d.max_source_len, d.max_target_len, batch_size=hi - lo,
-                            lengths_from=idx)
+        if self.pack:
+          from peft_jax.data.packing import pack_batch
+          packed = pack_batch(self._host_batch(idx, 0, tc.batch_size), self.micro, self.shards,
+                              self.pad)
+          rows = packed["inputs"].shape[0]
+          a, b = self._rows_of(rows)
+          host = {k: v[a:b] for k, v in packed.items()}
+          yield epoch, i, host, sharding.global_batch(host, self.batch_sh, rows)
+          continue
+        host = self._host_batch(idx, lo, hi)
         yield epoch, i, host, sharding.global_batch(host, self.batch_sh, tc.batch_size)
       epoch, start = epoch + 1, 0
+
+  def _host_batch(self, idx, lo: int, hi: int) -> Dict[str, Any]:
+    """Rows ``lo:hi`` of the unpacked batch of examples ``idx`` (bucketed by all of them)."""
+    d = self.cfg.data
+    if self.chat is not None:
+      from peft_jax.data.tulu import chat_batch
+      return chat_batch(self.chat, idx[lo:hi], self.pad, d.max_source_len + d.max_target_len,
+                        batch_size=hi - lo, lengths_from=idx)
+    return make_batch(self.enc, idx[lo:hi], self.layout, self.pad, self.start,
+                      d.max_source_len, d.max_target_len, batch_size=hi - lo, lengths_from=idx)
+
+  def _rows_of(self, rows: int):
+    """This process's rows of a global batch of ``rows`` rows."""
+    if rows not in self._row_spans:
+      self._row_spans[rows] = sharding.local_rows(self.batch_sh, rows)
+    return self._row_spans[rows]
+
+  def _decide_packing(self, sites):
+    """``(pack, note)`` for ``data.pack`` (peft_jax/data/packing.py): ``auto`` packs when the
+    method allows it and the packed form of epoch 0's first batches keeps at most
+    ``AUTO_MAX_FRACTION`` of their unpacked tokens."""
+    from peft_jax.data import packing
+    tc, pack = self.cfg.train, self.cfg.data.get("pack", "auto")
+    if pack is False:
+      return False, None
+    if pack is True:       # a method that cannot be packed failed in build()
+      return True, "data.pack=true: training batches are packed"
+    problem = packing.packing_problem(sites)
+    if problem:
+      return False, f"data.pack=auto: training batches are not packed: {self.cfg.peft.method}: {problem}"
+    order = epoch_order(self.n_train, tc.seed, 0)
+    n = min(self.steps_per_epoch, packing.AUTO_BATCHES)
+    before = after = 0
+    for i in range(n):
+      b = self._host_batch(order[i * tc.batch_size:(i + 1) * tc.batch_size], 0, tc.batch_size)
+      _, rows = packing.plan(b, self.micro, self.shards)
+      before += packing.tokens(b)
+      after += packing.tokens(b) * rows // tc.batch_size
+    frac = after / max(before, 1)
+    on = frac <= packing.AUTO_MAX_FRACTION
+    return on, (f"data.pack=auto: training batches are {'' if on else 'not '}packed (packing "
+                f"epoch 0's first {n} batches leaves {frac:.0%} of their tokens)")
 
   # ------------------------------------------------------------------ evaluation
   def evaluate(self, params) -> Dict[str, Any]:

@@ -8,6 +8,9 @@ Two layouts:
   right, starting with the decoder start token), ``targets``, ``target_mask``.
 * ``causal`` (LLaMA): ``inputs`` = prompt + target + EOS, ``input_mask``,
   ``targets`` = inputs shifted left, ``target_mask`` = 1 on target tokens only.
+
+The trainer may then pack a training batch's examples into fewer rows
+(:mod:`peft_jax.data.packing`, ``data.pack``).
 """
 
 from __future__ import annotations

@@ -98,13 +98,15 @@ class Family(abc.ABC):
 
   def logits(self, model, params, batch, deterministic: bool, rngs=None):
     """The model's logits at the target positions of ``batch``, ``[B, T, vocab]`` (methods
-    that prepend tokens lengthen a causal model's output)."""
+    that prepend tokens lengthen a causal model's output). A packed batch
+    (:mod:`peft_jax.data.packing`) brings its segment ids and per-segment positions."""
+    packed = {k: batch[k] for k in PACKED_KEYS[self.layout] if k in batch}
     if self.layout == "seq2seq":
       out = model.apply({"params": params}, batch["inputs"], batch["input_mask"],
-                        batch["decoder_inputs"], None, deterministic, rngs=rngs)
+                        batch["decoder_inputs"], None, deterministic, rngs=rngs, **packed)
     else:
-      out = model.apply({"params": params}, batch["inputs"], batch["input_mask"], None,
-                        deterministic, rngs=rngs)
+      out = model.apply({"params": params}, batch["inputs"], batch["input_mask"],
+                        packed.pop("positions", None), deterministic, rngs=rngs, **packed)
     return out[:, -batch["targets"].shape[1]:]
 
   # ------------------------------------------------------------------ dimensions
@@ -180,6 +182,10 @@ class Family(abc.ABC):
   def hf_weight_names(self, cfg) -> List[WeightName]:
     ...
 
+
+#: the keys a packed batch adds, per layout (the models' keyword arguments)
+PACKED_KEYS = {"seq2seq": ("segment_ids", "positions", "decoder_segment_ids", "decoder_positions"),
+               "causal": ("segment_ids", "positions")}
 
 _FAMILIES: List[Family] = []
 

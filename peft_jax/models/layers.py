@@ -115,6 +115,24 @@ def attention(q, k, v, *, mask=None, bias=None, scale=None, impl=None):
   return out.astype(dtype)
 
 
+def same_segment(q_segments, k_segments):
+  """Boolean ``[B, 1, T, S]``: query ``t`` and key ``s`` lie in the same segment of a packed
+  row (``[B,T]`` / ``[B,S]`` segment ids; :mod:`peft_jax.data.packing`)."""
+  return (q_segments[:, :, None] == k_segments[:, None, :])[:, None]
+
+
+def check_packable(sites, cache=None):
+  """A ``ValueError`` unless a model with these sites may read packed rows (segment ids):
+  training only (no cache), no method that acts on whole rows."""
+  from peft_jax.data.packing import packing_problem
+  if cache is not None:
+    raise ValueError("segment_ids (packed rows) are for training; decoding with a cache "
+                     "reads unpacked rows")
+  problem = packing_problem(sites)
+  if problem:
+    raise ValueError(f"packed rows (segment_ids) are not supported with this method: {problem}")
+
+
 def scanned(block_cls, cfg_remat: str, length: int, in_axes):
   """Wraps a block class with remat and ``nn.scan`` over layers (one compile for all layers).
 

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.models.config import LlamaConfig, as_dtype
-from peft_jax.models.layers import Embed, Linear, RMSNorm, attention, constrain, scanned
+from peft_jax.models.layers import (Embed, Linear, RMSNorm, attention, check_packable, constrain,
+                                    same_segment, scanned)
 from peft_jax.sites import NO_SITES, Sites
 
 
@@ -148,7 +149,7 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, positions=None, deterministic=True,
-               cache=None, cache_index=None, use_embed_site=None):
+               cache=None, cache_index=None, use_embed_site=None, segment_ids=None):
     """Logits ``[B,T,V]`` (fp32); with a cache also the new cache.
 
     ``attention_mask`` marks valid keys: ``[B,T]`` without a cache, ``[B,S]`` over
@@ -159,6 +160,9 @@ class Llama(nn.Module):
     ``0..n-1`` and shift the given positions by ``n``; with a cache they occupy
     the first ``n`` slots, so the cache (and the mask of later calls) is ``n``
     slots longer than the mask given here.
+    ``segment_ids`` ``[B,T]`` (packed rows, :mod:`peft_jax.data.packing`; no cache): a
+    token attends only to the earlier tokens of its own segment; pass ``positions`` that
+    restart at 0 in each segment.
     """
     cfg = self.cfg
     dtype, pdtype = as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)
@@ -171,6 +175,8 @@ class Llama(nn.Module):
     attention_mask = attention_mask.astype(bool)
     if use_embed_site is None:
       use_embed_site = cache is None
+    if segment_ids is not None:
+      check_packable(self.sites, cache)
     if use_embed_site:
       x, attention_mask = self.sites.embed(self, x, attention_mask, deterministic)
       n_new = x.shape[1] - t
@@ -186,6 +192,8 @@ class Llama(nn.Module):
     positions, _ = self.sites.positions(self, positions, None, deterministic)
     s = attention_mask.shape[1]
     mask = attention_mask[:, None, None, :] & (jnp.arange(s)[None, :] <= slots[:, None])[None, None]
+    if segment_ids is not None:
+      mask = mask & same_segment(segment_ids, segment_ids)
     block = scanned(LlamaBlock, cfg.remat, cfg.num_hidden_layers,
                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0))
     x, new_cache = block(cfg, self.sites, deterministic, name="layers")(x, positions, mask,

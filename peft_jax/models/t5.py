@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from peft_jax.models.config import T5Config, as_dtype
-from peft_jax.models.layers import (Embed, Linear, RMSNorm, attention, constrain, param_with_axes,
-                                    scanned)
+from peft_jax.models.layers import (Embed, Linear, RMSNorm, attention, check_packable, constrain,
+                                    param_with_axes, same_segment, scanned)
 from peft_jax.sites import NO_SITES, Sites
 
 _ACTS = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=False),
@@ -61,15 +61,19 @@ class RelativePositionBias(nn.Module):
 
   @nn.compact
   def __call__(self, q_pos, k_pos):
+    """``[1, N, T, S]`` from positions ``[T]``/``[S]``; ``[B, N, T, S]`` from per-row
+    positions ``[B,T]``/``[B,S]`` (packed rows: positions restart in each segment)."""
     cfg = self.cfg
     emb = param_with_axes(self, "embedding", nn.initializers.normal(1.0),
                           (cfg.relative_attention_num_buckets, cfg.num_heads),
                           ("relpos_buckets", "heads_n"), as_dtype(cfg.param_dtype))
-    buckets = relative_position_bucket(k_pos[None, :] - q_pos[:, None], self.bidirectional,
-                                       cfg.relative_attention_num_buckets,
+    buckets = relative_position_bucket(k_pos[..., None, :] - q_pos[..., :, None],
+                                       self.bidirectional, cfg.relative_attention_num_buckets,
                                        cfg.relative_attention_max_distance)
-    values = jnp.take(emb, buckets, axis=0).astype(jnp.float32)      # [T, S, N]
-    return jnp.transpose(values, (2, 0, 1))[None]                    # [1, N, T, S]
+    values = jnp.take(emb, buckets, axis=0).astype(jnp.float32)      # [(B,) T, S, N]
+    if values.ndim == 3:
+      return jnp.transpose(values, (2, 0, 1))[None]                  # [1, N, T, S]
+    return jnp.transpose(values, (0, 3, 1, 2))                       # [B, N, T, S]
 
 
 def _dense(cfg, sites, deterministic, features, axes, name):
@@ -197,24 +201,41 @@ class T5Stack(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, enc=None, enc_mask=None, cache=None, cache_index=None,
-               deterministic=True, decode_mode="none"):
+               deterministic=True, decode_mode="none", segment_ids=None, positions=None,
+               enc_segment_ids=None):
     """``x``: embedded inputs ``[B,T,D]``; ``mask``: valid keys ``[B,S]`` (S = T, or
-    the cache length when decoding). Returns (hidden, key mask, new cache)."""
+    the cache length when decoding). Returns (hidden, key mask, new cache).
+
+    Packed rows (:mod:`peft_jax.data.packing`): ``segment_ids`` and ``positions``
+    ``[B,T]`` of this stack's tokens (positions restart at 0 in each segment; the
+    relative position bias is computed per row from them), and for the decoder the
+    encoder's ``enc_segment_ids``: attention stays within a segment, cross attention
+    reads the encoder tokens of the same segment."""
     cfg = self.cfg
+    if segment_ids is not None:
+      check_packable(self.sites, cache)
     if not self.is_decoder:
       x, mask = self.sites.embed(self, x, mask, deterministic)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     t = x.shape[1]
     start = 0 if cache_index is None else cache_index
-    q_pos = start + jnp.arange(t)
+    slots = start + jnp.arange(t)
     s = mask.shape[1]
-    k_pos = jnp.arange(s)
+    if segment_ids is None:
+      q_pos, k_pos = slots, jnp.arange(s)
+      q_pos, k_pos = self.sites.positions(self, q_pos, k_pos, deterministic)
+    else:   # no handler at the positions site (check_packable)
+      q_pos = k_pos = positions
     bias = RelativePositionBias(cfg, bidirectional=not self.is_decoder, name="rel_bias")(
-        *self.sites.positions(self, q_pos, k_pos, deterministic))
+        q_pos, k_pos)
     attn_mask = mask[:, None, None, :].astype(bool)
     if self.is_decoder:
-      attn_mask = attn_mask & (k_pos[None, :] <= q_pos[:, None])[None, None]
+      attn_mask = attn_mask & (jnp.arange(s)[None, :] <= slots[:, None])[None, None]
     cross_mask = None if enc_mask is None else enc_mask[:, None, None, :].astype(bool)
+    if segment_ids is not None:
+      attn_mask = attn_mask & same_segment(segment_ids, segment_ids)
+      if cross_mask is not None:
+        cross_mask = cross_mask & same_segment(segment_ids, enc_segment_ids)
     n_layers = cfg.n_decoder_layers if self.is_decoder else cfg.num_layers
     block = scanned(T5Block, cfg.remat, n_layers,
                     in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0))
@@ -241,21 +262,26 @@ class T5(nn.Module):
       self.lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=as_dtype(cfg.dtype),
                             param_dtype=as_dtype(cfg.param_dtype), sites=self.sites)
 
-  def encode(self, input_ids, attention_mask=None, deterministic=True):
+  def encode(self, input_ids, attention_mask=None, deterministic=True, segment_ids=None,
+             positions=None):
     """Returns (encoder hidden states, their key mask) — the mask may be longer than
-    ``input_ids`` when a method prepends tokens."""
+    ``input_ids`` when a method prepends tokens. ``segment_ids``/``positions``: packed
+    rows (:class:`T5Stack`)."""
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, bool)
     h, mask, _ = self.encoder(self.shared(input_ids), attention_mask.astype(bool),
-                              deterministic=deterministic)
+                              deterministic=deterministic, segment_ids=segment_ids,
+                              positions=positions)
     return h, mask
 
   def decode(self, decoder_input_ids, enc, enc_mask, decoder_attention_mask=None,
-             deterministic=True, cache=None, cache_index=None, decode_mode="none"):
+             deterministic=True, cache=None, cache_index=None, decode_mode="none",
+             segment_ids=None, positions=None, enc_segment_ids=None):
     """Decoder logits ``[B,T,V]`` (fp32); with a cache also returns the new cache.
 
     Decoding: ``decode_mode='fill'`` writes the first tokens at ``cache_index`` and
-    stores the cross-attention keys/values; ``'step'`` reuses them.
+    stores the cross-attention keys/values; ``'step'`` reuses them. ``segment_ids``,
+    ``positions`` (decoder) and ``enc_segment_ids``: packed rows (:class:`T5Stack`).
     """
     cfg = self.cfg
     b, t = decoder_input_ids.shape
@@ -266,7 +292,9 @@ class T5(nn.Module):
     h, _, new_cache = self.decoder(x, decoder_attention_mask.astype(bool), enc,
                                    enc_mask.astype(bool), cache, cache_index,
                                    deterministic=deterministic,
-                                   decode_mode="none" if cache is None else decode_mode)
+                                   decode_mode="none" if cache is None else decode_mode,
+                                   segment_ids=segment_ids, positions=positions,
+                                   enc_segment_ids=enc_segment_ids)
     if cfg.scales_decoder_outputs:
       h = h * (cfg.d_model ** -0.5)
     if cfg.tie_word_embeddings:
@@ -277,9 +305,13 @@ class T5(nn.Module):
     return logits if cache is None else (logits, new_cache)
 
   def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None,
-               decoder_attention_mask=None, deterministic=True):
-    enc, enc_mask = self.encode(input_ids, attention_mask, deterministic)
-    return self.decode(decoder_input_ids, enc, enc_mask, decoder_attention_mask, deterministic)
+               decoder_attention_mask=None, deterministic=True, segment_ids=None, positions=None,
+               decoder_segment_ids=None, decoder_positions=None):
+    """Training logits; the ``*segment_ids``/``*positions`` of packed rows go together."""
+    enc, enc_mask = self.encode(input_ids, attention_mask, deterministic, segment_ids, positions)
+    return self.decode(decoder_input_ids, enc, enc_mask, decoder_attention_mask, deterministic,
+                       segment_ids=decoder_segment_ids, positions=decoder_positions,
+                       enc_segment_ids=segment_ids)
 
 
 def init_cache(cfg: T5Config, batch: int, max_len: int, enc_len: int, dtype=None):
