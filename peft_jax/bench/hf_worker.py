@@ -296,10 +296,13 @@ def make_checkpoint(family, config, out_dir, seed=0, dtype="float32"):
   import torch
   import transformers
   torch.manual_seed(seed)
-  if family == "t5":
-    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**config))
-  else:
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+  # built on the accelerator where there is one: LLaMA-2-7B's random init takes minutes on
+  # a CPU and seconds on a GPU
+  with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    if family == "t5":
+      model = transformers.T5ForConditionalGeneration(transformers.T5Config(**config))
+    else:
+      model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
   dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
   model.to(dt).save_pretrained(out_dir)
   n = sum(p.numel() for p in model.parameters())
