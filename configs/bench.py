@@ -71,9 +71,9 @@ def _survey_methods():
   return {k: dict(mod.METHODS[k]) for k in mod.SURVEY_METHODS}
 
 
-def _model(family, hf, batch_size, source_len, target_len, remat="none"):
+def _model(family, hf, batch_size, source_len, target_len, remat="none", attention_impl=""):
   return dict(family=family, batch_size=batch_size, source_len=source_len,
-              target_len=target_len, remat=remat, **hf)
+              target_len=target_len, remat=remat, attention_impl=attention_impl, **hf)
 
 
 def get_config(variant: str = ""):

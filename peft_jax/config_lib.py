@@ -77,6 +77,10 @@ def _schema():
           "remat": Field("none", "activation rematerialisation policy of the layer scan",
                          choices=tuple(REMAT_POLICIES)),
           "dropout_rate": Field(0.1, "T5 dropout rate (LLaMA has none)", ge=0, lt=1),
+          "attention_impl": Field("", "the kernel of jax.nn.dot_product_attention: '' (JAX "
+                                  "chooses), xla, or cudnn (fused, GPU, bf16/fp16; T5 "
+                                  "training with dropout keeps its own attention)",
+                                  choices=("", "xla", "cudnn")),
           "vocab_size": Field(None, "override the vocabulary size of the preset", "int", ge=1),
       },
       "data": {

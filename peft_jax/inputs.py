@@ -42,7 +42,8 @@ def model_config(cfg):
   else:
     raise ConfigError("config.model needs `name` (a preset) or `checkpoint` (a local directory "
                      "or hub id)")
-  kw = {k: m[k] for k in ("dtype", "param_dtype", "remat", "vocab_size") if m.get(k)}
+  kw = {k: m[k] for k in ("dtype", "param_dtype", "remat", "vocab_size", "attention_impl")
+        if m.get(k)}
   if family_of(mc).has_dropout and m.get("dropout_rate") is not None:
     kw["dropout_rate"] = m.dropout_rate
   return mc.replace(**kw)

@@ -66,6 +66,8 @@ MODEL_KEYS: Dict[str, Field] = {
     "target_len": Field(64, "T5: decoder tokens; LLaMA: tokens after the prompt (with loss)",
                         ge=1),
     "remat": Field("none", "peft-jax's rematerialisation policy of the layer scan"),
+    "attention_impl": Field("", "peft-jax's attention kernel (model.attention_impl: '', "
+                            "xla, cudnn)", choices=("", "xla", "cudnn")),
 }
 
 
@@ -272,7 +274,7 @@ def train_config(bench, model_name: str, method_name: str, checkpoint: str,
   """The ``train.py`` config of one row (``model.checkpoint`` = the benchmark's checkpoint)."""
   run, model = bench["run"], bench["models"][model_name]
   m = {"checkpoint": checkpoint, "dtype": run["dtype"], "param_dtype": run["dtype"],
-       "remat": model["remat"]}
+       "remat": model["remat"], "attention_impl": model["attention_impl"]}
   if model["family"] == "t5":
     m["dropout_rate"] = float(hf_config_dict(model).get("dropout_rate", 0.1))
   return {"model": m,

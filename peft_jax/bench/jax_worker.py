@@ -58,12 +58,14 @@ class Side:
     tot, ntok = f(self.params, self.host_batches[0])
     info = count(self.state)
     dev = jax.local_devices()[0]
+    limit = (dev.memory_stats() or {}).get("bytes_limit") if dev.platform != "cpu" else None
     self.setup_s = time.perf_counter() - t_setup
     return {"setup_s": self.setup_s, "trainable_params": int(info["trainable_params"]),
             "total_params": int(info["total_params"]), "load_s": self.load_s,
             "loss0": float(tot) / max(float(ntok), 1.0), "device": f"{dev.platform}:{dev.device_kind}",
             "rss_base_mb": rss_base, "rss_setup_mb": maxrss_bytes() / 2**20,
-            "versions": _versions()}
+            "versions": _versions(),
+            **({"device_limit_mb": limit / 2**20} if limit else {})}
 
   def _export(self, kind, path):
     """The method's initial weights for the Hugging Face side."""

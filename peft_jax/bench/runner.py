@@ -77,15 +77,23 @@ class Worker:
       raise WorkerError(self._died(op))
     reply = json.loads(line)
     if not reply.pop("ok"):
-      raise WorkerError(f"{self.name}: {op} failed: {reply.get('error')} (log: {self.log_path})")
+      raise WorkerError(f"{self.name}: {op} failed: {reply.get('error')} (log: {self.log_path}"
+                        f"{self._tail()})")
     return reply
+
+  def _tail(self, n: int = 6) -> str:
+    """The log's last lines (the log is in a work directory that is removed afterwards)."""
+    self.log.flush()
+    try:
+      tail = open(self.log_path).read()[-1500:].strip().splitlines()[-n:]
+    except OSError:
+      return ""
+    return (": " + " | ".join(tail)) if tail else ""
 
   def _died(self, op: str) -> str:
     self.proc.wait(timeout=30)
-    self.log.flush()
-    tail = open(self.log_path).read()[-1500:].strip().splitlines()[-6:]
-    return (f"{self.name}: the process ended (exit {self.proc.returncode}) during {op}: "
-            + " | ".join(tail) + f" (log: {self.log_path})")
+    return (f"{self.name}: the process ended (exit {self.proc.returncode}) during {op}"
+            + self._tail() + f" (log: {self.log_path})")
 
   def close(self) -> None:
     if self.proc.poll() is None:
@@ -201,7 +209,7 @@ def make_batches(model: Dict[str, Any], n: int, seed: int, path: str) -> str:
   return path
 
 
-def _env(extra_pythonpath: bool, jax: bool = False) -> Dict[str, str]:
+def _env(extra_pythonpath: bool, jax: bool = False, alone: bool = False) -> Dict[str, str]:
   env = {k: v for k, v in os.environ.items()
          if not (k.startswith(("PYTHON", "VIRTUAL_ENV")) or k == "XLA_FLAGS" and
                  "host_platform_device_count" in v)}
@@ -209,8 +217,10 @@ def _env(extra_pythonpath: bool, jax: bool = False) -> Dict[str, str]:
              TOKENIZERS_PARALLELISM="false")
   if extra_pythonpath:
     env["PYTHONPATH"] = REPO
-  if jax:   # the two sides share an accelerator: JAX takes memory as it needs it
-    env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  if jax:   # JAX takes accelerator memory as it needs it (the HF side may share it) ...
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    if alone:  # ... up to 90% of it when it runs alone (not an image's smaller default)
+      env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.9"
   return env
 
 
@@ -267,7 +277,7 @@ class Row:
     if name == "peft_jax":
       return Worker("peft-jax", [sys.executable, "-m", "peft_jax.bench.jax_worker"],
                     os.path.join(self.work, f"{self.tag}.jax.log"), run["timeout_s"],
-                    _env(True, jax=True))
+                    _env(True, jax=True, alone=not run["together"]))
     py = bench_config.adapterhub_python(self.bench) if self.ref == "adapterhub" else sys.executable
     return Worker("hf", [py, HF_WORKER], os.path.join(self.work, f"{self.tag}.hf.log"),
                   run["timeout_s"], _env(False))

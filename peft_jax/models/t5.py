@@ -120,8 +120,10 @@ class T5Attention(nn.Module):
         logits = logits + bias
       if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(logits, axis=-1)
-      probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=False).astype(dtype)
+      # the probabilities in the compute dtype before the dropout (as transformers does):
+      # the residual kept for the backward pass is half the size under bf16
+      probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+      probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=False)
       out = jnp.einsum("bnts,bsnh->btnh", probs, v)
     else:
       out = attention(q, k, v, mask=mask, bias=bias, scale=1.0, impl=cfg.attention_impl)
