@@ -6,7 +6,7 @@ Three sections:
   :class:`~peft_jax.fields.Field` with its range and doc);
 * ``models``: named models, each ``{family, batch_size, source_len, target_len, remat,
   <transformers config kwargs>}``; the kwargs build the random-weight Hugging Face
-  checkpoint that both sides load (``T5Config`` / ``LlamaConfig``);
+  checkpoint that both sides load (``AutoConfig.for_model(family, **kwargs)``);
 * ``methods``: named methods, each ``{"method": <peft-jax method>, <its hyperparameters>}``.
 
 Overrides name an existing field (``--config.run.blocks=5``, ``--config.models.t5.num_layers=2``)
@@ -218,9 +218,8 @@ def _method(name: str, entry: Dict[str, Any]) -> Dict[str, Any]:
 def hf_config_dict(model: Dict[str, Any]) -> Dict[str, Any]:
   """The model's ``config.json`` as ``transformers`` writes it (no weights, no torch)."""
   import transformers
-  cls = transformers.T5Config if model["family"] == "t5" else transformers.LlamaConfig
   try:
-    return cls(**model["hf_config"]).to_dict()
+    return transformers.AutoConfig.for_model(model["family"], **model["hf_config"]).to_dict()
   except (TypeError, ValueError) as e:
     raise ConfigError(f"the {model['family']} config {model['hf_config']}: {e}") from None
 
@@ -275,8 +274,9 @@ def train_config(bench, model_name: str, method_name: str, checkpoint: str,
   run, model = bench["run"], bench["models"][model_name]
   m = {"checkpoint": checkpoint, "dtype": run["dtype"], "param_dtype": run["dtype"],
        "remat": model["remat"], "attention_impl": model["attention_impl"]}
-  if model["family"] == "t5":
-    m["dropout_rate"] = float(hf_config_dict(model).get("dropout_rate", 0.1))
+  dropout = hf_config_dict(model).get("dropout_rate")
+  if dropout is not None:     # the families with dropout (model.dropout_rate)
+    m["dropout_rate"] = float(dropout)
   return {"model": m,
           "data": {"name": "quickstart", "max_source_len": model["source_len"],
                    "max_target_len": model["target_len"]},

@@ -72,12 +72,12 @@ class Side:
                   "float16": torch.float16}[dtype]
     self.family, self.reference = family, reference
     rss_base = maxrss_bytes() / 2**20
-    cls = (transformers.T5ForConditionalGeneration if family == "t5"
-           else transformers.LlamaForCausalLM)
     t0 = time.perf_counter()
-    model = cls.from_pretrained(checkpoint, torch_dtype=self.dtype)
+    model = _auto_class(transformers.AutoConfig.from_pretrained(checkpoint)).from_pretrained(
+        checkpoint, torch_dtype=self.dtype)
+    self.seq2seq = bool(model.config.is_encoder_decoder)
     model.generation_config.eos_token_id = None      # exactly new_tokens tokens per row
-    if family == "llama" and model.generation_config.pad_token_id is None:
+    if not self.seq2seq and model.generation_config.pad_token_id is None:
       model.generation_config.pad_token_id = 0
     if reference == "peft":
       model = _hf_peft(model, adapter_dir)
@@ -113,7 +113,7 @@ class Side:
     model.train_adapter(name)
     w = dict(np.load(npz))
     used = set()
-    for (prefix, site, i), layer in _bottleneck_layers(model, self.family).items():
+    for (prefix, site, i), layer in _bottleneck_layers(model, self.seq2seq).items():
       if name not in layer.adapters:
         continue
       ad = layer.adapters[name]
@@ -144,7 +144,7 @@ class Side:
   # ------------------------------------------------------------------ loss and training
   def _loss(self, batch):
     import torch
-    if self.family == "t5":
+    if self.seq2seq:
       out = self.model(input_ids=batch["inputs"], attention_mask=batch["input_mask"],
                        decoder_input_ids=batch["decoder_inputs"])
     else:
@@ -223,8 +223,8 @@ class Side:
                                 max_new_tokens=self.new_tokens, do_sample=False, num_beams=1)
     self._sync()
     seconds = time.perf_counter() - t0
-    made = out.shape[1] - (0 if self.family == "t5" else self.gen_ids.shape[1])
-    made -= 1 if self.family == "t5" else 0          # T5's output starts with the start token
+    # a decoder's output starts with its start token; a causal model's with the prompt
+    made = out.shape[1] - (1 if self.seq2seq else self.gen_ids.shape[1])
     return {"seconds": seconds, "new_tokens": int(made), "rows": int(out.shape[0])}
 
   # ------------------------------------------------------------------ memory
@@ -260,10 +260,10 @@ def _hf_peft(model, adapter_dir):
   return pm
 
 
-def _bottleneck_layers(model, family):
+def _bottleneck_layers(model, seq2seq):
   """``(our stack prefix, site, layer) -> AdapterHub bottleneck layer`` for every sub-layer."""
   out = {}
-  if family == "t5":
+  if seq2seq:
     for prefix, stack in (("encoder/layers", model.encoder), ("decoder/layers", model.decoder)):
       for i, block in enumerate(stack.block):
         if stack.is_decoder:
@@ -291,18 +291,24 @@ def _versions():
   return out
 
 
+def _auto_class(hf_config):
+  """transformers' auto class for a config: sequence-to-sequence or causal LM."""
+  import transformers
+  return (transformers.AutoModelForSeq2SeqLM if hf_config.is_encoder_decoder
+          else transformers.AutoModelForCausalLM)
+
+
 def make_checkpoint(family, config, out_dir, seed=0, dtype="float32"):
-  """A random-weight ``transformers`` model of ``config`` saved in ``out_dir``."""
+  """A random-weight ``transformers`` model of ``config`` (``family`` is its model_type)
+  saved in ``out_dir``."""
   import torch
   import transformers
   torch.manual_seed(seed)
   # built on the accelerator where there is one: LLaMA-2-7B's random init takes minutes on
   # a CPU and seconds on a GPU
+  cfg = transformers.AutoConfig.for_model(family, **config)
   with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-    if family == "t5":
-      model = transformers.T5ForConditionalGeneration(transformers.T5Config(**config))
-    else:
-      model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    model = _auto_class(cfg).from_config(cfg)
   dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
   model.to(dt).save_pretrained(out_dir)
   n = sum(p.numel() for p in model.parameters())

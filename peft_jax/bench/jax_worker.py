@@ -45,7 +45,9 @@ class Side:
     t0 = time.perf_counter()
     self.built = build(cfg, with_weights=True)
     self.load_s = time.perf_counter() - t0
+    from peft_jax.models import family_of
     self.family = family
+    self.seq2seq = family_of(self.built.mc).layout == "seq2seq"
     self.state = self.built.state
     self.params = self.state.params
     data = np.load(batches)
@@ -74,7 +76,7 @@ class Side:
     from peft_jax.peft.base import flatten
     if kind == "peft":
       params = self.params
-      if self.state.method.name == "prefix_tuning" and self.family == "t5":
+      if self.state.method.name == "prefix_tuning" and self.seq2seq:
         params = _hf_t5_prefix_layout(self.state, params)
         self.params = params
       export_hf_peft(self.state, params, path)
@@ -99,11 +101,20 @@ class Side:
     compile_s = time.perf_counter() - t0
     flops = jaxpr_flops(step.trace(*args).jaxpr)
     plan = _memory_figures(self.step)
+    in_use = _device_bytes_in_use()
     t0 = time.perf_counter()
     loss = None
-    for _ in range(int(warmup_steps)):
-      loss = self._step()
-    jax.block_until_ready(self.params)
+    try:
+      for _ in range(int(warmup_steps)):
+        loss = self._step()
+      jax.block_until_ready(self.params)
+    except Exception as e:        # say what the compiled step asked for (an OOM's diagnosis)
+      gib = lambda x: f"{x / 2**30:.2f} GiB"
+      raise RuntimeError(
+          f"{type(e).__name__}: {str(e)[:300]} [the compiled step: arguments "
+          f"{gib(plan['argument_bytes'])}, temporaries {gib(plan['temp_bytes'])}, peak "
+          f"{gib(plan['peak_bytes'])}; in use on the device before it: "
+          f"{gib(in_use) if in_use is not None else 'n/a'}]") from e
     warmup = time.perf_counter() - t0
     return {"compile_s": compile_s, "warmup_s": warmup, "first_loss": float(loss),
             "flops_per_step": flops, "plan": plan,
@@ -162,6 +173,12 @@ class Side:
       if "peak_bytes_in_use" in stats:
         out["device_peak_mb"] = stats["peak_bytes_in_use"] / 2**20
     return out
+
+
+def _device_bytes_in_use():
+  import jax
+  dev = jax.local_devices()[0]
+  return None if dev.platform == "cpu" else (dev.memory_stats() or {}).get("bytes_in_use")
 
 
 def _memory_figures(compiled):

@@ -188,9 +188,11 @@ def make_batches(model: Dict[str, Any], n: int, seed: int, path: str) -> str:
   rng = np.random.default_rng(seed)
   vocab = int(model["hf_config"].get("vocab_size", 32000))
   b, s, t = model["batch_size"], model["source_len"], model["target_len"]
+  from peft_jax.models import families
+  layout = {f.name: f.layout for f in families()}[model["family"]]
   out = {}
   for i in range(n):
-    if model["family"] == "t5":
+    if layout == "seq2seq":
       start = int(model["hf_config"].get("decoder_start_token_id", 0))
       src = rng.integers(2, vocab, (b, s), dtype=np.int32)
       tgt = rng.integers(2, vocab, (b, t), dtype=np.int32)
