@@ -63,12 +63,42 @@ def make_tx(tc, params, no_decay=()) -> optax.GradientTransformation:
   return optax.chain(*parts)
 
 
+@jax.custom_vjp
+def token_nll(logits, targets):
+  """``-log softmax(logits)[targets]`` per position, in float32 whatever the logits' dtype.
+
+  One pass over the vocabulary each way: the forward keeps the logits (in their own dtype)
+  and the log-normaliser; the backward forms ``softmax - one_hot`` in one elementwise
+  expression. (``log_softmax`` then ``take_along_axis`` keeps a float32 copy of the log
+  probabilities and differentiates the gather into a zero-filled ``[B, T, vocab]``
+  scatter: two more vocabulary-sized buffers per step.)
+  """
+  return _nll_fwd(logits, targets)[0]
+
+
+def _nll_fwd(logits, targets):
+  x = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(x, axis=-1)
+  picked = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+  return lse - picked, (logits, lse, targets)
+
+
+def _nll_bwd(res, g):
+  logits, lse, targets = res
+  x = logits.astype(jnp.float32)
+  hit = jax.lax.broadcasted_iota(targets.dtype, x.shape, x.ndim - 1) == targets[..., None]
+  grad = (jnp.exp(x - lse[..., None]) - hit.astype(jnp.float32)) * g[..., None]
+  return grad.astype(logits.dtype), None
+
+
+token_nll.defvjp(_nll_fwd, _nll_bwd)
+
+
 def loss_fn(model, params, batch, rng, deterministic: bool):
   """Token-level cross entropy averaged over target tokens; returns (loss, n_tokens)."""
   rngs = None if deterministic else {"dropout": rng}
   logits = family_of(model.cfg).logits(model, params, batch, deterministic, rngs)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+  nll = token_nll(logits, batch["targets"])
   m = batch["target_mask"].astype(jnp.float32)
   n = jnp.maximum(m.sum(), 1.0)
   return (nll * m).sum() / n, m.sum()

@@ -51,6 +51,8 @@ BAD = [
     ("train.py", [f"--config={QS}", "--config.model.dropout_rate=1.0"], "model.dropout_rate=1.0"),
     ("train.py", [f"--config={QS}", "--config.model.dtype=float8"], "model.dtype='float8' is not one of"),
     ("train.py", [f"--config={QS}", "--config.model.remat=everything"], "model.remat='everything'"),
+    ("train.py", [f"--config={QS}", "--config.model.attention_impl=flash"],
+     "model.attention_impl='flash' is not one of"),
     ("train.py", [f"--config={QS}", "--config.model.name=t5-nope"], "unknown model preset"),
     ("train.py", [f"--config={QS}", "--config.eval.num_beams=0"], "eval.num_beams=0 is not an int >= 1"),
     ("train.py", [f"--config={QS}", "--config.eval.metric=bleu"], "eval.metric='bleu' is not one of"),

@@ -316,3 +316,22 @@ def test_llama_prompt_tuning_generation_matches_hf_peft(tmp_path):
   got = np.asarray(generate(build_model(cfg, state.sites), params, ids, mask, max_new_tokens=n_new,
                             eos_token_id=-1))
   np.testing.assert_array_equal(got, np.asarray(ref))
+
+
+@pytest.mark.parametrize("kind,sharp", [("t5_v11", True), ("llama_gqa", False)])
+def test_unrolled_decoding_steps_equal_the_rolled_loop(kind, sharp, monkeypatch):
+  """One-token steps unroll the layer loop (``layers.DECODE_UNROLL``); the tokens are those
+  of the rolled loop, and the step's layer scan is unrolled only in decoding steps."""
+  from peft_jax.models import layers
+  seen = []
+  real = layers.nn.scan
+  monkeypatch.setattr(layers.nn, "scan", lambda *a, **k: seen.append(k["unroll"]) or real(*a, **k))
+  out = {}
+  for unroll in (False, True):
+    monkeypatch.setattr(layers, "DECODE_UNROLL", unroll)
+    jax.clear_caches()
+    seen.clear()
+    out[unroll] = _ours(kind, sharp)
+    n_layers = max(seen)
+    assert (n_layers > 1) == unroll and 1 in seen, seen   # the prompt's pass stays rolled
+  np.testing.assert_array_equal(out[True], out[False])

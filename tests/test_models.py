@@ -11,7 +11,8 @@ import torch
 from flax.traverse_util import flatten_dict
 
 from peft_jax.checkpoint.hf import CheckpointError, load_hf, save_hf
-from peft_jax.models import abstract_params, build_model, count_params, get_preset, logical_axes
+from peft_jax.models import (abstract_params, build_model, count_params, get_preset, init_params,
+                             logical_axes)
 from tiny_hf import KINDS, saved_hf_model
 
 
@@ -228,3 +229,21 @@ def test_untied_t5_head_matches_transformers(tmp_path):
   m2 = transformers.T5ForConditionalGeneration.from_pretrained(out).eval()
   np.testing.assert_allclose(_theirs(m2, "t5_v11", ids, mask, dec), _theirs(m, "t5_v11", ids, mask, dec),
                              atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["", "xla"])
+def test_attention_impl_reaches_the_model_config(impl):
+  """``model.attention_impl`` (the kernel of ``jax.nn.dot_product_attention``) is a config
+  field; ``xla`` computes what JAX's default does."""
+  from peft_jax import inputs
+  from peft_jax.config_lib import resolve
+  cfg, _ = resolve({"model": {"name": "llama-tiny", "attention_impl": impl},
+                    "data": {"name": "quickstart"}})
+  mc = inputs.model_config(cfg)
+  assert mc.attention_impl == (impl or None)
+  params = init_params(mc, jax.random.PRNGKey(0))
+  ids = jnp.arange(12, dtype=jnp.int32).reshape(2, 6) % 50
+  out = build_model(mc).apply({"params": params}, ids, jnp.ones_like(ids, bool))
+  ref = build_model(mc.replace(attention_impl=None)).apply({"params": params}, ids,
+                                                             jnp.ones_like(ids, bool))
+  np.testing.assert_allclose(out, ref, atol=1e-6)

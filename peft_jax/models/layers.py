@@ -133,11 +133,18 @@ def check_packable(sites, cache=None):
     raise ValueError(f"packed rows (segment_ids) are not supported with this method: {problem}")
 
 
-def scanned(block_cls, cfg_remat: str, length: int, in_axes):
+#: unroll the layer loop of one-token decoding steps (see :func:`scanned`)
+DECODE_UNROLL = True
+
+
+def scanned(block_cls, cfg_remat: str, length: int, in_axes, decode_step: bool = False):
   """Wraps a block class with remat and ``nn.scan`` over layers (one compile for all layers).
 
   The scanned block has signature ``(carry, *xs) -> (carry, ys)``; its
-  parameters gain a leading ``layers`` axis.
+  parameters gain a leading ``layers`` axis. ``decode_step``: a one-token decoding step,
+  whose loop over layers is unrolled (:data:`DECODE_UNROLL`): a rolled loop slices each
+  layer's weights out of the stacked arrays at a traced index, copying them at every
+  token, where the unrolled one reads them at static offsets.
   """
   policy = REMAT_POLICIES.get(cfg_remat, "bad")
   if policy == "bad":
@@ -147,4 +154,5 @@ def scanned(block_cls, cfg_remat: str, length: int, in_axes):
     cls = nn.remat(cls, policy=policy, prevent_cse=False)
   return nn.scan(cls, variable_axes={"params": 0, "intermediates": 0},
                   split_rngs={"params": True, "dropout": True}, in_axes=in_axes, length=length,
+                  unroll=length if decode_step and DECODE_UNROLL else 1,
                   metadata_params={nn.PARTITION_NAME: "layers"})

@@ -195,7 +195,8 @@ class Llama(nn.Module):
     if segment_ids is not None:
       mask = mask & same_segment(segment_ids, segment_ids)
     block = scanned(LlamaBlock, cfg.remat, cfg.num_hidden_layers,
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0))
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                    decode_step=cache is not None and t == 1)
     x, new_cache = block(cfg, self.sites, deterministic, name="layers")(x, positions, mask,
                                                                         cache_index, cache)
     x = RMSNorm(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=pdtype, cast_before_scale=True,

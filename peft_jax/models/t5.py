@@ -240,7 +240,8 @@ class T5Stack(nn.Module):
         cross_mask = cross_mask & same_segment(segment_ids, enc_segment_ids)
     n_layers = cfg.n_decoder_layers if self.is_decoder else cfg.num_layers
     block = scanned(T5Block, cfg.remat, n_layers,
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0))
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                    decode_step=decode_mode == "step")
     x, new_cache = block(cfg, self.sites, deterministic, self.is_decoder, decode_mode,
                          name="layers")(x, attn_mask, bias, enc, cross_mask, cache_index, cache)
     x = RMSNorm(eps=cfg.layer_norm_epsilon, dtype=as_dtype(cfg.dtype),
