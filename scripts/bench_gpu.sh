@@ -3,7 +3,7 @@
 # with fewer timed blocks and no merged generation (the base model's speed), one model per
 # call. The JSON and the log go to $OUT_DIR/$NAME.{json,log}; the page is made from the
 # JSON afterwards (python -m peft_jax.bench.report).
-#   bash scripts/bench_gpu.sh t5_lora /tmp/gpu --config.run.models=t5 --config.run.methods=lora_qv
+#   bash scripts/bench_gpu.sh t5 /tmp/gpu --config.run.models=t5 --config.run.methods=lora_qv
 set -uo pipefail
 name=$1 out=$2
 shift 2
