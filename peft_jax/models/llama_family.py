@@ -143,11 +143,15 @@ class LlamaFamily(Family):
                        f"supports rope types: {', '.join(ROPE_TYPES)}")
     if kind == "default":
       rs = None
+    # head_dim only where it is not hidden / heads (config.json may or may not spell it)
+    head_dim = hf.get("head_dim")
+    if head_dim == hf["hidden_size"] // hf["num_attention_heads"]:
+      head_dim = None
     return self.config_class(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_attention_heads=hf["num_attention_heads"],
         num_key_value_heads=hf.get("num_key_value_heads"),
-        num_hidden_layers=hf["num_hidden_layers"], head_dim_=hf.get("head_dim"),
+        num_hidden_layers=hf["num_hidden_layers"], head_dim_=head_dim,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
         rope_scaling=None if not rs else tuple(sorted(rs.items())),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
