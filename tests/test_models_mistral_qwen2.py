@@ -195,6 +195,19 @@ def test_ia3_merge_scales_the_qkv_biases():
   np.testing.assert_allclose(out, _ours(cfg, base, ids), atol=1e-6)
 
 
+def test_prefix_keys_beyond_the_window_refused():
+  """Prefix tuning keeps its keys visible; transformers slides them out of the window. Within
+  the window both agree; beyond it, one error line."""
+  _, _, cfg, base = loaded("mistral")
+  state = peft.apply_peft(cfg, base, "prefix_tuning", {"num_virtual_tokens": 2},
+                          jax.random.PRNGKey(0))
+  model = build_model(cfg, state.sites)
+  ids = jnp.asarray(_ids(t=2).numpy())
+  assert np.isfinite(np.asarray(model.apply({"params": state.prepare(state.params)}, ids))).all()
+  with pytest.raises(ValueError, match=r"2 added prefix keys with sliding_window=4.*at most 2 tokens"):
+    model.apply({"params": state.prepare(state.params)}, jnp.asarray(_ids(t=5).numpy()))
+
+
 # ----------------------------------------------------------------------------- presets
 
 PRESETS = ("mistral-7b", "qwen2-0.5b", "qwen2-1.5b", "qwen2-7b", "llama-3.1-8b",

@@ -98,7 +98,9 @@ class LlamaAttention(nn.Module):
       k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
       v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
       new_cache = {"k": k, "v": v}
+    n_keys = k.shape[1]
     k, v, mask, _ = self.sites.attention_kv(self, k, v, mask, None, self.deterministic)
+    check_window(cfg, n_keys, k.shape[1])
     dtype = as_dtype(cfg.dtype)
     out = attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask,
                     scale=1.0 / math.sqrt(h), impl=cfg.attention_impl)
@@ -224,6 +226,17 @@ def sliding_window_mask(positions, key_mask, cached: bool, window: int):
   ``cumsum(key_mask)[s] - 1`` (valid slots are filled in order, as generation does)."""
   kpos = positions if not cached else jnp.cumsum(key_mask.astype(jnp.int32), axis=1) - 1
   return (kpos[:, None, :] > positions[:, :, None] - window)[:, None]
+
+
+def check_window(cfg: LlamaConfig, n_keys: int, n_with_added: int):
+  """Keys that a method adds in front (prefix tuning) stay visible to every query here; in
+  transformers they sit at the first cache positions and slide out of the window. The two
+  agree while all keys fit in the window; longer sequences are refused (``ValueError``)."""
+  if cfg.sliding_window and n_with_added > n_keys and n_with_added > cfg.sliding_window:
+    raise ValueError(f"{n_with_added - n_keys} added prefix keys with sliding_window="
+                     f"{cfg.sliding_window}: {n_with_added} keys in all exceed the window (where "
+                     "transformers would slide the prefix out); use at most "
+                     f"{cfg.sliding_window - (n_with_added - n_keys)} tokens per sequence")
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None):
