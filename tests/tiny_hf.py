@@ -2,7 +2,8 @@
 
 The four flavours the acceptance tests name: a T5 v1.0-style config, a v1.1-style
 config with ``d_kv*heads != d_model``, LLaMA with MHA, LLaMA with GQA and
-Llama-3 rope scaling.
+Llama-3 rope scaling; besides them (not in ``KINDS``) Qwen2 (tied head, random q/k/v
+biases) and Mistral (sliding window 4).
 """
 import functools
 import tempfile
@@ -29,6 +30,17 @@ def make_hf_model(kind: str, seed: int = 0):
                 num_hidden_layers=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
   if kind == "llama_mha":
     cfg = transformers.LlamaConfig(num_key_value_heads=4, **common)
+  elif kind == "qwen2":             # tied head (as Qwen2-0.5B/1.5B), random q/k/v biases
+    cfg = transformers.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **common)
+    m = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+      for name, p in m.named_parameters():
+        if name.endswith("bias"):
+          p.normal_(0.0, 0.05)
+    return m
+  elif kind == "mistral":           # a window shorter than the test sequences
+    cfg = transformers.MistralConfig(num_key_value_heads=2, sliding_window=4, **common)
+    return transformers.MistralForCausalLM(cfg).eval()
   elif kind == "llama_gqa":
     cfg = transformers.LlamaConfig(
         num_key_value_heads=2, rope_theta=500000.0,

@@ -1,4 +1,4 @@
-"""Import and export of Hugging Face checkpoints (T5, LLaMA).
+"""Import and export of Hugging Face checkpoints (the families of peft_jax.models).
 
 Reads a local directory in the Hugging Face layout (``config.json`` plus
 ``model.safetensors``, a sharded ``model.safetensors.index.json``, or

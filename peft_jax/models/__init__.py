@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from peft_jax.models.config import PRESETS, LlamaConfig, T5Config, as_dtype, get_preset
+from peft_jax.models.config import (PRESETS, LlamaConfig, MistralConfig, Qwen2Config, T5Config,
+                                    as_dtype, get_preset)
 from peft_jax.models.family import Family, families, family_for_hf, family_of
 # the families (each registers itself)
 from peft_jax.models import llama_family, t5_family  # noqa: F401
@@ -51,5 +52,5 @@ def count_params(tree) -> int:
   return int(sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree)))
 
 
-__all__ = ["PRESETS", "T5Config", "LlamaConfig", "get_preset", "Family", "families", "family_for_hf", "family_of", "build_model", "abstract_params",
+__all__ = ["PRESETS", "T5Config", "LlamaConfig", "Qwen2Config", "MistralConfig", "get_preset", "Family", "families", "family_for_hf", "family_of", "build_model", "abstract_params",
            "logical_axes", "init_params", "count_params", "as_dtype"]

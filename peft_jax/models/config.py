@@ -82,6 +82,8 @@ class LlamaConfig:
   rope_scaling: Optional[Tuple[Tuple[str, Any], ...]] = None   # sorted items of the HF dict
   max_position_embeddings: int = 4096
   tie_word_embeddings: bool = False
+  qkv_bias: bool = False                   # biases on the q, k, v projections (Qwen2)
+  sliding_window: Optional[int] = None     # query t sees keys t - window < s <= t (Mistral)
   bos_token_id: int = 1
   eos_token_id: int = 2
   pad_token_id: Optional[int] = None
@@ -108,6 +110,24 @@ class LlamaConfig:
     return dataclasses.replace(self, **kw)
 
 
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config(LlamaConfig):
+  """Qwen2: LLaMA with biases on the q, k, v projections (none on o)."""
+  qkv_bias: bool = True
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 1000000.0
+
+  model_type = "qwen2"
+
+
+@dataclasses.dataclass(frozen=True)
+class MistralConfig(LlamaConfig):
+  """Mistral: LLaMA with sliding-window attention (every layer; None: full causal)."""
+  sliding_window: Optional[int] = 4096
+
+  model_type = "mistral"
+
+
 def _t5_v10(d_model, d_ff, d_kv, heads, layers):
   return T5Config(d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_heads=heads, num_layers=layers,
                   feed_forward_proj="relu", tie_word_embeddings=True)
@@ -116,6 +136,20 @@ def _t5_v10(d_model, d_ff, d_kv, heads, layers):
 def _t5_v11(d_model, d_ff, d_kv, heads, layers):
   return T5Config(d_model=d_model, d_ff=d_ff, d_kv=d_kv, num_heads=heads, num_layers=layers,
                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.1)
+
+
+def _llama3_rope(factor):
+  """Llama 3.1/3.2's rope_scaling (sorted items, as LlamaConfig keeps it)."""
+  return (("factor", factor), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+          ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))
+
+
+def _qwen2(vocab, hidden, ffn, heads, kv_heads, layers, tie):
+  return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+                     num_attention_heads=heads, num_key_value_heads=kv_heads,
+                     num_hidden_layers=layers, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                     max_position_embeddings=131072, tie_word_embeddings=tie,
+                     bos_token_id=151643, eos_token_id=151643)
 
 
 _V11 = {"base": (768, 2048, 64, 12, 12), "large": (1024, 2816, 64, 16, 24),
@@ -142,6 +176,33 @@ PRESETS: Dict[str, Any] = {
                               num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32,
                               rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
                               bos_token_id=128000, eos_token_id=128001),
+    "llama-3.1-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                num_attention_heads=32, num_key_value_heads=8,
+                                num_hidden_layers=32, rms_norm_eps=1e-5, rope_theta=500000.0,
+                                rope_scaling=_llama3_rope(8.0), max_position_embeddings=131072,
+                                bos_token_id=128000, eos_token_id=128001),
+    "llama-3.2-1b": LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                                num_attention_heads=32, num_key_value_heads=8,
+                                num_hidden_layers=16, head_dim_=64, rms_norm_eps=1e-5,
+                                rope_theta=500000.0, rope_scaling=_llama3_rope(32.0),
+                                max_position_embeddings=131072, tie_word_embeddings=True,
+                                bos_token_id=128000, eos_token_id=128001),
+    "llama-3.2-3b": LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192,
+                                num_attention_heads=24, num_key_value_heads=8,
+                                num_hidden_layers=28, head_dim_=128, rms_norm_eps=1e-5,
+                                rope_theta=500000.0, rope_scaling=_llama3_rope(32.0),
+                                max_position_embeddings=131072, tie_word_embeddings=True,
+                                bos_token_id=128000, eos_token_id=128001),
+    # Mistral 7B v0.1 (4096-token sliding window)
+    "mistral-7b": MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                                num_attention_heads=32, num_key_value_heads=8,
+                                num_hidden_layers=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                max_position_embeddings=32768, sliding_window=4096,
+                                bos_token_id=1, eos_token_id=2),
+    # Qwen2 base models (full attention: their use_sliding_window is false)
+    "qwen2-0.5b": _qwen2(151936, 896, 4864, 14, 2, 24, tie=True),
+    "qwen2-1.5b": _qwen2(151936, 1536, 8960, 12, 2, 28, tie=True),
+    "qwen2-7b": _qwen2(152064, 3584, 18944, 28, 4, 28, tie=False),
     # tiny presets for tests and the quickstart
     "t5-tiny": T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2,
                         feed_forward_proj="relu", tie_word_embeddings=True,

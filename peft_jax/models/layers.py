@@ -43,7 +43,11 @@ def param_with_axes(module, name, init, shape, axes, dtype):
 
 
 class Linear(nn.Module):
-  """A bias-free projection ``x @ kernel``; a ``linear`` site."""
+  """A projection ``x @ kernel`` (``+ bias`` with ``use_bias``); a ``linear`` site.
+
+  The bias belongs to the frozen base product that the site's handlers wrap, as in a
+  torch ``nn.Linear`` that HF PEFT wraps (IA3 scales it with the output; LoRA adds to it).
+  """
   features: int
   axes: Sequence[str]
   dtype: Any = jnp.float32
@@ -51,14 +55,20 @@ class Linear(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()
   sites: Sites = NO_SITES
   deterministic: bool = True
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x):
     kernel = param_with_axes(self, "kernel", self.kernel_init, (x.shape[-1], self.features),
                              tuple(self.axes), self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = param_with_axes(self, "bias", nn.initializers.zeros, (self.features,),
+                             (self.axes[-1],), self.param_dtype)
 
     def base(x):
-      return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+      y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+      return y if bias is None else y + bias.astype(self.dtype)
 
     return self.sites.linear(self, x, base, self.deterministic)
 

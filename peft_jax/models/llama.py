@@ -1,5 +1,7 @@
 """LLaMA 1/2/3 in Flax linen: RMSNorm, RoPE (default, linear and Llama-3
-scaling), SwiGLU, grouped-/multi-query attention, tied or untied head.
+scaling), SwiGLU, grouped-/multi-query attention, tied or untied head; with the
+config's switches also Qwen2 (``qkv_bias``: ``layers/attn/{q,k,v}/bias``) and Mistral
+(``sliding_window``: a query sees only the last ``window`` tokens, itself included).
 
 Parameter tree (``[layers]`` = stacked by the layer scan)::
 
@@ -69,9 +71,9 @@ def apply_rope(x, positions, inv_freq):
   return (xf * cos + rot * sin).astype(x.dtype)
 
 
-def _dense(cfg, sites, deterministic, features, axes, name):
+def _dense(cfg, sites, deterministic, features, axes, name, use_bias=False):
   return Linear(features, axes, dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
-                sites=sites, deterministic=deterministic, name=name)
+                sites=sites, deterministic=deterministic, use_bias=use_bias, name=name)
 
 
 class LlamaAttention(nn.Module):
@@ -85,9 +87,10 @@ class LlamaAttention(nn.Module):
     n, kv, h = cfg.num_attention_heads, cfg.n_kv_heads, cfg.head_dim
     dense = functools.partial(_dense, cfg, self.sites, self.deterministic)
     b, t = x.shape[:2]
-    q = dense(n * h, ("embed", "heads"), "q")(x).reshape(b, t, n, h)
-    k = dense(kv * h, ("embed", "kv_heads"), "k")(x).reshape(b, t, kv, h)
-    v = dense(kv * h, ("embed", "kv_heads"), "v")(x).reshape(b, t, kv, h)
+    qkv = functools.partial(dense, use_bias=cfg.qkv_bias)
+    q = qkv(n * h, ("embed", "heads"), "q")(x).reshape(b, t, n, h)
+    k = qkv(kv * h, ("embed", "kv_heads"), "k")(x).reshape(b, t, kv, h)
+    v = qkv(kv * h, ("embed", "kv_heads"), "v")(x).reshape(b, t, kv, h)
     inv = rope_inv_freq(cfg)
     q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
     new_cache = None
@@ -95,7 +98,9 @@ class LlamaAttention(nn.Module):
       k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
       v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
       new_cache = {"k": k, "v": v}
+    n_keys = k.shape[1]
     k, v, mask, _ = self.sites.attention_kv(self, k, v, mask, None, self.deterministic)
+    check_window(cfg, n_keys, k.shape[1])
     dtype = as_dtype(cfg.dtype)
     out = attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), mask=mask,
                     scale=1.0 / math.sqrt(h), impl=cfg.attention_impl)
@@ -189,9 +194,12 @@ class Llama(nn.Module):
     slots = start + jnp.arange(t)
     if positions is None:
       positions = jnp.broadcast_to(slots[None], (b, t))
-    positions, _ = self.sites.positions(self, positions, None, deterministic)
     s = attention_mask.shape[1]
     mask = attention_mask[:, None, None, :] & (jnp.arange(s)[None, :] <= slots[:, None])[None, None]
+    if cfg.sliding_window:
+      mask = mask & sliding_window_mask(positions, attention_mask, cache is not None,
+                                        cfg.sliding_window)
+    positions, _ = self.sites.positions(self, positions, None, deterministic)
     if segment_ids is not None:
       mask = mask & same_segment(segment_ids, segment_ids)
     block = scanned(LlamaBlock, cfg.remat, cfg.num_hidden_layers,
@@ -208,6 +216,27 @@ class Llama(nn.Module):
                       sites=self.sites, deterministic=deterministic, name="lm_head")(x)
     logits = constrain(logits.astype(jnp.float32), LOGITS)
     return logits if cache is None else (logits, new_cache)
+
+
+def sliding_window_mask(positions, key_mask, cached: bool, window: int):
+  """Boolean ``[B, 1, T, S]``: key ``s`` lies within ``window`` tokens of query ``t``,
+  ``t - window < s`` (transformers' sliding-window convention), counted in token positions,
+  so that padding does not eat into the window. Without a cache the keys are the queries'
+  own tokens; with one, key slot ``s`` holds the token at position
+  ``cumsum(key_mask)[s] - 1`` (valid slots are filled in order, as generation does)."""
+  kpos = positions if not cached else jnp.cumsum(key_mask.astype(jnp.int32), axis=1) - 1
+  return (kpos[:, None, :] > positions[:, :, None] - window)[:, None]
+
+
+def check_window(cfg: LlamaConfig, n_keys: int, n_with_added: int):
+  """Keys that a method adds in front (prefix tuning) stay visible to every query here; in
+  transformers they sit at the first cache positions and slide out of the window. The two
+  agree while all keys fit in the window; longer sequences are refused (``ValueError``)."""
+  if cfg.sliding_window and n_with_added > n_keys and n_with_added > cfg.sliding_window:
+    raise ValueError(f"{n_with_added - n_keys} added prefix keys with sliding_window="
+                     f"{cfg.sliding_window}: {n_with_added} keys in all exceed the window (where "
+                     "transformers would slide the prefix out); use at most "
+                     f"{cfg.sliding_window - (n_with_added - n_keys)} tokens per sequence")
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=None):

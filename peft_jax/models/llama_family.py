@@ -1,5 +1,7 @@
 """The LLaMA family (LLaMA 1/2/3; ``transformers``' LlamaForCausalLM): a decoder-only model
-with RoPE, read as ``causal`` batches."""
+with RoPE, read as ``causal`` batches; and its two variants on the same model code, each a
+family of its own (its model_type, config class and HF names): Qwen2 (biases on q, k, v)
+and Mistral (sliding-window attention)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,16 @@ from typing import Any, Dict, List
 import jax
 import jax.numpy as jnp
 
-from peft_jax.models.config import LlamaConfig
+from peft_jax.models.config import LlamaConfig, MistralConfig, Qwen2Config
 from peft_jax.models.family import Family, register
 from peft_jax.models.llama import Llama, init_cache
 
 _HF_PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
             "up": "up_proj", "down": "down_proj"}
+
+
+#: the rope_scaling types peft-jax computes (peft_jax.models.llama.rope_inv_freq)
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def _first(x):
@@ -106,29 +112,60 @@ class LlamaFamily(Family):
     return logits[:, -1], cache
 
   # HF checkpoints
-  def config_from_hf(self, hf: Dict[str, Any], tensor_names=()):
+  def check_hf_variant(self, hf: Dict[str, Any]):
+    """A ``ValueError`` for a config.json this family cannot represent."""
     for flag in ("attention_bias", "mlp_bias"):
       if hf.get(flag):
-        raise ValueError(f"unsupported LLaMA variant: {flag}=true (peft-jax's LLaMA has no biases)")
+        raise ValueError(f"unsupported {self.name} variant: {flag}=true (peft-jax's {self.name} "
+                         "has no biases there)")
+    if "sliding_attention" in (hf.get("layer_types") or ()) and not self.hf_sliding_window:
+      raise ValueError(f"unsupported {self.name} variant: sliding-window layers (layer_types); "
+                       "peft-jax reads this model type with full attention only")
+
+  def hf_extra_fields(self, hf: Dict[str, Any]) -> Dict[str, Any]:
+    """The config fields of this family beyond LLaMA's."""
+    return {}
+
+  #: the family reads config.json's ``sliding_window`` (Mistral)
+  hf_sliding_window = False
+
+  def config_from_hf(self, hf: Dict[str, Any], tensor_names=()):
+    self.check_hf_variant(hf)
     if hf.get("hidden_act", "silu") != "silu":
-      raise ValueError(f"unsupported LLaMA hidden_act {hf['hidden_act']!r}; expected 'silu'")
+      raise ValueError(f"unsupported {self.name} hidden_act {hf['hidden_act']!r}; expected 'silu'")
     rp = dict(hf.get("rope_parameters") or {})
     theta = rp.pop("rope_theta", hf.get("rope_theta", 10000.0))
     rs = hf.get("rope_scaling") or rp
     rs = {k: v for k, v in rs.items() if v is not None} if rs else None
-    if rs and rs.get("rope_type", rs.get("type", "default")) == "default":
+    kind = rs.get("rope_type", rs.get("type", "default")) if rs else "default"
+    if kind not in ROPE_TYPES:
+      raise ValueError(f"unsupported rope_scaling type {kind!r} in config.json; peft-jax "
+                       f"supports rope types: {', '.join(ROPE_TYPES)}")
+    if kind == "default":
       rs = None
-    return LlamaConfig(
+    # head_dim only where it is not hidden / heads (config.json may or may not spell it)
+    head_dim = hf.get("head_dim")
+    if head_dim == hf["hidden_size"] // hf["num_attention_heads"]:
+      head_dim = None
+    return self.config_class(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_attention_heads=hf["num_attention_heads"],
         num_key_value_heads=hf.get("num_key_value_heads"),
-        num_hidden_layers=hf["num_hidden_layers"], head_dim_=hf.get("head_dim"),
+        num_hidden_layers=hf["num_hidden_layers"], head_dim_=head_dim,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
         rope_scaling=None if not rs else tuple(sorted(rs.items())),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=_first(hf.get("bos_token_id", 1)),
-        eos_token_id=_first(hf.get("eos_token_id", 2)), pad_token_id=hf.get("pad_token_id"))
+        eos_token_id=_first(hf.get("eos_token_id", 2)), pad_token_id=hf.get("pad_token_id"),
+        **self.hf_extra_fields(hf))
+
+  def hf_extra_config(self, cfg) -> Dict[str, Any]:
+    """config.json keys of this family beyond LLaMA's."""
+    if cfg.qkv_bias or cfg.sliding_window:
+      raise ValueError(f"a {self.name} checkpoint cannot hold qkv_bias / sliding_window; "
+                       "use the qwen2 / mistral configs")
+    return {"attention_bias": False, "mlp_bias": False}
 
   def config_to_hf(self, cfg):
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
@@ -136,7 +173,7 @@ class LlamaFamily(Family):
       rope.update(cfg.rope_scaling_dict)
     legacy_scaling = None if not cfg.rope_scaling else cfg.rope_scaling_dict
     return {
-        "architectures": [self.hf_architecture], "model_type": "llama",
+        "architectures": [self.hf_architecture], "model_type": self.hf_model_types[0],
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.n_kv_heads, "num_hidden_layers": cfg.num_hidden_layers,
@@ -145,7 +182,7 @@ class LlamaFamily(Family):
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings, "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "dtype": "float32",
+        "hidden_act": "silu", "dtype": "float32", **self.hf_extra_config(cfg),
     }
 
   def hf_weight_names(self, cfg):
@@ -154,6 +191,9 @@ class LlamaFamily(Family):
     m: List = [("embed/embedding", "model.embed_tokens.weight", None, False)]
     for w in "qkvo":
       m.append((f"layers/attn/{w}/kernel", f"{p}.self_attn.{w}_proj.weight", n, True))
+    if cfg.qkv_bias:
+      for w in "qkv":
+        m.append((f"layers/attn/{w}/bias", f"{p}.self_attn.{w}_proj.bias", n, False))
     for w in ("gate", "up", "down"):
       m.append((f"layers/mlp/{w}/kernel", f"{p}.mlp.{w}_proj.weight", n, True))
     m.append(("layers/attn_norm/scale", f"{p}.input_layernorm.weight", n, False))
@@ -165,3 +205,50 @@ class LlamaFamily(Family):
 
 
 LLAMA_FAMILY = register(LlamaFamily())
+
+
+class Qwen2Family(LlamaFamily):
+  """Qwen2 (``Qwen2ForCausalLM``): LLaMA plus biases on the q, k, v projections."""
+  name = "qwen2"
+  config_class = Qwen2Config
+  hf_model_types = ("qwen2",)
+  hf_architecture = "Qwen2ForCausalLM"
+  hf_peft_default_targets = dict(LlamaFamily.hf_peft_default_targets,
+                                 IA3=("q_proj", "v_proj", "down_proj"))
+
+  def check_hf_variant(self, hf):
+    super().check_hf_variant(hf)
+    if hf.get("use_sliding_window"):
+      raise ValueError("unsupported qwen2 variant: use_sliding_window=true (peft-jax reads "
+                       "Qwen2 with full attention only)")
+
+  def hf_extra_fields(self, hf):
+    return {"qkv_bias": True}
+
+  def hf_extra_config(self, cfg):
+    if not cfg.qkv_bias or cfg.sliding_window:
+      raise ValueError("a qwen2 checkpoint has q/k/v biases and full attention; expected "
+                       "qkv_bias=True and sliding_window=None")
+    return {"use_sliding_window": False, "sliding_window": None, "max_window_layers":
+            cfg.num_hidden_layers}
+
+
+class MistralFamily(LlamaFamily):
+  """Mistral (``MistralForCausalLM``): LLaMA plus sliding-window attention."""
+  name = "mistral"
+  config_class = MistralConfig
+  hf_model_types = ("mistral",)
+  hf_architecture = "MistralForCausalLM"
+  hf_sliding_window = True
+
+  def hf_extra_fields(self, hf):
+    return {"sliding_window": hf.get("sliding_window")}
+
+  def hf_extra_config(self, cfg):
+    if cfg.qkv_bias:
+      raise ValueError("a mistral checkpoint has no q/k/v biases; expected qkv_bias=False")
+    return {"sliding_window": cfg.sliding_window}
+
+
+QWEN2_FAMILY = register(Qwen2Family())
+MISTRAL_FAMILY = register(MistralFamily())

@@ -32,7 +32,8 @@ from peft_jax.peft.common import adapter_dtype
 class BiasHandler:
   def linear(self, module, x, call_next, deterministic):
     y = call_next(x)
-    if module.has_variable("params", "bias"):
+    # A linear layer with its own bias (Qwen2's q, k, v) adds it in the base product.
+    if module.has_variable("params", "bias") and not getattr(module, "use_bias", False):
       y = y + module.get_variable("params", "bias").astype(y.dtype)
     return y
 

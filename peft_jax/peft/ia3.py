@@ -11,7 +11,8 @@ initialised to ones (``init_ia3_weights=True``: the base model at step 0).
 ``feedforward_modules`` must be a subset of ``target_modules`` (as HF).
 
 Merge folds exactly: ``W' = W * l[None, :]`` (output scaling) or
-``W' = l[:, None] * W`` (input scaling); unmerge divides (refused if a
+``W' = l[:, None] * W`` (input scaling), and a layer's own bias (Qwen2's q, k, v)
+``b' = b * l`` with output scaling (as HF PEFT); unmerge divides (refused if a
 vector has a zero entry).
 """
 
@@ -133,6 +134,9 @@ class Ia3(Method):
       l = jnp.asarray(flat[k], jnp.float32)
       s = l[..., :, None] if p in ff else l[..., None, :]
       out[f"{p}/kernel"] = (w.astype(jnp.float32) * s).astype(w.dtype)
+      if p not in ff and f"{p}/bias" in flat:     # a layer's own bias is scaled with its output
+        b = jnp.asarray(flat[f"{p}/bias"])
+        out[f"{p}/bias"] = (b.astype(jnp.float32) * l).astype(b.dtype)
     return out
 
   def unmerge(self, cfg, hp, flat):
@@ -148,6 +152,9 @@ class Ia3(Method):
       w = jnp.asarray(flat[f"{p}/kernel"])
       s = l[..., :, None] if p in ff else l[..., None, :]
       out[f"{p}/kernel"] = (w.astype(jnp.float32) / s).astype(w.dtype)
+      if p not in ff and f"{p}/bias" in flat:
+        b = jnp.asarray(flat[f"{p}/bias"])
+        out[f"{p}/bias"] = (b.astype(jnp.float32) / l).astype(b.dtype)
     return out
 
   # ------------------------------------------------------------------ HF PEFT (IA3Config)

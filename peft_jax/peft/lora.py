@@ -63,7 +63,9 @@ class LoraHandler:
     n = jax.lax.stop_gradient(jnp.linalg.norm(w.astype(jnp.float32) + delta, axis=0))
     f = (m.astype(jnp.float32) / n).astype(dt)
     if deterministic or self.rate <= 0.0:
-      base = y
+      base = y       # DoRA rescales the product x W, not a layer's own bias (as HF PEFT)
+      if getattr(module, "use_bias", False):
+        base = base - module.get_variable("params", "bias").astype(y.dtype)
     else:
       base = jnp.dot(xd.astype(dt), w.astype(dt))
     return y + ((f - 1) * base + f * lora * self.scale).astype(y.dtype)
