@@ -214,3 +214,9 @@ def test_other_methods_fields_checked(tmp_path):
     pm.save_pretrained(d)
     edit_config(d, fan_in_fan_out=True)
     refused("llama_gqa", d, match)
+
+
+def test_dora_rank_alpha_pattern_import(tmp_path):
+  pm, d = hf_adapter("llama_mha", tmp_path, use_dora=True, **PATTERNS["llama_gqa"])
+  state = imported_matches("llama_mha", pm, d)
+  assert state.method.name == "dora"
