@@ -324,6 +324,18 @@ class AdaLora(AdditiveMerge, Method):
   # ------------------------------------------------------------------ HF PEFT (AdaLoraConfig)
   hf_peft_type = "ADALORA"
 
+  @property
+  def hf_fields(self):
+    """Every field of peft 0.21's AdaLoraConfig: LoraConfig's (see ``lora.py``) with AdaLoRA's
+    own schedule; ``r`` is unused (``init_r`` is the rank)."""
+    from peft_jax.peft.lora import Lora
+    out = dict(Lora.hf_fields)
+    out.update({k: "used" for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1",
+                                    "beta2", "orth_reg_weight", "total_step")})
+    out.update(r="noop", use_rslora=((False,), "rank-stabilised scaling"),
+               use_dora=((False,), "DoRA"), alpha_pattern=(({}, None), "per-module alphas"))
+    return out
+
   def hf_export(self, state, params):
     """``...<module>.lora_A [r, in]``, ``lora_B [out, r]``, ``lora_E [r, 1]`` at the full
     ``init_r`` (:func:`hf_tensors`); pruned ranks are the zeros of ``lora_E``, so the
@@ -348,8 +360,8 @@ class AdaLora(AdditiveMerge, Method):
     if conf.get("rank_pattern"):
       raise PeftConfigError("AdaLoRA rank_pattern (tensors resized to the kept ranks) is not "
                             "supported yet; export the adapter before its final rank allocation")
-    if conf.get("bias", "none") != "none":
-      raise PeftConfigError(f"AdaLoRA bias={conf['bias']!r} is not supported")
+    from peft_jax.peft.lora import check_bias
+    check_bias(conf.get("bias", "none"), flatten(base_params))
     found = hf_peft.found_modules(cfg, flatten(base_params), tensors, ".lora_E")
     if not found:
       raise PeftConfigError(f"no lora_E tensors in {path}")
@@ -359,7 +371,7 @@ class AdaLora(AdditiveMerge, Method):
     hp["lora_dropout"] = float(conf.get("lora_dropout") or 0.0)
     hp.update(hf_peft.selection(found))
     state = apply_peft(cfg, base_params, "adalora", hp)
-    ours = {k[len(hf_peft.PREFIX):] if k.startswith(hf_peft.PREFIX) else k: v for k, v in tensors.items()}
+    ours = hf_peft.unprefixed(tensors)
     return state, set_hf_tensors(state, state.params, ours)
 
 

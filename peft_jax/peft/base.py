@@ -126,6 +126,10 @@ class Method:
   # Hugging Face PEFT mapping (peft_jax.peft.hf_peft): the peft_type, and the conversion
   #: the HF PEFT ``peft_type`` this method maps to (None: no mapping)
   hf_peft_type: Optional[str] = None
+  #: how the import treats each ``adapter_config.json`` field beyond the common ones
+  #: (``hf_peft.check_fields``): ``"used"``, ``"noop"`` or ``(accepted values, why
+  #: others are refused)``; None: fields not checked (the tensors still are)
+  hf_fields: Optional[Dict[str, Any]] = None
 
   def hf_export(self, state, params) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """``(adapter_config fields, {tensor name: array})`` in HF PEFT's layout."""

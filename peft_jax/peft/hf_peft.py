@@ -25,6 +25,15 @@ convert; this module holds the file format and the shared helpers. Mapped: lora,
   ``prefix_projection=False`` in the exported config), row ``2l`` / ``2l+1`` =
   key / value of layer ``l`` for LLaMA; for T5 HF's seq2seq row mapping
   (``4l mod 2L``, ``4l+1 mod 2L``), see ``prefix_tuning.py``.
+
+Strict import: every tensor of the adapter file must be read by the method's mapping
+(the tensors reach it as a :class:`Tracked` dict that records what was read), and,
+for a method that declares ``Method.hf_fields``, every field of
+``adapter_config.json`` must be used, a known no-op (:data:`COMMON_FIELDS` and the
+method's no-op entries) or hold one of the values the method accepts. Anything else
+stops the import with one line naming the tensor or the field and its value, never
+a silently different model. Tensors of features no mapping reads (LoRA on embeddings,
+``lora_bias``, ``trainable_token_indices``, ``modules_to_save``) are named as such.
 """
 
 from __future__ import annotations
@@ -41,6 +50,42 @@ from peft_jax.peft import targets
 from peft_jax.peft.base import PeftConfigError, PeftState, apply_peft, flatten, unflatten
 
 PREFIX = "base_model.model."
+
+#: fields of every HF PEFT config that do not change the adapted model
+COMMON_FIELDS = ("task_type", "peft_type", "auto_mapping", "peft_version",
+                 "base_model_name_or_path", "revision", "inference_mode")
+USED, NOOP = "used", "noop"
+
+#: tensor name fragments of HF PEFT features that no mapping here reads
+UNSUPPORTED_TENSORS = (
+    ("lora_embedding_A", "LoRA on an embedding layer (lora_embedding_A/B)"),
+    ("lora_embedding_B", "LoRA on an embedding layer (lora_embedding_A/B)"),
+    ("lora_B.bias", "lora_bias=True (a bias on lora_B)"),
+    ("trainable_tokens_", "trainable_token_indices (trained token embedding rows)"),
+    ("modules_to_save", "modules_to_save (fully trained module copies)"),
+)
+
+
+class Tracked(dict):
+  """The adapter's tensors; records every name read with ``[]`` in ``used`` (shared
+  with the views made by :func:`unprefixed`, which map back through ``origin``)."""
+
+  def __init__(self, items, used=None, origin=None):
+    super().__init__(items)
+    self.used = set() if used is None else used
+    self.origin = origin or {}
+
+  def __getitem__(self, k):
+    v = super().__getitem__(k)
+    self.used.add(self.origin.get(k, k))
+    return v
+
+
+def unprefixed(tensors) -> Tracked:
+  """The tensors named without :data:`PREFIX`; reads count as reads of the originals."""
+  names = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): k for k in tensors}
+  used = tensors.used if isinstance(tensors, Tracked) else None
+  return Tracked({n: dict.__getitem__(tensors, k) for n, k in names.items()}, used, names)
 
 
 def regex(names: List[str]) -> str:
@@ -160,7 +205,51 @@ def import_hf_peft(path: str, model_cfg, base_params) -> Tuple[PeftState, Any]:
     types = sorted({m.hf_peft_type for m in _REGISTRY.values() if m.hf_peft_type})
     raise PeftConfigError(f"HF PEFT import supports peft_type {', '.join(types)}, not "
                           f"peft_type={conf.get('peft_type')!r}")
-  return owners[0].hf_import(conf, tensors, model_cfg, base_params, path)
+  method = owners[0]
+  check_fields(conf, method.hf_fields, ptype)
+  check_known_tensors(tensors)
+  tracked = Tracked(tensors)
+  out = method.hf_import(conf, tracked, model_cfg, base_params, path)
+  unread = sorted(set(tensors) - tracked.used)
+  if unread:
+    raise PeftConfigError(f"adapter tensor {unread[0]} is not understood by peft-jax's {ptype} "
+                          f"import ({len(unread)} such tensor(s)); it reads only the tensors of "
+                          "the modules its mapping names")
+  return out
+
+
+def need(tensors, key: str):
+  """``tensors[key]``, or one line saying the adapter file lacks it."""
+  if key not in tensors:
+    raise PeftConfigError(f"adapter tensor {key} is missing from the adapter file")
+  return tensors[key]
+
+
+def check_fields(conf, rules, ptype: str) -> None:
+  """Each field of ``adapter_config.json`` is common, used or a no-op by ``rules``
+  (``{field: USED | NOOP | (accepted values, why others are refused)}``); None: the
+  method declares no rules yet (only its tensors are checked)."""
+  if rules is None:
+    return
+  for k in sorted(conf):
+    v = conf[k]
+    if k in COMMON_FIELDS or rules.get(k) in (USED, NOOP):
+      continue
+    if k not in rules:
+      raise PeftConfigError(f"adapter_config.json field {k}={v!r} is unknown to peft-jax's {ptype} "
+                            f"import; it knows {', '.join(sorted(set(rules) | set(COMMON_FIELDS)))}")
+    accepted, why = rules[k]
+    if not any(v == a and type(v) is type(a) or (v is None and a is None) for a in accepted):
+      raise PeftConfigError(f"adapter_config.json {k}={v!r} is not supported ({why}); peft-jax "
+                            f"imports {k} only as {' or '.join(repr(a) for a in accepted)}")
+
+
+def check_known_tensors(tensors) -> None:
+  """One line for the first tensor of a feature that no mapping reads."""
+  for k in sorted(tensors):
+    for frag, what in UNSUPPORTED_TENSORS:
+      if frag in k:
+        raise PeftConfigError(f"adapter tensor {k}: {what} is not supported by peft-jax's import")
 
 
 def found_modules(model_cfg, base_flat, tensors, suffix: str, modules=None):

@@ -159,6 +159,12 @@ class Ia3(Method):
 
   # ------------------------------------------------------------------ HF PEFT (IA3Config)
   hf_peft_type = "IA3"
+  #: every field of peft 0.21's IA3Config (``hf_peft.check_fields``); the saved tensors name
+  #: the modules and their layout (``[1, in]``: feed-forward)
+  hf_fields = {**{k: "noop" for k in ("target_modules", "exclude_modules", "feedforward_modules",
+                                      "init_ia3_weights")},
+               "fan_in_fan_out": ((False,), "transposed Conv1D weights; these models use nn.Linear"),
+               "modules_to_save": ((None, []), "fully trained module copies"),}
 
   def hf_export(self, state, params):
     """``...<module>.ia3_l``: ``[out, 1]``, or ``[1, in]`` for feed-forward modules."""

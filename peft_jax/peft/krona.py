@@ -270,6 +270,13 @@ class Krona(AdditiveMerge, Method):
 
   # ------------------------------------------------------------------ HF PEFT (LoKrConfig)
   hf_peft_type = "LOKR"
+  #: every field of peft 0.21's LoKrConfig (``hf_peft.check_fields``)
+  hf_fields = {**{k: "used" for k in ("r", "alpha", "rank_dropout", "module_dropout",
+                                      "rank_dropout_scale", "decompose_both", "decompose_factor",
+                                      "use_effective_conv2d", "rank_pattern", "alpha_pattern")},
+               **{k: "noop" for k in ("target_modules", "exclude_modules", "layers_to_transform",
+                                     "layers_pattern", "init_weights")},
+               "modules_to_save": ((None, []), "fully trained module copies"),}
 
   def hf_export(self, state, params):
     """``...<module>.lokr_w1`` etc. (:func:`hf_tensors`), one per selected layer."""
@@ -308,7 +315,7 @@ class Krona(AdditiveMerge, Method):
           "decompose_both": bool(conf.get("decompose_both")),
           "decompose_factor": int(conf.get("decompose_factor", -1)), **hf_peft.selection(found)}
     state = apply_peft(cfg, base_params, "krona", hp)
-    ours = {k[len(hf_peft.PREFIX):] if k.startswith(hf_peft.PREFIX) else k: v for k, v in tensors.items()}
+    ours = hf_peft.unprefixed(tensors)
     return state, set_hf_tensors(state, state.params, ours)
 
 

@@ -63,6 +63,9 @@ class LnTuning(Method):
 
   # ------------------------------------------------------------------ HF PEFT (LNTuningConfig)
   hf_peft_type = "LN_TUNING"
+  #: every field of peft 0.21's LNTuningConfig (the saved tensors name the norms)
+  hf_fields = {"target_modules": "noop", "exclude_modules": "noop",
+               "modules_to_save": ((None, []), "fully trained module copies"),}
 
   def hf_export(self, state, params):
     """``...<norm>.ln_tuning_layers.weight`` for every layer of each tuned norm."""

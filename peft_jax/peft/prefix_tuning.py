@@ -224,6 +224,13 @@ class PrefixTuning(Method):
 
   # ------------------------------------------------------------------ HF PEFT (PrefixTuningConfig)
   hf_peft_type = "PREFIX_TUNING"
+  #: every field of peft 0.21's PrefixTuningConfig: HF saves the folded prefixes, so the
+  #: projection's settings and the initialisation are no-ops
+  hf_fields = {**{k: "used" for k in ("num_virtual_tokens", "num_layers", "token_dim",
+                                      "num_transformer_submodules")},
+               **{k: "noop" for k in ("num_attention_heads", "encoder_hidden_size",
+                                     "prefix_projection", "init_weights")},
+               "modules_to_save": ((None, []), "fully trained module copies"),}
 
   def hf_export(self, state, params):
     """``prompt_embeddings [P, 2 L token_dim]``: the folded prefixes

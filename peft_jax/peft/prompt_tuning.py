@@ -149,6 +149,13 @@ class PromptTuning(Method):
 
   # ------------------------------------------------------------------ HF PEFT (PromptTuningConfig)
   hf_peft_type = "PROMPT_TUNING"
+  #: every field of peft 0.21's PromptTuningConfig: the sizes are checked against the
+  #: tensor and the model, the rest only initialises
+  hf_fields = {"num_virtual_tokens": "used",
+               **{k: "noop" for k in ("num_transformer_submodules", "token_dim", "num_attention_heads",
+                                     "num_layers", "prompt_tuning_init", "prompt_tuning_init_text",
+                                     "tokenizer_name_or_path", "tokenizer_kwargs")},
+               "modules_to_save": ((None, []), "fully trained module copies"),}
 
   def hf_export(self, state, params):
     """``prompt_embeddings [P, d_model]``, ``num_transformer_submodules=1``."""
