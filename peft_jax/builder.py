@@ -20,6 +20,7 @@ Shapes first, then shardings, then weights:
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
@@ -69,7 +70,8 @@ class Built:
     inputs.check_finite_base(base, info)
     state = apply_peft(self.mc, base, self.state.method.name, self.state.hparams,
                        rng=method_key(cfg))
-    state = dataclasses.replace(state, params=sharding.put_tree(state.params, self.param_sh))
+    state = dataclasses.replace(state, params=sharding.put_tree(state.params, self.param_sh),
+                                base_model=self.state.base_model)
     return dataclasses.replace(self, state=state, base_info=info)
 
   def train_step(self, total_steps: int, donate: bool = True):
@@ -109,6 +111,10 @@ def build(cfg, devices: Optional[Sequence[Any]] = None, peft: Optional[Dict[str,
   else:
     method, overrides = peft["method"], {k: v for k, v in peft.items() if k != "method"}
   state = apply_peft(mc, abstract_params(mc), method, overrides)
+  if cfg.model.get("checkpoint"):     # HF PEFT exports name it (AutoPeftModel* load it)
+    where = inputs.resolve_path(cfg.model.checkpoint)
+    state = dataclasses.replace(state, base_model=os.path.abspath(where)
+                                if os.path.exists(where) else where)
   if peft is None and cfg.data.get("pack") is True:
     from peft_jax.data.packing import packing_problem
     problem = packing_problem(state.sites)

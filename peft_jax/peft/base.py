@@ -198,6 +198,7 @@ class PeftState:
   model_cfg: Any = None
   update_masks: Dict[str, Any] = dataclasses.field(default_factory=dict)  # path -> bool array
   no_decay: Tuple[str, ...] = ()   # trainable paths the method keeps out of weight decay
+  base_model: str = ""             # where the base weights came from (model.checkpoint)
 
   # per-step hooks on nested trees (see Method.loss_terms / init_hook_state / after_step)
   @property

@@ -114,7 +114,12 @@ def hf_prefix_rows(cfg, n_layers: int, submodules: int):
 def export_hf_peft(state: PeftState, params, out_dir: str,
                    base_model_name_or_path: Optional[str] = None) -> str:
   """Writes ``adapter_config.json`` + ``adapter_model.safetensors`` for HF PEFT through the
-  method's own mapping (``Method.hf_peft_type``, ``Method.hf_export``)."""
+  method's own mapping (``Method.hf_peft_type``, ``Method.hf_export``).
+
+  ``base_model_name_or_path`` defaults to the run's base checkpoint (``state.base_model``:
+  ``model.checkpoint``, a local directory made absolute, or a hub id), so that
+  ``AutoPeftModelForCausalLM`` / ``AutoPeftModelForSeq2SeqLM`` load the directory; runs on
+  a random-weight preset write null."""
   from safetensors.numpy import save_file
   method = state.method
   if method.hf_peft_type is None:
@@ -122,6 +127,8 @@ def export_hf_peft(state: PeftState, params, out_dir: str,
                           f"{method.name!r}")
   fields, tensors = method.hf_export(state, params)
   conf = dict(common_config(state.model_cfg), peft_type=method.hf_peft_type, **fields)
+  if base_model_name_or_path is None:
+    base_model_name_or_path = getattr(state, "base_model", "") or None
   conf["base_model_name_or_path"] = base_model_name_or_path
   os.makedirs(out_dir, exist_ok=True)
   save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
