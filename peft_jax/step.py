@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from peft_jax.models import family_of
+from peft_jax.models.family import loss_targets
 
 #: leaves never decayed whatever the method: biases and norm scales (a method adds its own,
 #: e.g. (IA)^3's scaling vectors, through ``Method.leaf_roles``)
@@ -98,8 +99,9 @@ def loss_fn(model, params, batch, rng, deterministic: bool):
   """Token-level cross entropy averaged over target tokens; returns (loss, n_tokens)."""
   rngs = None if deterministic else {"dropout": rng}
   logits = family_of(model.cfg).logits(model, params, batch, deterministic, rngs)
-  nll = token_nll(logits, batch["targets"])
-  m = batch["target_mask"].astype(jnp.float32)
+  targets, mask = loss_targets(batch)
+  nll = token_nll(logits, targets)
+  m = mask.astype(jnp.float32)
   n = jnp.maximum(m.sum(), 1.0)
   return (nll * m).sum() / n, m.sum()
 

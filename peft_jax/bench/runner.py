@@ -204,8 +204,9 @@ def make_batches(model: Dict[str, Any], n: int, seed: int, path: str) -> str:
       targets = np.concatenate([seq[:, 1:], np.zeros((b, 1), np.int32)], axis=1)
       mask = np.zeros((b, s + t), np.int32)
       mask[:, s - 1: s + t - 1] = 1               # the predictions of the last T tokens
+      from peft_jax.data.batching import loss_positions
       arrays = {"inputs": seq, "input_mask": np.ones_like(seq), "targets": targets,
-                "target_mask": mask}
+                "target_mask": mask, "loss_positions": loss_positions(mask, t)}
     out.update({f"{i}/{k}": v for k, v in arrays.items()})
   np.savez(path, **out)
   return path

@@ -7,7 +7,10 @@ Two layouts:
 * ``seq2seq`` (T5): ``inputs``/``input_mask``, ``decoder_inputs`` (targets shifted
   right, starting with the decoder start token), ``targets``, ``target_mask``.
 * ``causal`` (LLaMA): ``inputs`` = prompt + target + EOS, ``input_mask``,
-  ``targets`` = inputs shifted left, ``target_mask`` = 1 on target tokens only.
+  ``targets`` = inputs shifted left, ``target_mask`` = 1 on target tokens only, and
+  when ``max_target_len`` is shorter than the row, ``loss_positions`` ``[B,
+  max_target_len]`` (:func:`loss_positions`): the model's head and the loss then run at
+  the target tokens alone.
 
 The trainer may then pack a training batch's examples into fewer rows
 (:mod:`peft_jax.data.packing`, ``data.pack``).
@@ -66,6 +69,21 @@ def _pad(seqs, length, pad):
   return out
 
 
+def loss_positions(target_mask, k: int) -> np.ndarray:
+  """``[B, k]`` int32: each row's loss positions (``target_mask`` != 0) in order, then -1.
+  With it the model computes its head and the loss at these ``k`` positions alone (a
+  causal row's target is the short end of a long sequence). A ``ValueError`` if a row has
+  more than ``k``."""
+  m = np.asarray(target_mask) != 0
+  out = np.full((m.shape[0], k), -1, np.int32)
+  for r in range(m.shape[0]):
+    pos = np.flatnonzero(m[r])
+    if len(pos) > k:
+      raise ValueError(f"loss_positions: row {r} has {len(pos)} loss tokens, more than {k}")
+    out[r, :len(pos)] = pos
+  return out
+
+
 def make_batch(enc: Encoded, idx: Sequence[int], layout: str, pad_id: int, start_id: int,
                max_source_len: int, max_target_len: int, batch_size: Optional[int] = None,
                lengths_from: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
@@ -101,8 +119,11 @@ def make_batch(enc: Encoded, idx: Sequence[int], layout: str, pad_id: int, start
     input_mask = _pad([[1] * len(f) for f in full], n, 0) * valid[:, None]
     tmask = _pad([[0] * (len(s) - 1) + [1] * len(t) for s, t in zip(src, tgt)], n, 0) * valid[:, None]
     targets = np.concatenate([inputs[:, 1:], np.full((bs, 1), pad_id, np.int32)], axis=1)
-    return {"inputs": inputs, "input_mask": input_mask.astype(np.int32), "targets": targets,
-            "target_mask": tmask.astype(np.int32)}
+    out = {"inputs": inputs, "input_mask": input_mask.astype(np.int32), "targets": targets,
+           "target_mask": tmask.astype(np.int32)}
+    if max_target_len < n:     # a row's targets are at most max_target_len tokens
+      out["loss_positions"] = loss_positions(tmask, max_target_len)
+    return out
   raise ValueError(f"unknown layout {layout!r}; expected 'seq2seq' or 'causal'")
 
 

@@ -44,6 +44,18 @@ Attention = Tuple[str, str, int]
 ResidualSites = Tuple[str, int, int, Tuple[Tuple[str, str], ...]]
 
 
+def loss_targets(batch):
+  """``(targets, mask)`` aligned with :meth:`Family.logits`: the batch's own, or with
+  ``loss_positions`` ``[B, K]`` (-1: an unused slot) those gathered at the positions."""
+  lp = batch.get("loss_positions")
+  if lp is None:
+    return batch["targets"], batch["target_mask"]
+  at = jnp.maximum(lp, 0)
+  targets = jnp.take_along_axis(batch["targets"], at, axis=1)
+  mask = jnp.take_along_axis(batch["target_mask"], at, axis=1) * (lp >= 0)
+  return targets, mask
+
+
 class Family(abc.ABC):
   """The interface; one subclass instance per family (see the module docstring)."""
 
@@ -86,7 +98,7 @@ class Family(abc.ABC):
   def abstract_batch(self, batch_size: int, source_len: int, target_len: int
                      ) -> Dict[str, jax.ShapeDtypeStruct]:
     """The largest bucket's batch: seq2seq ``[B, source]`` + ``[B, target]``; causal
-    ``[B, source + target]``."""
+    ``[B, source + target]`` with ``loss_positions [B, target]``."""
     i32 = jnp.int32
     if self.layout == "seq2seq":
       src = jax.ShapeDtypeStruct((batch_size, source_len), i32)
@@ -94,13 +106,23 @@ class Family(abc.ABC):
       return {"inputs": src, "input_mask": src, "decoder_inputs": tgt, "targets": tgt,
               "target_mask": tgt}
     n = jax.ShapeDtypeStruct((batch_size, source_len + target_len), i32)
-    return {k: n for k in ("inputs", "input_mask", "targets", "target_mask")}
+    out = {k: n for k in ("inputs", "input_mask", "targets", "target_mask")}
+    if target_len < source_len + target_len:     # as make_batch: the head at the targets only
+      out["loss_positions"] = jax.ShapeDtypeStruct((batch_size, target_len), i32)
+    return out
 
   def logits(self, model, params, batch, deterministic: bool, rngs=None):
     """The model's logits at the target positions of ``batch``, ``[B, T, vocab]`` (methods
     that prepend tokens lengthen a causal model's output). A packed batch
-    (:mod:`peft_jax.data.packing`) brings its segment ids and per-segment positions."""
+    (:mod:`peft_jax.data.packing`) brings its segment ids and per-segment positions. A
+    causal batch with ``loss_positions`` ``[B, K]`` (:func:`peft_jax.data.batching.make_batch`)
+    gets ``[B, K, vocab]``: the head at those positions only (see :func:`loss_targets`)."""
     packed = {k: batch[k] for k in PACKED_KEYS[self.layout] if k in batch}
+    if self.layout == "causal" and "loss_positions" in batch:
+      at = jnp.maximum(batch["loss_positions"], 0)
+      return model.apply({"params": params}, batch["inputs"], batch["input_mask"],
+                         packed.pop("positions", None), deterministic, rngs=rngs,
+                         logits_at=at, **packed)
     if self.layout == "seq2seq":
       out = model.apply({"params": params}, batch["inputs"], batch["input_mask"],
                         batch["decoder_inputs"], None, deterministic, rngs=rngs, **packed)

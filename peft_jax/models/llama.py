@@ -154,7 +154,8 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, positions=None, deterministic=True,
-               cache=None, cache_index=None, use_embed_site=None, segment_ids=None):
+               cache=None, cache_index=None, use_embed_site=None, segment_ids=None,
+               logits_at=None):
     """Logits ``[B,T,V]`` (fp32); with a cache also the new cache.
 
     ``attention_mask`` marks valid keys: ``[B,T]`` without a cache, ``[B,S]`` over
@@ -168,11 +169,15 @@ class Llama(nn.Module):
     ``segment_ids`` ``[B,T]`` (packed rows, :mod:`peft_jax.data.packing`; no cache): a
     token attends only to the earlier tokens of its own segment; pass ``positions`` that
     restart at 0 in each segment.
+    ``logits_at`` ``[B,K]`` (no cache): positions of ``input_ids`` whose logits alone are
+    returned, ``[B,K,V]`` (the loss positions of a training batch: the head and the
+    softmax then run over ``K`` tokens, not ``T``).
     """
     cfg = self.cfg
     dtype, pdtype = as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)
     embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype, name="embed")
     b, t = input_ids.shape
+    t_in = t
     x = embed(input_ids)
     if attention_mask is None:
       s = t if cache is None else cache["k"].shape[2]
@@ -209,6 +214,8 @@ class Llama(nn.Module):
                                                                         cache_index, cache)
     x = RMSNorm(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=pdtype, cast_before_scale=True,
                 name="final_norm")(x)
+    if logits_at is not None:      # tokens a method prepended shift the input's positions
+      x = jnp.take_along_axis(x, (logits_at + (x.shape[1] - t_in))[..., None], axis=1)
     if cfg.tie_word_embeddings:
       logits = embed.attend(x)
     else:
