@@ -8,6 +8,7 @@ onto a mesh by rules. Kernels are stored ``[in, out]``.
 from __future__ import annotations
 
 import contextvars
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -71,6 +72,38 @@ class Linear(nn.Module):
       return y if bias is None else y + bias.astype(self.dtype)
 
     return self.sites.linear(self, x, base, self.deterministic)
+
+
+#: draw dropout masks from 16 random bits per element (:func:`keep_mask`); False: jax.random.bernoulli
+HALF_BITS_DROPOUT = True
+
+
+def keep_mask(key, keep: float, shape):
+  """Booleans, True with probability ``keep``: each element compares 16 random bits with
+  ``round(keep * 2**16)``, two elements per 32-bit word of ``jax.random.bits``.
+  ``jax.random.bernoulli`` spends a whole threefry draw (64 bits, folded to 32) on each
+  element; at T5's attention-probability dropout that was 13% of a training step on CPU.
+  The keep probability is exact to 2**-17 (0.9 is 0.8999939)."""
+  n = math.prod(shape)
+  if not HALF_BITS_DROPOUT:
+    return jax.random.bernoulli(key, keep, shape)
+  words = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)
+  half = jnp.concatenate([words & 0xFFFF, words >> 16])[:n].reshape(shape)
+  return half < jnp.uint32(round(keep * 65536))
+
+
+class Dropout(nn.Module):
+  """Inverted dropout (``flax.linen.Dropout``'s interface and scaling) with :func:`keep_mask`."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    if deterministic or self.rate <= 0.0:
+      return x
+    if self.rate >= 1.0:
+      return jnp.zeros_like(x)
+    keep = keep_mask(self.make_rng("dropout"), 1.0 - self.rate, x.shape)
+    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
 
 
 class RMSNorm(nn.Module):

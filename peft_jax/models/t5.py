@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from peft_jax.models.config import T5Config, as_dtype
-from peft_jax.models.layers import (Embed, Linear, RMSNorm, attention, check_packable, constrain,
-                                    param_with_axes, same_segment, scanned)
+from peft_jax.models.layers import (Dropout, Embed, Linear, RMSNorm, attention, check_packable,
+                                    constrain, param_with_axes, same_segment, scanned)
 from peft_jax.sites import NO_SITES, Sites
 
 _ACTS = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=False),
@@ -123,7 +123,7 @@ class T5Attention(nn.Module):
       # the probabilities in the compute dtype before the dropout (as transformers does):
       # the residual kept for the backward pass is half the size under bf16
       probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-      probs = nn.Dropout(cfg.dropout_rate)(probs, deterministic=False)
+      probs = Dropout(cfg.dropout_rate)(probs, deterministic=False)
       out = jnp.einsum("bnts,bsnh->btnh", probs, v)
     else:
       out = attention(q, k, v, mask=mask, bias=bias, scale=1.0, impl=cfg.attention_impl)
@@ -145,7 +145,7 @@ class T5MLP(nn.Module):
       hid = act(dense(cfg.d_ff, ("embed", "mlp"), "wi_0")(x)) * dense(cfg.d_ff, ("embed", "mlp"), "wi_1")(x)
     else:
       hid = act(dense(cfg.d_ff, ("embed", "mlp"), "wi")(x))
-    hid = nn.Dropout(cfg.dropout_rate)(hid, deterministic=self.deterministic)
+    hid = Dropout(cfg.dropout_rate)(hid, deterministic=self.deterministic)
     hid = self.sites.ffn_act(self, hid, self.deterministic)
     return dense(cfg.d_model, ("mlp", "embed"), "wo")(hid)
 
@@ -168,7 +168,7 @@ class T5Block(nn.Module):
     x = constrain(x, RESIDUAL)
     norm = functools.partial(RMSNorm, eps=cfg.layer_norm_epsilon, dtype=as_dtype(cfg.dtype),
                              param_dtype=as_dtype(cfg.param_dtype))
-    drop = nn.Dropout(cfg.dropout_rate)
+    drop = Dropout(cfg.dropout_rate)
     sa_name = "self_attn" if self.is_decoder else "attn"
     new_cache = {}
     h = norm(name=f"{sa_name}_norm")(x)
@@ -218,7 +218,7 @@ class T5Stack(nn.Module):
       check_packable(self.sites, cache)
     if not self.is_decoder:
       x, mask = self.sites.embed(self, x, mask, deterministic)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     t = x.shape[1]
     start = 0 if cache_index is None else cache_index
     slots = start + jnp.arange(t)
@@ -246,7 +246,7 @@ class T5Stack(nn.Module):
                          name="layers")(x, attn_mask, bias, enc, cross_mask, cache_index, cache)
     x = RMSNorm(eps=cfg.layer_norm_epsilon, dtype=as_dtype(cfg.dtype),
                 param_dtype=as_dtype(cfg.param_dtype), name="final_norm")(x)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     return x, mask, new_cache
 
 
