@@ -65,6 +65,11 @@ class Sites:
       fn = _bind_linear(h, module, fn, deterministic)
     return fn(x)
 
+  def has(self, kind: str) -> bool:
+    """Whether a handler acts at sites of ``kind`` (a model may then skip work that
+    only matters to handlers, e.g. a layout change)."""
+    return bool(self._with(kind))
+
   def attention_kv(self, module, k, v, mask, bias, deterministic=True):
     for h in self._with("attention_kv"):
       k, v, mask, bias = h.attention_kv(module, k, v, mask, bias, deterministic)

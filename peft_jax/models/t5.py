@@ -97,15 +97,21 @@ class T5Attention(nn.Module):
     q = dense(n * h, ("embed", "heads"), "q")(x).reshape(b, t, n, h)
     new_cache = None
     if self.is_cross and self.decode_mode == "step":
-      k, v = cache["k"], cache["v"]
+      # the encoder's keys and values, stored at the prompt's pass in the layouts of the
+      # step's two products (keys [B,N,H,S], values [B,N,S,H]): read as they are at every
+      # token, where the [B,S,N,H] layout was transposed twice per layer per token
       new_cache = cache
+      if not self.sites.has("attention_kv"):
+        return self._cross_step(q, cache["k"], cache["v"], mask), new_cache
+      k, v = jnp.transpose(cache["k"], (0, 3, 1, 2)), jnp.transpose(cache["v"], (0, 2, 1, 3))
     else:
       s = kv_in.shape[1]
       k = dense(n * h, ("embed", "heads"), "k")(kv_in).reshape(b, s, n, h)
       v = dense(n * h, ("embed", "heads"), "v")(kv_in).reshape(b, s, n, h)
       if self.decode_mode != "none":
         if self.is_cross:
-          new_cache = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
+          new_cache = {"k": jnp.transpose(k, (0, 2, 3, 1)).astype(cache["k"].dtype),
+                       "v": jnp.transpose(v, (0, 2, 1, 3)).astype(cache["v"].dtype)}
         else:
           k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_index, 0, 0))
           v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_index, 0, 0))
@@ -129,6 +135,23 @@ class T5Attention(nn.Module):
       out = attention(q, k, v, mask=mask, bias=bias, scale=1.0, impl=cfg.attention_impl)
     y = dense(cfg.d_model, ("heads", "embed"), "o")(out.reshape(b, t, n * h))
     return y, new_cache
+
+  def _cross_step(self, q, k_t, v_t, mask):
+    """Cross attention of a decoding step on the cached keys ``[B,N,H,S]`` and values
+    ``[B,N,S,H]`` (T5: no scaling, no position bias), then the output projection."""
+    cfg = self.cfg
+    b, t, n, h = q.shape
+    dtype = as_dtype(cfg.dtype)
+    logits = jnp.einsum("btnh,bnhs->bnts", q.astype(dtype), k_t.astype(dtype),
+                        preferred_element_type=jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bnts,bnsh->btnh", probs.astype(dtype), v_t.astype(dtype))
+    if mask is not None:        # as layers.attention: a query with no valid key gives zeros
+      out = jnp.where(jnp.any(mask, axis=-1)[:, :, :, None].transpose(0, 2, 1, 3), out, 0)
+    dense = functools.partial(_dense, cfg, self.sites, self.deterministic)
+    return dense(cfg.d_model, ("heads", "embed"), "o")(out.reshape(b, t, n * h))
 
 
 class T5MLP(nn.Module):
@@ -318,8 +341,11 @@ class T5(nn.Module):
 
 
 def init_cache(cfg: T5Config, batch: int, max_len: int, enc_len: int, dtype=None):
-  """Zeroed decoder cache: self-attention ``[L,B,max_len,N,H]``, cross ``[L,B,enc_len,N,H]``."""
+  """Zeroed decoder cache: self-attention ``[L,B,max_len,N,H]``; cross attention keys
+  ``[L,B,N,H,enc_len]`` and values ``[L,B,N,enc_len,H]`` (the layouts a decoding step's
+  products read, see :meth:`T5Attention._cross_step`)."""
   dtype = as_dtype(dtype or cfg.dtype)
   L, n, h = cfg.n_decoder_layers, cfg.num_heads, cfg.d_kv
-  z = lambda s: jnp.zeros((L, batch, s, n, h), dtype)
-  return {"self": {"k": z(max_len), "v": z(max_len)}, "cross": {"k": z(enc_len), "v": z(enc_len)}}
+  z = lambda *shape: jnp.zeros((L, batch) + shape, dtype)
+  return {"self": {"k": z(max_len, n, h), "v": z(max_len, n, h)},
+          "cross": {"k": z(n, h, enc_len), "v": z(n, enc_len, h)}}
