@@ -58,10 +58,6 @@ USED, NOOP = "used", "noop"
 
 #: tensor name fragments of HF PEFT features that no mapping here reads
 UNSUPPORTED_TENSORS = (
-    ("lora_embedding_A", "LoRA on an embedding layer (lora_embedding_A/B)"),
-    ("lora_embedding_B", "LoRA on an embedding layer (lora_embedding_A/B)"),
-    ("lora_B.bias", "lora_bias=True (a bias on lora_B)"),
-    ("trainable_tokens_", "trainable_token_indices (trained token embedding rows)"),
     ("modules_to_save", "modules_to_save (fully trained module copies)"),
 )
 
