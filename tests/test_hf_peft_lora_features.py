@@ -2,7 +2,6 @@
 (``lora_embedding_A/B``), ``lora_bias`` and ``trainable_token_indices``. Adapters made by
 HF PEFT (noise on every adapter weight) import with HF PEFT's logits; ours, configured
 the same way, count HF PEFT's trainable parameters and export to the same logits."""
-import copy
 import warnings
 
 import jax
@@ -33,6 +32,11 @@ CASES = {
                                       rank_pattern={"embed_tokens": 3}),
                        dict(r=2, target_modules=["decoder.embed_tokens"],
                             rank_pattern={"embed_tokens": 3})),
+    "dora_emb_llama": ("llama_mha", dict(r=2, lora_alpha=4, use_dora=True,
+                                         target_modules=["v_proj", "embed_tokens"]),
+                       dict(r=2, lora_alpha=4, use_dora=True, target_modules=["v", "embed_tokens"])),
+    "dora_emb_t5": ("t5_v10", dict(r=2, use_dora=True, target_modules=["embed_tokens"]),
+                    dict(r=2, use_dora=True, target_modules=["embed_tokens"])),
     "bias_llama": ("llama_gqa", dict(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"],
                                      lora_bias=True, layers_to_transform=[1]),
                    dict(r=2, lora_alpha=4, target_modules=["q", "down"], lora_bias=True,
@@ -123,6 +127,7 @@ def _merge_roundtrip(kind, ours):
 
 def test_merge_embedding_and_tokens():
   _merge_roundtrip("llama_mha", CASES["emb_llama"][2])         # untied head: merges
+  _merge_roundtrip("llama_mha", CASES["dora_emb_llama"][2])
   _merge_roundtrip("t5_v10", CASES["tokens_t5_tied"][2])
   _merge_roundtrip("llama_mha", CASES["tokens_llama"][2])
 
@@ -151,7 +156,6 @@ def test_tied_llama_embedding_merge_refused():
 
 @pytest.mark.parametrize("method,kind,hp,match", [
     ("lora", "t5_v10", dict(target_modules=["q", "shared"]), "changes nothing"),
-    ("dora", "llama_mha", dict(target_modules=["embed_tokens"]), "DoRA on an embedding layer"),
     ("dora", "llama_mha", dict(lora_bias=True), "lora_bias=True is not supported with DoRA"),
     ("lora", "llama_mha", dict(target_modules=["embed_tokens"], lora_bias=True),
      "not supported for an embedding layer"),
@@ -169,11 +173,14 @@ def test_refused_configs(method, kind, hp, match):
   assert "\n" not in str(e.value)
 
 
-def test_hf_shared_lora_and_embedding_dora_refused_on_import(tmp_path):
-  _, d = hf_adapter("t5_v10", tmp_path / "a", r=2, target_modules=["q", "shared"])
+def test_hf_shared_lora_refused_on_import(tmp_path):
+  """HF PEFT's LoRA on T5's ``shared`` wraps a module the stacks do not call (a no-op)."""
+  pm, d = hf_adapter("t5_v10", tmp_path / "a", r=2, target_modules=["q", "shared"])
   refused("t5_v10", d, r"shared\.lora_embedding_A: LoRA on T5's shared embedding changes nothing")
-  _, d = hf_adapter("llama_mha", tmp_path / "b", r=2, target_modules=["embed_tokens"], use_dora=True)
-  refused("llama_mha", d, "DoRA on an embedding layer")
+  pm_q = hfpeft.get_peft_model(fresh_torch("t5_v10"), hfpeft.LoraConfig(
+      task_type="SEQ_2_SEQ_LM", r=2, target_modules=["q"]))
+  pm_q.load_state_dict({k: v for k, v in pm.state_dict().items() if "shared" not in k}, strict=False)
+  np.testing.assert_array_equal(hf_logits("t5_v10", pm_q.eval()), hf_logits("t5_v10", pm))
 
 
 def test_changed_saved_embedding_refused(tmp_path):

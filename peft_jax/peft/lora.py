@@ -207,7 +207,15 @@ class LoraHandler:
     if module.has_variable("params", pre + "lora_embedding_scale"):
       scale = module.get_variable("params", pre + "lora_embedding_scale")
     delta = jnp.dot(jnp.take(a, ids, axis=0).astype(jnp.float32), b.astype(jnp.float32)) * scale
-    return x + delta.astype(x.dtype)
+    if not module.has_variable("params", pre + "lora_embedding_magnitude"):
+      return x + delta.astype(x.dtype)
+    # DoRA (HF's DoraEmbeddingLayer): m / ||E + s A B|| * (E[ids] + s A[ids] B), the norm per
+    # embedding dimension over the vocabulary, a constant in the backward pass
+    m = module.get_variable("params", pre + "lora_embedding_magnitude").astype(jnp.float32)
+    table = module.get_variable("params", "embedding").astype(jnp.float32)
+    full = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+    n = jax.lax.stop_gradient(jnp.linalg.norm(table + full, axis=0))
+    return ((m / n) * (x.astype(jnp.float32) + delta)).astype(x.dtype)
 
 
 def check_bias(bias, flat):
@@ -372,9 +380,6 @@ class Lora(Method):
       if embs:
         raise PeftConfigError(f"lora_bias=True is not supported for an embedding layer "
                               f"({embs[0].path}; as in HF PEFT)")
-    if embs and self._dora(hp):
-      raise PeftConfigError(f"DoRA on an embedding layer ({embs[0].path}) is not supported by "
-                            "peft-jax; use method 'lora' there")
     tok = self.token_indices(cfg, hp, flat)
     if tok is not None and embs:
       raise PeftConfigError("trainable_token_indices together with LoRA on the same embedding "
@@ -446,6 +451,11 @@ class Lora(Method):
       if self.patterned(hp):
         out[emb_leaf(m, "lora_embedding_scale")] = jnp.asarray(self.scaling(hp, r, alpha),
                                                                jnp.float32)
+      if self._dora(hp):   # ||E + s A B|| per embedding dimension (over the vocabulary)
+        full = jnp.dot(a, out[emb_leaf(m, "lora_embedding_B")].astype(jnp.float32))
+        out[emb_leaf(m, "lora_embedding_magnitude")] = jnp.linalg.norm(
+            jnp.asarray(flat[m.leaf], jnp.float32) + self.scaling(hp, r, alpha) * full,
+            axis=0).astype(dt)
     tok = self.token_indices(cfg, hp, flat)
     if tok is not None:   # HF: the rows start as the embedding's own (identity at init)
       leaf, ids = tok
@@ -466,7 +476,7 @@ class Lora(Method):
 
   def leaf_roles(self, cfg, hp, paths):
     """DoRA's magnitude vectors train without weight decay; ``lora_scale`` is a constant."""
-    out = {p: "no_decay" for p in paths if p.endswith("/lora_magnitude")}
+    out = {p: "no_decay" for p in paths if p.endswith(("/lora_magnitude", "lora_embedding_magnitude"))}
     out.update({p: "frozen" for p in paths if p.endswith(("/lora_scale", "lora_embedding_scale"))})
     return out
 
@@ -526,7 +536,7 @@ class Lora(Method):
       if f"{p}/lora_bias" in flat:
         out[f"{p}/bias"] = self._merged_bias(hp, flat, p, +1)
     for m in self.embeddings(cfg, hp, flat):
-      out[m.leaf] = self._emb_merged(cfg, hp, out, m, +1)
+      out.update(self._emb_merged(cfg, hp, out, m, +1))
     tok = self.token_indices(cfg, hp, flat)
     if tok is not None:   # HF: the trained rows replace the table's (the originals are kept)
       leaf, ids = tok
@@ -559,7 +569,19 @@ class Lora(Method):
     b = jnp.asarray(flat[emb_leaf(m, "lora_embedding_B")], jnp.float32)
     s = self.scaling(hp, *self.emb_rank(cfg, hp, m))
     t = jnp.asarray(flat[m.leaf])
-    return (t.astype(jnp.float32) + sign * s * jnp.dot(a, b)).astype(t.dtype)
+    delta = s * jnp.dot(a, b)
+    mag, nkey = emb_leaf(m, "lora_embedding_magnitude"), emb_leaf(m, "lora_embedding_merge_norm")
+    if mag not in flat:
+      return {m.leaf: (t.astype(jnp.float32) + sign * delta).astype(t.dtype)}
+    mag = jnp.asarray(flat[mag], jnp.float32)
+    if sign > 0:     # DoRA: E' = m / n * (E + s A B), n stored for unmerge (as HF caches it)
+      n = jnp.linalg.norm(t.astype(jnp.float32) + delta, axis=0)
+      return {m.leaf: ((mag / n) * (t.astype(jnp.float32) + delta)).astype(t.dtype), nkey: n}
+    if nkey not in flat:
+      raise PeftConfigError(f"cannot unmerge DoRA at {m.path}: the norm that merge stored "
+                            "(lora_embedding_merge_norm) is missing; merge with plain=False")
+    n = jnp.asarray(flat[nkey], jnp.float32)
+    return {m.leaf: (t.astype(jnp.float32) / (mag / n) - delta).astype(t.dtype), nkey: None}
 
   def unmerge(self, cfg, hp, flat):
     out = dict(flat)
@@ -578,7 +600,11 @@ class Lora(Method):
       if f"{p}/lora_bias" in flat:
         out[f"{p}/bias"] = self._merged_bias(hp, flat, p, -1)
     for m in self.embeddings(cfg, hp, flat):
-      out[m.leaf] = self._emb_merged(cfg, hp, out, m, -1)
+      for k, v in self._emb_merged(cfg, hp, out, m, -1).items():
+        if v is None:
+          out.pop(k, None)     # the stored DoRA norm
+        else:
+          out[k] = v
     tok = self.token_indices(cfg, hp, flat)
     if tok is not None:
       leaf, ids = tok
@@ -649,6 +675,9 @@ class Lora(Method):
           flat[emb_leaf(m, "lora_embedding_A")]).T
       tensors[f"{hf_peft.PREFIX}{hf}.lora_embedding_B"] = hf_peft.np32(
           flat[emb_leaf(m, "lora_embedding_B")]).T
+      if hp["use_dora"]:
+        tensors[f"{hf_peft.PREFIX}{hf}.lora_magnitude_vector"] = hf_peft.np32(
+            flat[emb_leaf(m, "lora_embedding_magnitude")])
     tok = self.token_indices(cfg, hp, flat)
     if tok is not None:
       tensors[f"{hf_peft.PREFIX}{self.hf_table(cfg)}.token_adapter.trainable_tokens_delta"] = \
@@ -701,7 +730,10 @@ class Lora(Method):
       if a.shape[0] != rl:
         raise PeftConfigError(f"adapter tensor {key}.lora_embedding_A has rank {a.shape[0]}; r "
                               f"and rank_pattern give rank {rl} for {emb_hf_name(m)}")
-      for nm, v in (("lora_embedding_A", a.T), ("lora_embedding_B", b.T)):
+      vals = [("lora_embedding_A", a.T), ("lora_embedding_B", b.T)]
+      if dora:
+        vals.append(("lora_embedding_magnitude", hf_peft.need(tensors, f"{key}.lora_magnitude_vector")))
+      for nm, v in vals:
         flat[emb_leaf(m, nm)] = hf_peft.set_layer(flat[emb_leaf(m, nm)], None, v,
                                                   f"{emb_hf_name(m)}.{nm}")
     t = self.token_indices(cfg, state.hparams, flat)
