@@ -35,6 +35,43 @@ counted as a parameter.
 Merge: ``W' = W + s A B``; DoRA ``W' = m / n * (W + s A B)`` with
 ``n = ||W + s A B||_c``, which merge stores (leaf ``dora_merge_norm``) because
 ``unmerge`` cannot recover it from ``W'``.
+
+Beyond linear layers (HF PEFT 0.21's ``Embedding`` layer, ``lora_bias``,
+``trainable_token_indices``):
+
+* LoRA on the token embedding: ``target_modules`` naming ``embed_tokens`` (or a regex
+  matching the path) adapts the ``lookup`` site of :mod:`peft_jax.sites`: LLaMA's ``embed``
+  (HF ``model.embed_tokens``); on T5 the encoder's and the decoder's lookups of the one
+  ``shared`` table, paths ``encoder/embed_tokens`` and ``decoder/embed_tokens``, each with its
+  own pair, as HF wraps ``encoder.embed_tokens`` and ``decoder.embed_tokens`` (HF's LoRA on
+  ``shared`` wraps a module the stacks never call, a no-op there, so it is refused). Leaves
+  beside the table: ``lora_embedding_A [vocab, r]`` (HF ``A.T``; init 0) and
+  ``lora_embedding_B [r, width]`` (init ``N(0, 1)``; ``init_lora_weights=False``: both normal),
+  prefixed ``encoder_`` / ``decoder_`` on T5 (``shared/encoder_lora_embedding_A``).
+  ``x = E[ids] + A[ids] B * s``, no dropout (as HF). The tied head (``attend``) is not a
+  site and stays unchanged. DoRA (HF's ``DoraEmbeddingLayer``): magnitude
+  ``lora_embedding_magnitude [width]`` and ``x = m / n * (E[ids] + s A[ids] B)`` with
+  ``n = ||E + s A B||`` per embedding dimension over the vocabulary, a constant in the
+  backward pass. ``rank_pattern`` / ``alpha_pattern`` match the HF names
+  (``model.embed_tokens``); then a frozen ``lora_embedding_scale`` holds the scale. A layer
+  selection or ``target_sublayers`` with an embedding target is refused. Merge adds
+  ``s A B`` to the table (DoRA as for kernels, the norm stored as
+  ``lora_embedding_merge_norm``), refused on T5 (two updates, one table) and when the head is
+  tied to the table (merging would change the head, which the unmerged LoRA does not).
+* ``lora_bias=True``: ``lora_bias [.., out]`` (init 0) added to ``x A B`` before the scale,
+  as HF's bias on ``lora_B``; refused, as by HF, with DoRA, with
+  ``init_lora_weights='gaussian'`` and on embeddings. Merge folds ``s b`` into the layer's
+  bias and is refused on a layer without one (T5, LLaMA; HF refuses too).
+* ``trainable_token_indices`` (a list of ids, or ``{"embed_tokens": ids}`` on LLaMA /
+  ``{"shared": ids}`` on T5; HF's per-stack ``{"embed_tokens": ..}`` on T5 is refused):
+  the leaf ``trainable_tokens [n, width]`` beside the table (init: the rows themselves)
+  replaces those rows of the table the model reads (:meth:`prepare_params`), so the
+  lookups and a tied head see them, as HF's tied token adapters; the table stays frozen,
+  so only those rows train. Merge writes the rows into the table and stores the originals
+  (``trainable_tokens_original``) for unmerge. Not together with LoRA on the embedding.
+
+Counts equal HF PEFT's ``get_nb_trainable_parameters``: ``r (vocab + width)`` per adapted
+lookup (DoRA ``+ width``), ``out`` per ``lora_bias``, ``n width`` for the tokens.
 """
 
 from __future__ import annotations
