@@ -206,3 +206,16 @@ def test_missing_lora_bias_tensor_refused(tmp_path):
   del t["base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"]
   save_file(t, f)
   refused("llama_gqa", d, r"q_proj\.lora_B\.bias is missing")
+
+
+def test_adalora_still_refuses_these_fields(tmp_path):
+  """AdaLoRA shares LoraConfig's fields but not these features: its import refuses them."""
+  from test_hf_peft_import_strict import edit_config
+  pm = hfpeft.get_peft_model(fresh_torch("llama_gqa"), hfpeft.AdaLoraConfig(
+      task_type="CAUSAL_LM", init_r=4, target_r=2, total_step=10, target_modules=["q_proj"]))
+  d = str(tmp_path / "ada")
+  pm.save_pretrained(d)
+  edit_config(d, trainable_token_indices=[3])
+  refused("llama_gqa", d, r"trainable_token_indices=\[3\] is not supported")
+  edit_config(d, trainable_token_indices=None, lora_bias=True)
+  refused("llama_gqa", d, r"lora_bias=True is not supported")
