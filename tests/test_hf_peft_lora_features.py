@@ -219,3 +219,32 @@ def test_adalora_still_refuses_these_fields(tmp_path):
   refused("llama_gqa", d, r"trainable_token_indices=\[3\] is not supported")
   edit_config(d, trainable_token_indices=None, lora_bias=True)
   refused("llama_gqa", d, r"lora_bias=True is not supported")
+
+
+@pytest.mark.parametrize("kind,hp", [
+    ("t5_v10", dict(r=2, target_modules=["q", "embed_tokens"], use_dora=True)),
+    ("t5_v11", dict(r=2, target_modules=["q"], lora_bias=True, trainable_token_indices=[3, 9])),
+])
+def test_production_step_trains_only_the_adapter(kind, hp):
+  """The production step: the table stays bitwise frozen, the new leaves (embedding pair,
+  magnitudes, lora_bias, token rows) train; optimizer state only for them."""
+  import optax
+  from test_conformance import _batch
+  from peft_jax.step import make_train_step
+  _, _, cfg, base = loaded(kind)
+  state = peft.apply_peft(cfg, base, "lora", hp)
+  tx = optax.adamw(3e-2, weight_decay=0.1)
+  opt, step = make_train_step(state, build_model(cfg, state.sites), tx, donate=False)
+  opt_state = opt.init(state.params)
+  params = state.params
+  batch = _batch(cfg)
+  for i in range(2):
+    params, opt_state, m = step(params, opt_state, batch, jax.random.PRNGKey(i))
+    assert bool(m["finite"])
+  f0, f1, tr = flatten(state.params), flatten(params), flatten(state.trainable)
+  assert np.array_equal(np.asarray(f1["shared/embedding"]), np.asarray(f0["shared/embedding"]))
+  new = [k for k in state.added if tr[k]]
+  assert new and all(not np.array_equal(np.asarray(f1[k]), np.asarray(f0[k])) for k in new), new
+  n_train = sum(int(np.prod(f0[k].shape)) for k in f0 if tr[k])
+  n_state = sum(x.size for x in jax.tree_util.tree_leaves(opt_state) if getattr(x, "ndim", 0) > 0)
+  assert n_state == 2 * n_train
