@@ -37,6 +37,13 @@ CASES = {
                        dict(r=2, lora_alpha=4, use_dora=True, target_modules=["v", "embed_tokens"])),
     "dora_emb_t5": ("t5_v10", dict(r=2, use_dora=True, target_modules=["embed_tokens"]),
                     dict(r=2, use_dora=True, target_modules=["embed_tokens"])),
+    # Qwen2: head tied to the table (HF's LoRA changes only the lookup; token rows reach both)
+    "emb_qwen2_tied": ("qwen2", dict(r=2, target_modules=["embed_tokens", "k_proj"], lora_bias=False),
+                       dict(r=2, target_modules=["embed_tokens", "k"])),
+    "tokens_qwen2_tied": ("qwen2", dict(r=2, target_modules=["q_proj"], lora_bias=True,
+                                        trainable_token_indices=[2, 8]),
+                          dict(r=2, target_modules=["q"], lora_bias=True,
+                               trainable_token_indices=[2, 8])),
     "bias_llama": ("llama_gqa", dict(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"],
                                      lora_bias=True, layers_to_transform=[1]),
                    dict(r=2, lora_alpha=4, target_modules=["q", "down"], lora_bias=True,
@@ -130,6 +137,7 @@ def test_merge_embedding_and_tokens():
   _merge_roundtrip("llama_mha", CASES["dora_emb_llama"][2])
   _merge_roundtrip("t5_v10", CASES["tokens_t5_tied"][2])
   _merge_roundtrip("llama_mha", CASES["tokens_llama"][2])
+  _merge_roundtrip("qwen2", CASES["tokens_qwen2_tied"][2])     # lora_bias folds into q's bias
 
 
 @pytest.mark.parametrize("kind,ours,match", [
