@@ -173,6 +173,9 @@ def test_tied_llama_embedding_merge_refused():
     ("lora", "llama_mha", dict(trainable_token_indices=[1, 1]), "must not repeat"),
     ("lora", "llama_mha", dict(target_modules=["embed_tokens"], layers_to_transform=[0]),
      "outside the layers"),
+    ("lora", "t5_v10", dict(target_modules=["q", "embedding"]),
+     r"'embedding' matches no module.*token embedding lookups: 'embed_tokens' "
+     r"\(encoder/embed_tokens, decoder/embed_tokens\)"),
 ])
 def test_refused_configs(method, kind, hp, match):
   _, _, cfg, base = loaded(kind)

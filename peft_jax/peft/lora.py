@@ -305,7 +305,14 @@ class Lora(Method):
     _, lin = split_targets(cfg, flat, tg)
     if lin is None:
       return targets.Placement((), {})
-    return targets.place(cfg, dict(hp, target_modules=lin), flat, None)
+    try:
+      return targets.place(cfg, dict(hp, target_modules=lin), flat, None)
+    except PeftConfigError as e:
+      embs = embedding_modules(cfg, flat)
+      if "matches no module" not in str(e) or not embs:
+        raise
+      raise PeftConfigError(f"{e}; token embedding lookups: 'embed_tokens' "
+                            f"({', '.join(m.path for m in embs)})") from None
 
   def embeddings(self, cfg, hp, flat) -> list:
     """The targeted embedding lookups (:func:`embedding_modules`)."""
