@@ -25,6 +25,12 @@ kind          what a handler receives and returns
 ``embed``     ``(module, x, mask, deterministic) -> (x, mask)``; the input
               embeddings of the stack that reads the prompt (T5 encoder,
               LLaMA decoder). Prompt tuning prepends its tokens here.
+``lookup``    ``(module, ids, x, stack) -> x``; the token-embedding lookup
+              (``module`` is the embedding, ``ids`` ``[B,T]``, ``x = table[ids]``),
+              ``stack`` the stack that reads it (T5: ``encoder`` / ``decoder``,
+              which share one table; LLaMA: None). The tied output head
+              (``attend``) is not a site: LoRA on the embedding changes only
+              the lookup, as in HF PEFT.
 ``positions`` ``(module, q_pos, k_pos, deterministic) -> (q_pos, k_pos)``; the
               token positions a model encodes. A T5 stack passes the query and
               key positions ``[T]``/``[S]`` from which it computes the relative
@@ -89,6 +95,11 @@ class Sites:
     for hd in self._with("embed"):
       x, mask = hd.embed(module, x, mask, deterministic)
     return x, mask
+
+  def lookup(self, module, ids, x, stack=None):
+    for hd in self._with("lookup"):
+      x = hd.lookup(module, ids, x, stack)
+    return x
 
   def positions(self, module, q_pos, k_pos, deterministic=True):
     for hd in self._with("positions"):

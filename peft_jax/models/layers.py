@@ -125,18 +125,21 @@ class RMSNorm(nn.Module):
 
 
 class Embed(nn.Module):
+  """The token embedding; its lookup is a ``lookup`` site (``stack``: which stack reads it)."""
   num_embeddings: int
   features: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  sites: Sites = NO_SITES
 
   def setup(self):
     self.embedding = param_with_axes(self, "embedding", nn.initializers.normal(1.0),
                                      (self.num_embeddings, self.features), ("vocab", "embed"),
                                      self.param_dtype)
 
-  def __call__(self, ids):
-    return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+  def __call__(self, ids, stack=None):
+    x = jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+    return self.sites.lookup(self, ids, x, stack)
 
   def attend(self, x):
     """Logits against the (tied) embedding matrix."""

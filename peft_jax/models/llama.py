@@ -175,7 +175,8 @@ class Llama(nn.Module):
     """
     cfg = self.cfg
     dtype, pdtype = as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)
-    embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype, name="embed")
+    embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdtype,
+                  sites=self.sites, name="embed")
     b, t = input_ids.shape
     t_in = t
     x = embed(input_ids)

@@ -281,7 +281,7 @@ class T5(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.shared = Embed(cfg.vocab_size, cfg.d_model, dtype=as_dtype(cfg.dtype),
-                        param_dtype=as_dtype(cfg.param_dtype))
+                        param_dtype=as_dtype(cfg.param_dtype), sites=self.sites)
     self.encoder = T5Stack(cfg, self.sites, is_decoder=False)
     self.decoder = T5Stack(cfg, self.sites, is_decoder=True)
     if not cfg.tie_word_embeddings:
@@ -295,7 +295,7 @@ class T5(nn.Module):
     rows (:class:`T5Stack`)."""
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, bool)
-    h, mask, _ = self.encoder(self.shared(input_ids), attention_mask.astype(bool),
+    h, mask, _ = self.encoder(self.shared(input_ids, "encoder"), attention_mask.astype(bool),
                               deterministic=deterministic, segment_ids=segment_ids,
                               positions=positions)
     return h, mask
@@ -314,7 +314,7 @@ class T5(nn.Module):
     if decoder_attention_mask is None:
       s = t if cache is None else cache["self"]["k"].shape[2]
       decoder_attention_mask = jnp.ones((b, s), bool)
-    x = self.shared(decoder_input_ids)
+    x = self.shared(decoder_input_ids, "decoder")
     h, _, new_cache = self.decoder(x, decoder_attention_mask.astype(bool), enc,
                                    enc_mask.astype(bool), cache, cache_index,
                                    deterministic=deterministic,

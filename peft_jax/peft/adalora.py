@@ -333,7 +333,9 @@ class AdaLora(AdditiveMerge, Method):
     out.update({k: "used" for k in ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1",
                                     "beta2", "orth_reg_weight", "total_step")})
     out.update(r="noop", use_rslora=((False,), "rank-stabilised scaling"),
-               use_dora=((False,), "DoRA"), alpha_pattern=(({}, None), "per-module alphas"))
+               use_dora=((False,), "DoRA"), alpha_pattern=(({}, None), "per-module alphas"),
+               lora_bias=((False,), "a trained bias on lora_B"),
+               trainable_token_indices=((None,), "trained token embedding rows"))
     return out
 
   def hf_export(self, state, params):

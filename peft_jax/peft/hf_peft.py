@@ -15,7 +15,8 @@ convert; this module holds the file format and the shared helpers. Mapped: lora,
 (``LOKR``), adalora (``ADALORA``). Layouts (torch ``[out, in]`` vs our ``[in, out]``):
 
 * LoRA ``...<module>.lora_A.weight [r, in] = A.T``, ``lora_B.weight [out, r] = B.T``,
-  DoRA ``...lora_magnitude_vector [out]``; IA3 ``...ia3_l`` ``[out, 1]`` or
+  DoRA ``...lora_magnitude_vector [out]`` (embeddings, ``lora_bias``, trainable tokens:
+  below); IA3 ``...ia3_l`` ``[out, 1]`` or
   ``[1, in]`` (feed-forward); LN tuning ``...<norm>.ln_tuning_layers.weight``.
   The export names the exact modules (and layers) with a ``target_modules``
   regex, so sub-layer and layer selections round-trip.
@@ -32,8 +33,16 @@ for a method that declares ``Method.hf_fields``, every field of
 ``adapter_config.json`` must be used, a known no-op (:data:`COMMON_FIELDS` and the
 method's no-op entries) or hold one of the values the method accepts. Anything else
 stops the import with one line naming the tensor or the field and its value, never
-a silently different model. Tensors of features no mapping reads (LoRA on embeddings,
-``lora_bias``, ``trainable_token_indices``, ``modules_to_save``) are named as such.
+a silently different model. Tensors of features no mapping reads (``modules_to_save``)
+are named as such.
+
+LoRA beyond linear layers (``lora.py``): ``...embed_tokens.lora_embedding_A [r, vocab] = A.T``,
+``lora_embedding_B [width, r] = B.T`` (DoRA: ``...embed_tokens.lora_magnitude_vector
+[width]``); HF's saved copy of the adapted table (``...embed_tokens.base_layer.weight``) is
+read and must equal the base model's. ``lora_bias``: ``...<module>.lora_B.bias [out]``.
+``trainable_token_indices``: ``...<table>.token_adapter.trainable_tokens_delta [n, width]``
+(the rows themselves, not a difference; ``<table>`` is ``shared`` on T5,
+``model.embed_tokens`` on LLaMA).
 """
 
 from __future__ import annotations
@@ -58,10 +67,6 @@ USED, NOOP = "used", "noop"
 
 #: tensor name fragments of HF PEFT features that no mapping here reads
 UNSUPPORTED_TENSORS = (
-    ("lora_embedding_A", "LoRA on an embedding layer (lora_embedding_A/B)"),
-    ("lora_embedding_B", "LoRA on an embedding layer (lora_embedding_A/B)"),
-    ("lora_B.bias", "lora_bias=True (a bias on lora_B)"),
-    ("trainable_tokens_", "trainable_token_indices (trained token embedding rows)"),
     ("modules_to_save", "modules_to_save (fully trained module copies)"),
 )
 

@@ -35,6 +35,43 @@ counted as a parameter.
 Merge: ``W' = W + s A B``; DoRA ``W' = m / n * (W + s A B)`` with
 ``n = ||W + s A B||_c``, which merge stores (leaf ``dora_merge_norm``) because
 ``unmerge`` cannot recover it from ``W'``.
+
+Beyond linear layers (HF PEFT 0.21's ``Embedding`` layer, ``lora_bias``,
+``trainable_token_indices``):
+
+* LoRA on the token embedding: ``target_modules`` naming ``embed_tokens`` (or a regex
+  matching the path) adapts the ``lookup`` site of :mod:`peft_jax.sites`: LLaMA's ``embed``
+  (HF ``model.embed_tokens``); on T5 the encoder's and the decoder's lookups of the one
+  ``shared`` table, paths ``encoder/embed_tokens`` and ``decoder/embed_tokens``, each with its
+  own pair, as HF wraps ``encoder.embed_tokens`` and ``decoder.embed_tokens`` (HF's LoRA on
+  ``shared`` wraps a module the stacks never call, a no-op there, so it is refused). Leaves
+  beside the table: ``lora_embedding_A [vocab, r]`` (HF ``A.T``; init 0) and
+  ``lora_embedding_B [r, width]`` (init ``N(0, 1)``; ``init_lora_weights=False``: both normal),
+  prefixed ``encoder_`` / ``decoder_`` on T5 (``shared/encoder_lora_embedding_A``).
+  ``x = E[ids] + A[ids] B * s``, no dropout (as HF). The tied head (``attend``) is not a
+  site and stays unchanged. DoRA (HF's ``DoraEmbeddingLayer``): magnitude
+  ``lora_embedding_magnitude [width]`` and ``x = m / n * (E[ids] + s A[ids] B)`` with
+  ``n = ||E + s A B||`` per embedding dimension over the vocabulary, a constant in the
+  backward pass. ``rank_pattern`` / ``alpha_pattern`` match the HF names
+  (``model.embed_tokens``); then a frozen ``lora_embedding_scale`` holds the scale. A layer
+  selection or ``target_sublayers`` with an embedding target is refused. Merge adds
+  ``s A B`` to the table (DoRA as for kernels, the norm stored as
+  ``lora_embedding_merge_norm``), refused on T5 (two updates, one table) and when the head is
+  tied to the table (merging would change the head, which the unmerged LoRA does not).
+* ``lora_bias=True``: ``lora_bias [.., out]`` (init 0) added to ``x A B`` before the scale,
+  as HF's bias on ``lora_B``; refused, as by HF, with DoRA, with
+  ``init_lora_weights='gaussian'`` and on embeddings. Merge folds ``s b`` into the layer's
+  bias and is refused on a layer without one (T5, LLaMA; HF refuses too).
+* ``trainable_token_indices`` (a list of ids, or ``{"embed_tokens": ids}`` on LLaMA /
+  ``{"shared": ids}`` on T5; HF's per-stack ``{"embed_tokens": ..}`` on T5 is refused):
+  the leaf ``trainable_tokens [n, width]`` beside the table (init: the rows themselves)
+  replaces those rows of the table the model reads (:meth:`prepare_params`), so the
+  lookups and a tied head see them, as HF's tied token adapters; the table stays frozen,
+  so only those rows train. Merge writes the rows into the table and stores the originals
+  (``trainable_tokens_original``) for unmerge. Not together with LoRA on the embedding.
+
+Counts equal HF PEFT's ``get_nb_trainable_parameters``: ``r (vocab + width)`` per adapted
+lookup (DoRA ``+ width``), ``out`` per ``lora_bias``, ``n width`` for the tokens.
 """
 
 from __future__ import annotations
@@ -79,6 +116,88 @@ def _pattern_problem(kind: str):
   return check
 
 
+def _tokens_problem(v):
+  if v is None:
+    return None
+  ids = v
+  if isinstance(v, dict):
+    if len(v) != 1 or not all(isinstance(k, str) for k in v):
+      return "expected a list of token ids, or a {embedding module name: [ids]} dict with one entry"
+    ids = next(iter(v.values()))
+  if not isinstance(ids, (list, tuple)) or not ids or any(
+      isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0 for i in ids):
+    return "expected a non-empty list of token ids (ints >= 0)"
+  if len(set(int(i) for i in ids)) != len(ids):
+    return "token ids must not repeat"
+  return None
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+def embedding_modules(cfg, flat) -> list:
+  """The token-embedding lookups LoRA can target, as :class:`targets.Module` of kind
+  ``embed`` (``d_in`` = vocabulary, ``d_out`` = width): T5's encoder and decoder each read the
+  one ``shared`` table (paths ``encoder/embed_tokens``, ``decoder/embed_tokens``, as HF PEFT
+  wraps ``encoder.embed_tokens`` / ``decoder.embed_tokens``); LLaMA's ``embed``."""
+  from peft_jax.models.family import family_of
+  leaf = family_of(cfg).embedding_leaf
+  if not leaf or leaf not in flat:
+    return []
+  v, d = (int(x) for x in flat[leaf].shape)
+  paths = (["encoder/embed_tokens", "decoder/embed_tokens"] if family_of(cfg).name == "t5"
+           else [leaf.rsplit("/", 1)[0]])
+  return [targets.Module(path=p, leaf=leaf, name="embed_tokens", stack=None, sublayer=None,
+                         n_layers=None, d_in=v, d_out=d, kind="embed") for p in paths]
+
+
+def emb_hf_name(m) -> str:
+  """The ``transformers`` module HF PEFT wraps for this lookup."""
+  return m.path.replace("/", ".") if m.path.endswith("/embed_tokens") else "model.embed_tokens"
+
+
+def emb_leaf(m, name: str) -> str:
+  """Leaves of an embedding LoRA live beside the table: ``shared/encoder_lora_embedding_A``
+  (T5, one per stack) or ``embed/lora_embedding_A`` (LLaMA)."""
+  owner = m.leaf.rsplit("/", 1)[0]
+  pre = m.path.split("/")[0] + "_" if m.path.endswith("/embed_tokens") else ""
+  return f"{owner}/{pre}{name}"
+
+
+def _emb_hit(cfg, m, t: str) -> bool:
+  hf = emb_hf_name(m)
+  return t in ("embed_tokens", m.path, hf) or hf.endswith("." + t) or m.path.endswith("/" + t)
+
+
+def split_targets(cfg, flat, tg):
+  """``(embedding modules, the remaining linear targets)`` of ``target_modules``; the linear
+  part is None when nothing linear is targeted."""
+  embs = embedding_modules(cfg, flat)
+  from peft_jax.models.family import family_of
+  t5 = family_of(cfg).name == "t5"
+  if isinstance(tg, (list, tuple, set, frozenset)):
+    if t5 and "shared" in tg:
+      raise PeftConfigError("target_modules 'shared': in HF PEFT a LoRA on T5's shared embedding "
+                            "changes nothing (the stacks read encoder.embed_tokens and "
+                            "decoder.embed_tokens); target 'embed_tokens' (or one of them)")
+    hit, rest = [], []
+    for t in tg:
+      h = [m for m in embs if isinstance(t, str) and _emb_hit(cfg, m, t)]
+      hit.extend(m for m in h if m not in hit)
+      if not h:
+        rest.append(t)
+    return [m for m in embs if m in hit], (rest if rest else (None if hit else rest))
+  if isinstance(tg, str) and tg != "all-linear":
+    try:
+      rx = re.compile(tg)
+    except re.error:
+      return [], tg
+    hit = [m for m in embs if rx.fullmatch(m.path)]
+    if hit and not any(rx.fullmatch(m.path) for m in targets.linear_modules(flat)):
+      return hit, None
+    return hit, tg
+  return [], tg
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraHandler:
   scale: float
@@ -94,6 +213,8 @@ class LoraHandler:
     b = module.get_variable("params", "lora_B")
     xd = dropout(module, x, self.rate, deterministic)
     lora = jnp.dot(jnp.dot(xd.astype(dt), a.astype(dt)), b.astype(dt))
+    if module.has_variable("params", "lora_bias"):   # lora_B's bias, scaled with it (HF)
+      lora = lora + module.get_variable("params", "lora_bias").astype(dt)
     scale = self.scale
     if module.has_variable("params", "lora_scale"):   # per-module ranks / alphas
       scale = module.get_variable("params", "lora_scale").astype(dt)
@@ -111,6 +232,27 @@ class LoraHandler:
     else:
       base = jnp.dot(xd.astype(dt), w.astype(dt))
     return y + ((f - 1) * base + f * lora * scale).astype(y.dtype)
+
+  def lookup(self, module, ids, x, stack):
+    """LoRA on the embedding: ``x + A[ids] B * s`` (no dropout, as HF PEFT)."""
+    pre = f"{stack}_" if stack else ""
+    if not module.has_variable("params", pre + "lora_embedding_A"):
+      return x
+    a = module.get_variable("params", pre + "lora_embedding_A")
+    b = module.get_variable("params", pre + "lora_embedding_B")
+    scale = self.scale
+    if module.has_variable("params", pre + "lora_embedding_scale"):
+      scale = module.get_variable("params", pre + "lora_embedding_scale")
+    delta = jnp.dot(jnp.take(a, ids, axis=0).astype(jnp.float32), b.astype(jnp.float32)) * scale
+    if not module.has_variable("params", pre + "lora_embedding_magnitude"):
+      return x + delta.astype(x.dtype)
+    # DoRA (HF's DoraEmbeddingLayer): m / ||E + s A B|| * (E[ids] + s A[ids] B), the norm per
+    # embedding dimension over the vocabulary, a constant in the backward pass
+    m = module.get_variable("params", pre + "lora_embedding_magnitude").astype(jnp.float32)
+    table = module.get_variable("params", "embedding").astype(jnp.float32)
+    full = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+    n = jax.lax.stop_gradient(jnp.linalg.norm(table + full, axis=0))
+    return ((m / n) * (x.astype(jnp.float32) + delta)).astype(x.dtype)
 
 
 def check_bias(bias, flat):
@@ -144,6 +286,11 @@ class Lora(Method):
                             check_fn=_pattern_problem("rank")),
       "alpha_pattern": Field(None, "{module pattern: alpha} overriding lora_alpha per module "
                              "(matched as rank_pattern)", "any", check_fn=_pattern_problem("alpha")),
+      "lora_bias": Field(False, "a trained bias on lora_B, added with the LoRA branch times the "
+                         "scale (HF PEFT; not with DoRA or on embeddings)"),
+      "trainable_token_indices": Field(None, "token ids whose embedding rows train (HF PEFT): a "
+                                       "list, or {embedding module name: [ids]}", "any",
+                                       check_fn=_tokens_problem),
       **targets.SELECTION,
   }
 
@@ -151,7 +298,65 @@ class Lora(Method):
     return bool(hp["use_dora"])
 
   def placement(self, cfg, hp, flat) -> targets.Placement:
-    return targets.place(cfg, hp, flat, targets.default_targets(cfg, "LORA"))
+    """The targeted linear modules (embedding targets: :meth:`embeddings`)."""
+    tg = hp.get("target_modules")
+    if tg is None:
+      return targets.place(cfg, hp, flat, targets.default_targets(cfg, "LORA"))
+    _, lin = split_targets(cfg, flat, tg)
+    if lin is None:
+      return targets.Placement((), {})
+    try:
+      return targets.place(cfg, dict(hp, target_modules=lin), flat, None)
+    except PeftConfigError as e:
+      embs = embedding_modules(cfg, flat)
+      if "matches no module" not in str(e) or not embs:
+        raise
+      raise PeftConfigError(f"{e}; token embedding lookups: 'embed_tokens' "
+                            f"({', '.join(m.path for m in embs)})") from None
+
+  def embeddings(self, cfg, hp, flat) -> list:
+    """The targeted embedding lookups (:func:`embedding_modules`)."""
+    tg = hp.get("target_modules")
+    embs = [] if tg is None else split_targets(cfg, flat, tg)[0]
+    if embs:
+      sel = [k for k in targets.LAYER_SELECTION_KEYS + ("target_sublayers",) if hp.get(k) is not None]
+      if sel:
+        raise PeftConfigError(f"LoRA on the embedding ({embs[0].path}) with {sel[0]}: the "
+                              "embedding lies outside the layers; adapt it in a separate run")
+    return embs
+
+  def emb_rank(self, cfg, hp, m):
+    """``(rank, alpha)`` of embedding lookup ``m`` (rank_pattern / alpha_pattern apply)."""
+    name = emb_hf_name(m)
+    kr = pattern_key(hp.get("rank_pattern") or {}, name)
+    ka = pattern_key(hp.get("alpha_pattern") or {}, name)
+    return (hp["r"] if kr is None else hp["rank_pattern"][kr],
+            hp["lora_alpha"] if ka is None else hp["alpha_pattern"][ka])
+
+  def token_indices(self, cfg, hp, flat):
+    """``(table leaf, [ids])`` of ``trainable_token_indices``, or None."""
+    from peft_jax.models.family import family_of
+    v = hp.get("trainable_token_indices")
+    if v is None:
+      return None
+    fam = family_of(cfg)
+    ids = v
+    if isinstance(v, dict):
+      (name, ids), = v.items()
+      ok = ("shared",) if fam.name == "t5" else ("embed_tokens", "model.embed_tokens")
+      if name not in ok:
+        raise PeftConfigError(
+            f"trainable_token_indices names module {name!r}; peft-jax trains rows of the "
+            f"token embedding only, named {' or '.join(repr(o) for o in ok)}" +
+            (" (HF's per-stack rows of T5's encoder/decoder embed_tokens are not supported)"
+             if fam.name == "t5" else ""))
+    leaf = fam.embedding_leaf
+    vocab = int(flat[leaf].shape[0])
+    bad = [int(i) for i in ids if int(i) >= vocab]
+    if bad:
+      raise PeftConfigError(f"trainable_token_indices: token id {bad[0]} is out of range; the "
+                            f"vocabulary has {vocab} tokens")
+    return leaf, [int(i) for i in ids]
 
   def scaling(self, hp, r=None, alpha=None):
     r = hp["r"] if r is None else r
@@ -207,6 +412,28 @@ class Lora(Method):
       raise PeftConfigError(f"init_lora_weights must be True, False or 'gaussian', got "
                             f"{hp['init_lora_weights']!r}")
     pl = self.placement(cfg, hp, flat)
+    embs = self.embeddings(cfg, hp, flat)
+    if not pl.modules and not embs and hp.get("trainable_token_indices") is None:
+      raise PeftConfigError("target_modules selects no module")
+    if hp.get("lora_bias"):
+      if self._dora(hp):
+        raise PeftConfigError("lora_bias=True is not supported with DoRA (as in HF PEFT)")
+      if hp["init_lora_weights"] not in (True, False):
+        raise PeftConfigError(f"lora_bias=True needs init_lora_weights True or False (as in HF "
+                              f"PEFT), got {hp['init_lora_weights']!r}")
+      if embs:
+        raise PeftConfigError(f"lora_bias=True is not supported for an embedding layer "
+                              f"({embs[0].path}; as in HF PEFT)")
+    tok = self.token_indices(cfg, hp, flat)
+    if tok is not None and embs:
+      raise PeftConfigError("trainable_token_indices together with LoRA on the same embedding "
+                            f"({embs[0].path}) is not supported")
+    for m in embs:
+      rm = self.emb_rank(cfg, hp, m)[0]
+      if rm > min(m.d_in, m.d_out):
+        raise PeftConfigError(f"rank {rm} is larger than embedding {m.path} allows: its table is "
+                              f"[vocab={m.d_in}, width={m.d_out}], so r must be <= "
+                              f"{min(m.d_in, m.d_out)}")
     for m in pl.modules:
       rm = self.stored_rank(cfg, hp, pl, m)
       if rm > min(m.d_in, m.d_out):
@@ -255,12 +482,46 @@ class Lora(Method):
         delta = jnp.einsum("...ir,...ro->...io", a, b) * scale
         out[f"{m.path}/lora_magnitude"] = jnp.linalg.norm(
             w.astype(jnp.float32) + delta, axis=-2).astype(adapter_dtype(w.dtype))
+      if hp.get("lora_bias"):
+        out[f"{m.path}/lora_bias"] = jnp.zeros(lead + (m.d_out,), adapter_dtype(w.dtype))
+    for m in self.embeddings(cfg, hp, flat):
+      # HF: A [r, vocab] = 0, B [width, r] ~ N(0, 1) (init_lora_weights=False: both N(0, 1));
+      # stored transposed, A [vocab, r] (rows gathered by token id) and B [r, width]
+      r, alpha = self.emb_rank(cfg, hp, m)
+      dt = adapter_dtype(flat[m.leaf].dtype)
+      a = rnd.normal((m.d_in, r)) if init is False else jnp.zeros((m.d_in, r), jnp.float32)
+      out[emb_leaf(m, "lora_embedding_A")] = a.astype(dt)
+      out[emb_leaf(m, "lora_embedding_B")] = rnd.normal((r, m.d_out)).astype(dt)
+      if self.patterned(hp):
+        out[emb_leaf(m, "lora_embedding_scale")] = jnp.asarray(self.scaling(hp, r, alpha),
+                                                               jnp.float32)
+      if self._dora(hp):   # ||E + s A B|| per embedding dimension (over the vocabulary)
+        full = jnp.dot(a, out[emb_leaf(m, "lora_embedding_B")].astype(jnp.float32))
+        out[emb_leaf(m, "lora_embedding_magnitude")] = jnp.linalg.norm(
+            jnp.asarray(flat[m.leaf], jnp.float32) + self.scaling(hp, r, alpha) * full,
+            axis=0).astype(dt)
+    tok = self.token_indices(cfg, hp, flat)
+    if tok is not None:   # HF: the rows start as the embedding's own (identity at init)
+      leaf, ids = tok
+      out[leaf.rsplit("/", 1)[0] + "/trainable_tokens"] = jnp.asarray(flat[leaf])[np.array(ids)]
+    return out
+
+  def prepare_params(self, cfg, hp, flat):
+    """``trainable_token_indices``: the table the model reads has the trained rows (so a tied
+    head sees them too, as HF PEFT's tied token adapter)."""
+    tok = self.token_indices(cfg, hp, flat)
+    if tok is None:
+      return flat
+    leaf, ids = tok
+    out = dict(flat)
+    t = flat[leaf.rsplit("/", 1)[0] + "/trainable_tokens"]
+    out[leaf] = jnp.asarray(flat[leaf]).at[np.array(ids)].set(jnp.asarray(t).astype(flat[leaf].dtype))
     return out
 
   def leaf_roles(self, cfg, hp, paths):
     """DoRA's magnitude vectors train without weight decay; ``lora_scale`` is a constant."""
-    out = {p: "no_decay" for p in paths if p.endswith("/lora_magnitude")}
-    out.update({p: "frozen" for p in paths if p.endswith("/lora_scale")})
+    out = {p: "no_decay" for p in paths if p.endswith(("/lora_magnitude", "lora_embedding_magnitude"))}
+    out.update({p: "frozen" for p in paths if p.endswith(("/lora_scale", "lora_embedding_scale"))})
     return out
 
   def update_masks(self, cfg, hp, flat):
@@ -269,7 +530,8 @@ class Lora(Method):
     for m in pl.modules:
       sel = pl.layers.get(m.path)
       rmask = self.rank_masks(cfg, hp, pl, m)
-      for i, (leaf, nd) in enumerate((("lora_A", 3), ("lora_B", 3), ("lora_magnitude", 2))):
+      for i, (leaf, nd) in enumerate((("lora_A", 3), ("lora_B", 3), ("lora_magnitude", 2),
+                                      ("lora_bias", 2))):
         lm = targets.layer_mask(m, sel, nd)
         if rmask is not None and i < 2:
           lm = rmask[i] if lm is None else lm & rmask[i]
@@ -277,10 +539,16 @@ class Lora(Method):
           out[f"{m.path}/{leaf}"] = lm
       if f"{m.path}/lora_scale" in flat:   # a constant, not a parameter (never counted)
         out[f"{m.path}/lora_scale"] = np.zeros(np.shape(flat[f"{m.path}/lora_scale"]), bool)
+    for k in flat:
+      if k.endswith("lora_embedding_scale"):
+        out[k] = np.zeros(np.shape(flat[k]), bool)
     return out
 
   def changed_params(self, cfg, hp, flat):
-    return targets.dense_changed_params(self.placement(cfg, hp, flat))
+    n = targets.dense_changed_params(self.placement(cfg, hp, flat))
+    n += sum(m.d_in * m.d_out for m in self.embeddings(cfg, hp, flat))
+    tok = self.token_indices(cfg, hp, flat)
+    return n + (0 if tok is None else len(tok[1]) * int(flat[tok[0]].shape[1]))
 
   def handlers(self, cfg, hp):
     return (LoraHandler(scale=float(self.scaling(hp)), rate=float(hp["lora_dropout"]),
@@ -309,7 +577,55 @@ class Lora(Method):
         out[f"{p}/dora_merge_norm"] = n
         new = new * (jnp.asarray(flat[f"{p}/lora_magnitude"], jnp.float32) / n)[..., None, :]
       out[f"{p}/kernel"] = new.astype(w.dtype)
+      if f"{p}/lora_bias" in flat:
+        out[f"{p}/bias"] = self._merged_bias(hp, flat, p, +1)
+    for m in self.embeddings(cfg, hp, flat):
+      out.update(self._emb_merged(cfg, hp, out, m, +1))
+    tok = self.token_indices(cfg, hp, flat)
+    if tok is not None:   # HF: the trained rows replace the table's (the originals are kept)
+      leaf, ids = tok
+      owner = leaf.rsplit("/", 1)[0]
+      table = jnp.asarray(flat[leaf])
+      out[f"{owner}/trainable_tokens_original"] = table[np.array(ids)]
+      out[leaf] = table.at[np.array(ids)].set(jnp.asarray(flat[f"{owner}/trainable_tokens"]))
     return out
+
+  def _merged_bias(self, hp, flat, p, sign):
+    if f"{p}/bias" not in flat:
+      raise PeftConfigError(f"cannot merge LoRA with lora_bias=True at {p}: the layer has no bias "
+                            "to fold it into (as in HF PEFT); keep the adapter unmerged")
+    bias = jnp.asarray(flat[f"{p}/bias"])
+    s = self._scale_of(hp, flat, p)
+    s = jnp.squeeze(jnp.asarray(s), (-1,)) if jnp.ndim(s) else s   # [L, 1, 1] -> [L, 1]
+    new = bias.astype(jnp.float32) + sign * jnp.asarray(flat[f"{p}/lora_bias"], jnp.float32) * s
+    return new.astype(bias.dtype)
+
+  def _emb_merged(self, cfg, hp, flat, m, sign):
+    """The table plus (or minus) ``s A B``; refused where the lookup does not own the table."""
+    if m.path.endswith("/embed_tokens"):
+      raise PeftConfigError(f"cannot merge LoRA on {m.path}: T5's encoder and decoder read one "
+                            "shared table, which cannot hold their two updates; keep it unmerged")
+    if getattr(cfg, "tie_word_embeddings", False):
+      raise PeftConfigError(f"cannot merge LoRA on the embedding {m.path}: the output head is tied "
+                            "to the table, and merging would change the head too (the unmerged "
+                            "LoRA changes only the lookup); keep it unmerged")
+    a = jnp.asarray(flat[emb_leaf(m, "lora_embedding_A")], jnp.float32)
+    b = jnp.asarray(flat[emb_leaf(m, "lora_embedding_B")], jnp.float32)
+    s = self.scaling(hp, *self.emb_rank(cfg, hp, m))
+    t = jnp.asarray(flat[m.leaf])
+    delta = s * jnp.dot(a, b)
+    mag, nkey = emb_leaf(m, "lora_embedding_magnitude"), emb_leaf(m, "lora_embedding_merge_norm")
+    if mag not in flat:
+      return {m.leaf: (t.astype(jnp.float32) + sign * delta).astype(t.dtype)}
+    mag = jnp.asarray(flat[mag], jnp.float32)
+    if sign > 0:     # DoRA: E' = m / n * (E + s A B), n stored for unmerge (as HF caches it)
+      n = jnp.linalg.norm(t.astype(jnp.float32) + delta, axis=0)
+      return {m.leaf: ((mag / n) * (t.astype(jnp.float32) + delta)).astype(t.dtype), nkey: n}
+    if nkey not in flat:
+      raise PeftConfigError(f"cannot unmerge DoRA at {m.path}: the norm that merge stored "
+                            "(lora_embedding_merge_norm) is missing; merge with plain=False")
+    n = jnp.asarray(flat[nkey], jnp.float32)
+    return {m.leaf: (t.astype(jnp.float32) / (mag / n) - delta).astype(t.dtype), nkey: None}
 
   def unmerge(self, cfg, hp, flat):
     out = dict(flat)
@@ -325,6 +641,24 @@ class Lora(Method):
       delta = jnp.einsum("...ir,...ro->...io", jnp.asarray(flat[f"{p}/lora_A"], jnp.float32),
                          jnp.asarray(flat[f"{p}/lora_B"], jnp.float32)) * self._scale_of(hp, flat, p)
       out[f"{p}/kernel"] = (new - delta).astype(w.dtype)
+      if f"{p}/lora_bias" in flat:
+        out[f"{p}/bias"] = self._merged_bias(hp, flat, p, -1)
+    for m in self.embeddings(cfg, hp, flat):
+      for k, v in self._emb_merged(cfg, hp, out, m, -1).items():
+        if v is None:
+          out.pop(k, None)     # the stored DoRA norm
+        else:
+          out[k] = v
+    tok = self.token_indices(cfg, hp, flat)
+    if tok is not None:
+      leaf, ids = tok
+      owner = leaf.rsplit("/", 1)[0]
+      if f"{owner}/trainable_tokens_original" not in flat:
+        raise PeftConfigError("cannot unmerge trainable_token_indices: the original rows that "
+                              "merge stored (trainable_tokens_original) are missing; merge with "
+                              "plain=False")
+      orig = jnp.asarray(out.pop(f"{owner}/trainable_tokens_original"))
+      out[leaf] = jnp.asarray(flat[leaf]).at[np.array(ids)].set(orig.astype(flat[leaf].dtype))
     return out
 
   # ------------------------------------------------------------------ HF PEFT (LoraConfig)
@@ -332,7 +666,8 @@ class Lora(Method):
   #: every field of peft 0.21's LoraConfig (see ``hf_peft.check_fields``)
   hf_fields = {
       **{k: "used" for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora",
-                             "bias", "rank_pattern", "alpha_pattern")},
+                             "bias", "rank_pattern", "alpha_pattern", "lora_bias",
+                             "trainable_token_indices")},
       # the saved tensors name the adapted modules and layers; initialisation-only settings
       **{k: "noop" for k in ("target_modules", "exclude_modules", "layers_to_transform",
                              "layers_pattern", "megatron_core", "qalora_group_size",
@@ -342,8 +677,6 @@ class Lora(Method):
                             "OLoRA, LoftQ, CorDA, ...) change the base weights too"),
       "fan_in_fan_out": ((False,), "transposed Conv1D weights; these models use nn.Linear"),
       "modules_to_save": ((None, []), "fully trained module copies"),
-      "trainable_token_indices": ((None,), "trained token embedding rows"),
-      "lora_bias": ((False,), "a trained bias on lora_B"),
       "layer_replication": ((None,), "layers repeated to build a deeper model"),
       "loftq_config": (({}, None), "quantised base weights"),
       "megatron_config": ((None,), "Megatron parallel layers"),
@@ -377,31 +710,82 @@ class Lora(Method):
         tensors[f"{key}.lora_B.weight"] = hf_peft.np32(sl(flat[f"{m.path}/lora_B"]))[:rl].T
         if hp["use_dora"]:
           tensors[f"{key}.lora_magnitude_vector"] = hf_peft.np32(sl(flat[f"{m.path}/lora_magnitude"]))
+        if hp.get("lora_bias"):
+          tensors[f"{key}.lora_B.bias"] = hf_peft.np32(sl(flat[f"{m.path}/lora_bias"]))
+    for m in self.embeddings(cfg, hp, flat):
+      hf = emb_hf_name(m)
+      names.append(hf)
+      tensors[f"{hf_peft.PREFIX}{hf}.lora_embedding_A"] = hf_peft.np32(
+          flat[emb_leaf(m, "lora_embedding_A")]).T
+      tensors[f"{hf_peft.PREFIX}{hf}.lora_embedding_B"] = hf_peft.np32(
+          flat[emb_leaf(m, "lora_embedding_B")]).T
+      if hp["use_dora"]:
+        tensors[f"{hf_peft.PREFIX}{hf}.lora_magnitude_vector"] = hf_peft.np32(
+            flat[emb_leaf(m, "lora_embedding_magnitude")])
+    tok = self.token_indices(cfg, hp, flat)
+    if tok is not None:
+      tensors[f"{hf_peft.PREFIX}{self.hf_table(cfg)}.token_adapter.trainable_tokens_delta"] = \
+          hf_peft.np32(flat[tok[0].rsplit("/", 1)[0] + "/trainable_tokens"])
     fields = dict(r=int(hp["r"]), lora_alpha=hp["lora_alpha"], lora_dropout=float(hp["lora_dropout"]),
                   use_rslora=bool(hp["use_rslora"]), use_dora=bool(hp["use_dora"]),
                   target_modules=hf_peft.regex(names), bias="none", fan_in_fan_out=False,
                   init_lora_weights=True, layers_to_transform=None, layers_pattern=None,
                   rank_pattern=dict(hp.get("rank_pattern") or {}),
-                  alpha_pattern=dict(hp.get("alpha_pattern") or {}), modules_to_save=None)
+                  alpha_pattern=dict(hp.get("alpha_pattern") or {}), modules_to_save=None,
+                  lora_bias=bool(hp.get("lora_bias")),
+                  trainable_token_indices=hp.get("trainable_token_indices"))
     return fields, tensors
+
+  def hf_table(self, cfg) -> str:
+    """The ``transformers`` module HF PEFT's token adapter wraps (``trainable_token_indices``)."""
+    from peft_jax.models.family import family_of
+    return "shared" if family_of(cfg).name == "t5" else "model.embed_tokens"
 
   def hf_import(self, conf, tensors, cfg, base_params, path):
     from peft_jax.peft import hf_peft
     from peft_jax.peft.base import apply_peft
     from peft_jax.tree import flatten, unflatten
-    check_bias(conf.get("bias", "none"), flatten(base_params))
-    found = hf_peft.found_modules(cfg, flatten(base_params), tensors, ".lora_A.weight")
-    if not found:
+    base_flat = flatten(base_params)
+    check_bias(conf.get("bias", "none"), base_flat)
+    found = hf_peft.found_modules(cfg, base_flat, tensors, ".lora_A.weight")
+    embs = self._hf_embeddings(cfg, base_flat, tensors)
+    tok = conf.get("trainable_token_indices")
+    if not found and not embs and tok is None:
       raise PeftConfigError(f"no lora_A tensors in {path}")
     dora = bool(conf.get("use_dora"))
     hp = {"r": int(conf["r"]), "lora_alpha": conf["lora_alpha"],
           "lora_dropout": float(conf.get("lora_dropout") or 0.0),
-          "use_rslora": bool(conf.get("use_rslora")), **hf_peft.selection(found)}
+          "use_rslora": bool(conf.get("use_rslora")), "lora_bias": bool(conf.get("lora_bias"))}
+    if found:
+      hp.update(hf_peft.selection(found))
+    if embs:
+      hp["target_modules"] = hf_peft.regex(sorted(found) + [m.path for m in embs])
+    if tok is not None:
+      hp["trainable_token_indices"] = tok
     for k in ("rank_pattern", "alpha_pattern"):
       if conf.get(k):
         hp[k] = dict(conf[k])
     state = apply_peft(cfg, base_params, "dora" if dora else "lora", hp)
     flat = flatten(state.params)
+    for m in embs:
+      key = f"{hf_peft.PREFIX}{emb_hf_name(m)}"
+      a, b = tensors[f"{key}.lora_embedding_A"], hf_peft.need(tensors, f"{key}.lora_embedding_B")
+      rl = self.emb_rank(cfg, state.hparams, m)[0]
+      if a.shape[0] != rl:
+        raise PeftConfigError(f"adapter tensor {key}.lora_embedding_A has rank {a.shape[0]}; r "
+                              f"and rank_pattern give rank {rl} for {emb_hf_name(m)}")
+      vals = [("lora_embedding_A", a.T), ("lora_embedding_B", b.T)]
+      if dora:
+        vals.append(("lora_embedding_magnitude", hf_peft.need(tensors, f"{key}.lora_magnitude_vector")))
+      for nm, v in vals:
+        flat[emb_leaf(m, nm)] = hf_peft.set_layer(flat[emb_leaf(m, nm)], None, v,
+                                                  f"{emb_hf_name(m)}.{nm}")
+    t = self.token_indices(cfg, state.hparams, flat)
+    if t is not None:
+      key = f"{hf_peft.PREFIX}{self.hf_table(cfg)}.token_adapter.trainable_tokens_delta"
+      leaf = t[0].rsplit("/", 1)[0] + "/trainable_tokens"
+      flat[leaf] = hf_peft.set_layer(flat[leaf], None, hf_peft.need(tensors, key),
+                                     "trainable_token_indices")
     pl = self.placement(cfg, state.hparams, flat)
     stored = {m.path: self.stored_rank(cfg, state.hparams, pl, m) for m in pl.modules}
     for p, (m, layers) in found.items():
@@ -418,9 +802,40 @@ class Lora(Method):
         vals = {"lora_A": np.pad(a.T, ((0, 0), (0, pad))), "lora_B": np.pad(b.T, ((0, pad), (0, 0)))}
         if dora:
           vals["lora_magnitude"] = hf_peft.need(tensors, f"{key}.lora_magnitude_vector")
+        if state.hparams["lora_bias"]:
+          vals["lora_bias"] = hf_peft.need(tensors, f"{key}.lora_B.bias")
         for nm, v in vals.items():
           flat[f"{p}/{nm}"] = hf_peft.set_layer(flat[f"{p}/{nm}"], l, v, f"{hf}.{nm}")
     return state, unflatten(flat)
+
+  def _hf_embeddings(self, cfg, base_flat, tensors):
+    """The embedding lookups the adapter's ``lora_embedding_A`` tensors name; HF PEFT's saved
+    copy of an adapted embedding (``<embedding>.base_layer.weight``) is read and must equal
+    the base model's table."""
+    from peft_jax.peft import hf_peft
+    embs = embedding_modules(cfg, base_flat)
+    by_name = {emb_hf_name(m): m for m in embs}
+    out = []
+    for k in sorted(tensors):
+      name = k[len(hf_peft.PREFIX):] if k.startswith(hf_peft.PREFIX) else k
+      if k.endswith(".lora_embedding_A"):
+        hf = name[: -len(".lora_embedding_A")]
+        if hf == "shared" and embs and embs[0].path.endswith("/embed_tokens"):
+          raise PeftConfigError(f"adapter tensor {k}: LoRA on T5's shared embedding changes "
+                                "nothing in HF PEFT (the stacks read encoder.embed_tokens and "
+                                "decoder.embed_tokens), so peft-jax does not import it")
+        if hf not in by_name:
+          raise PeftConfigError(f"adapter tensor {k}: module {hf!r} is not a token embedding of "
+                                f"this model (expected {', '.join(sorted(by_name))})")
+        out.append(by_name[hf])
+      elif k.endswith(".base_layer.weight") and embs and (
+          name[: -len(".base_layer.weight")] in set(by_name) | {self.hf_table(cfg)}):
+        v, table = tensors[k], np.asarray(base_flat[embs[0].leaf], np.float32)
+        if v.shape != table.shape or not np.allclose(v, table, atol=1e-6, rtol=0):
+          raise PeftConfigError(f"adapter tensor {k}: the adapter saves an embedding of shape "
+                                f"{tuple(v.shape)} that differs from the base model's "
+                                f"{tuple(table.shape)} (e.g. a resized vocabulary); not supported")
+    return sorted(out, key=lambda m: m.path)
 
 
 @register
