@@ -151,7 +151,8 @@ class Lora(Method):
     return bool(hp["use_dora"])
 
   def placement(self, cfg, hp, flat) -> targets.Placement:
-    return targets.place(cfg, hp, flat, targets.default_targets(cfg, "LORA"))
+    return targets.place(cfg, hp, flat, targets.default_targets(cfg, "LORA"),   # + T5's tied head
+                         modules=targets.linear_modules(flat) + targets.tied_head_modules(cfg, flat))
 
   def scaling(self, hp, r=None, alpha=None):
     r = hp["r"] if r is None else r
@@ -208,6 +209,9 @@ class Lora(Method):
                             f"{hp['init_lora_weights']!r}")
     pl = self.placement(cfg, hp, flat)
     for m in pl.modules:
+      if self._dora(hp) and not m.leaf.endswith("/kernel"):
+        raise PeftConfigError(f"DoRA on the tied {m.path} is not supported (its weight is the "
+                              "input embedding); use LoRA there")
       rm = self.stored_rank(cfg, hp, pl, m)
       if rm > min(m.d_in, m.d_out):
         what = f"rank r={r}" if rm == r else f"rank {rm} (rank_pattern)"
@@ -300,6 +304,9 @@ class Lora(Method):
   def merge(self, cfg, hp, flat):
     out = dict(flat)
     for p in self._modules(flat):
+      if f"{p}/kernel" not in flat:
+        raise PeftConfigError(f"LoRA on the tied {p} cannot be merged: its weight is the input "
+                              "embedding, which the merge would change too")
       w = jnp.asarray(flat[f"{p}/kernel"])
       delta = jnp.einsum("...ir,...ro->...io", jnp.asarray(flat[f"{p}/lora_A"], jnp.float32),
                          jnp.asarray(flat[f"{p}/lora_B"], jnp.float32)) * self._scale_of(hp, flat, p)

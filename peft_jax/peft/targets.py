@@ -120,6 +120,19 @@ def linear_modules(flat: Flat) -> List[Module]:
   return out
 
 
+def tied_head_modules(cfg, flat: Flat) -> List[Module]:
+  """T5 v1.0's tied ``lm_head`` as a linear module (``leaf``: the shared embedding
+  ``[vocab, embed]`` it reads, transposed), for methods that adapt it through the
+  ``linear`` site without a kernel of its own (LoRA); [] when the model has no tied head."""
+  from peft_jax.peft.modules_to_save import tied_head_source
+  src = tied_head_source(cfg, flat)
+  if src is None:
+    return []
+  vocab, d = tuple(flat[src].shape)
+  return [Module(path="lm_head", leaf=src, name="lm_head", stack=None, sublayer=None,
+                 n_layers=None, d_in=d, d_out=vocab, kind="head")]
+
+
 def norm_modules(flat: Flat) -> List[Module]:
   out = []
   for leaf in sorted(flat):
