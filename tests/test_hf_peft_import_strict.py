@@ -109,7 +109,6 @@ def test_layer_replication_refused(tmp_path):
     ("llama_gqa", dict(target_modules=["q_proj"], lora_bias=True), "lora_bias"),
     ("llama_gqa", dict(target_modules=["q_proj"], trainable_token_indices=[3, 5]),
      "trainable_token_indices"),
-    ("llama_gqa", dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_save"),
 ])
 def test_unsupported_features_refused(kind, kw, match, tmp_path):
   _, d = hf_adapter(kind, tmp_path, r=2, **kw)
