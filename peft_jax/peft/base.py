@@ -13,6 +13,10 @@ abstract build), a method says
 :func:`apply_peft` combines these into a :class:`PeftState`: the new tree, the
 boolean trainable mask (same structure), and the ``Sites`` to build the model
 with. Nothing in a model file names a method.
+
+Every method also gets the ``modules_to_save`` hyperparameter (added at registration):
+:mod:`peft_jax.peft.modules_to_save` resolves it here, independently of the method, into
+``PeftState.saved`` (fully trained module leaves: trainable, saved, counted).
 """
 
 from __future__ import annotations

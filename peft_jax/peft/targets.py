@@ -29,6 +29,10 @@ the nearest count, at least one layer per stack). For T5 the selection is made
 per stack (first/last/random of the encoder and of the decoder). Modules
 outside the layer stack (``lm_head``) are excluded when a selection is given
 (as in HF PEFT, where they carry no layer index).
+
+T5 v1.0's tied head has no kernel of its own; :func:`tied_head_modules` lists it (path
+``lm_head``, leaf ``shared/embedding``) for the methods that adapt it through the
+``linear`` site without touching its weight (LoRA).
 """
 
 from __future__ import annotations
