@@ -129,6 +129,25 @@ def test_tied_head_lora_refuses_merge_and_dora():
     peft.apply_peft(cfg, base, "dora", {"target_modules": ["lm_head"]})
 
 
+def test_merge_keeps_saved_modules(tmp_path):
+  """Merged LoRA + a saved module computes the adapted model; the tied head's untied copy
+  has no place in a plain tied base tree (one line), plain=False keeps it."""
+  from peft_jax.models import build_model
+  _, _, cfg, base = loaded("llama_mha")
+  state = peft.apply_peft(cfg, base, "lora", {"r": 2, "modules_to_save": ["lm_head", "model.norm"]})
+  params = noisy(state, state.params)
+  merged = peft.merge(state, params)
+  plain = peft.apply_peft(cfg, merged, "full")     # a model without sites on the merged tree
+  assert build_model(cfg, plain.sites) is not None
+  np.testing.assert_allclose(our_logits("llama_mha", plain, merged),
+                             our_logits("llama_mha", state, params), atol=1e-5)
+  _, _, cfg5, base5 = loaded("t5_v10")
+  st5 = peft.apply_peft(cfg5, base5, "lora", {"r": 2, "modules_to_save": ["lm_head"]})
+  with pytest.raises(peft.PeftConfigError, match="untied trained copy of the tied head"):
+    peft.merge(st5, st5.params)
+  assert "lm_head/kernel" in flatten(peft.merge(st5, st5.params, plain=False))
+
+
 def test_foreign_base_layer_weight_refused(tmp_path):
   from safetensors.numpy import load_file, save_file
   import os

@@ -68,6 +68,12 @@ def tied_head_source(cfg, flat) -> Optional[str]:
   return src if src is not None and "lm_head/kernel" not in flat and src in flat else None
 
 
+def untied_copies(cfg, saved) -> List[str]:
+  """The leaves of ``saved`` that are new untied copies of a tied head (no base weight)."""
+  src = getattr(family_of(cfg), "tied_head_source", lambda c: None)(cfg)
+  return [k for k in saved if src is not None and k == "lm_head/kernel"]
+
+
 def modules(cfg, flat) -> List[SavedModule]:
   """Every module of the model that ``modules_to_save`` can name."""
   groups: Dict[str, list] = {}
