@@ -206,12 +206,21 @@ def test_adapter_checkpoint_keeps_saved_modules(kind, tmp_path):
   np.testing.assert_allclose(our_logits(kind, st2, p2), our_logits(kind, state, params), atol=1e-6)
 
 
-def test_ia3_with_modules_to_save_imports(tmp_path):
-  """The mapping is method-independent: IA3 carries modules_to_save too."""
-  pm = hf_model("llama_mha", hfpeft.IA3Config, modules_to_save=["lm_head"])
-  state, _ = import_matches("llama_mha", pm, tmp_path)
-  assert state.method.name == "ia3" and state.saved == ("lm_head/kernel",)
+@pytest.mark.parametrize("kind,conf_cls,kw,method", [
+    ("llama_mha", "IA3Config", {}, "ia3"),
+    ("t5_v10", "LoKrConfig", dict(r=2, target_modules=["q", "v"]), "krona"),
+    ("llama_gqa", "LNTuningConfig", {}, "ln_tuning"),
+    ("t5_v11", "AdaLoraConfig", dict(init_r=2, target_r=1, total_step=5, target_modules=["q"]),
+     "adalora"),
+])
+def test_other_methods_carry_modules_to_save(kind, conf_cls, kw, method, tmp_path):
+  """The mapping is method-independent: every mapped method carries modules_to_save."""
+  _, _, cfg, base = loaded(kind)
+  pm = hf_model(kind, getattr(hfpeft, conf_cls), modules_to_save=["lm_head"], **kw)
+  state, params = import_matches(kind, pm, tmp_path)
+  assert state.method.name == method and state.saved == ("lm_head/kernel",)
   assert accounting.count(state)["trainable_params"] == hf_trainable(pm)
+  export_matches(kind, state, params, tmp_path)     # and back, the same weights
 
 
 @pytest.mark.parametrize("mts,match", [
