@@ -98,6 +98,14 @@ def test_lora_modules_to_save_both_ways(kind, tm, mts, tmp_path):
   export_matches(kind, ours, noisy(ours, ours.params), tmp_path)
 
 
+def test_untied_embedding_copy_imports(tmp_path):
+  """LLaMA's untied embed_tokens: HF's trained copy is the model's embedding."""
+  pm = hf_model("llama_mha", r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+  state, _ = import_matches("llama_mha", pm, tmp_path)
+  assert state.saved == ("embed/embedding",)
+  assert accounting.count(state)["trainable_params"] == hf_trainable(pm)
+
+
 def test_our_paths_and_regex_name_the_same_modules():
   _, _, cfg, base = loaded("llama_mha")
   a = peft.apply_peft(cfg, base, "lora", {"modules_to_save": ["lm_head", "final_norm"]})
@@ -227,9 +235,13 @@ def test_other_methods_carry_modules_to_save(kind, conf_cls, kw, method, tmp_pat
     (["mlp"], "a module holding other modules"),
     (["nonexistent"], "matches no module"),
     (["q_proj"], "also adapted by the method"),
+    (["shared"], "shared embedding is read by no layer"),
+    (["embed_tokens"], "with a tied head"),
 ])
 def test_bad_modules_to_save_refused(mts, match):
-  _, _, cfg, base = loaded("llama_mha")
+  kind = {"shared": "t5_v11", "embed_tokens": "qwen2"}.get(mts[0], "llama_mha")
+  _, _, cfg, base = loaded(kind)
   with pytest.raises(peft.PeftConfigError, match=match) as e:
-    peft.apply_peft(cfg, base, "lora", {"target_modules": ["q_proj"], "modules_to_save": mts})
+    peft.apply_peft(cfg, base, "lora", {"target_modules": ["q_proj"] if kind != "t5_v11" else ["q"],
+                                        "modules_to_save": mts})
   assert "\n" not in str(e.value)

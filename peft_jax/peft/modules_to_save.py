@@ -27,6 +27,10 @@ reads instead of the shared matrix (T5's ``d_model**-0.5`` rescale before the he
 as in ``transformers``). Trainable counts equal HF PEFT's (one copy of each module).
 
 A module cannot be both adapted by the method and fully trained (refused with one line).
+Refused too (the family's ``modules_to_save_problem``), where HF PEFT's copy would act
+differently from one trained leaf: T5's ``shared`` embedding (HF's copy is read by no
+layer: the stacks keep the original as ``embed_tokens``) and, on a LLaMA-family model with
+a tied head, ``embed_tokens`` (HF's head stays on the original).
 """
 
 from __future__ import annotations
@@ -153,7 +157,11 @@ def apply(cfg, spec, flat, method_leaves, made) -> Tuple[Dict[str, object], Dict
   from peft_jax.peft.base import PeftConfigError
   sel = resolve(cfg, flat, spec)
   existing, new, masks = {}, {}, {}
+  problem = getattr(family_of(cfg), "modules_to_save_problem", lambda c, p: None)
   for m, layers in sel.items():
+    why = problem(cfg, m.path)
+    if why:
+      raise PeftConfigError(f"modules_to_save: {m.path} ({m.hf}) is not supported: {why}")
     clash = sorted(k for k in list(method_leaves) + list(made)
                    if k.startswith(m.path + "/") or any(k == leaf for leaf, _, _ in m.leaves))
     if clash:
