@@ -32,6 +32,11 @@ training and out of the counts (:meth:`update_masks`). Then each module also get
 frozen ``lora_scale [..]`` leaf (the per-layer ``alpha / r``), a constant that is not
 counted as a parameter.
 
+T5 v1.0's tied head (``lm_head``, HF's ``nn.Linear`` sharing the input embedding, after
+the ``d_model**-0.5`` rescale) is a target too (:func:`targets.tied_head_modules`): the
+branch is added at its ``linear`` site; it cannot be merged (the weight is the input
+embedding) and DoRA there is refused.
+
 Merge: ``W' = W + s A B``; DoRA ``W' = m / n * (W + s A B)`` with
 ``n = ||W + s A B||_c``, which merge stores (leaf ``dora_merge_norm``) because
 ``unmerge`` cannot recover it from ``W'``.
