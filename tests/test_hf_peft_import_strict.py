@@ -106,7 +106,6 @@ def test_layer_replication_refused(tmp_path):
 @pytest.mark.parametrize("kind,kw,match", [
     # LoRA on embeddings, lora_bias and trainable_token_indices: test_hf_peft_lora_features.py
     ("t5_v11", dict(target_modules=["q", "shared"]), "shared embedding changes nothing"),
-    ("llama_gqa", dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_save"),
 ])
 def test_unsupported_features_refused(kind, kw, match, tmp_path):
   _, d = hf_adapter(kind, tmp_path, r=2, **kw)

@@ -146,6 +146,25 @@ class Embed(nn.Module):
     return jnp.dot(x.astype(self.dtype), self.embedding.astype(self.dtype).T)
 
 
+class TiedHead(nn.Module):
+  """A tied output head as a ``linear`` site (``transformers``' ``lm_head``: an ``nn.Linear``
+  sharing the input embedding): ``x @ embedding.T`` through the site's handlers, so methods
+  can adapt it like any projection. It owns no weight; a ``kernel`` leaf ``[embed, vocab]``
+  put in its scope (an untied trained copy, ``modules_to_save``) replaces the shared matrix."""
+  dtype: Any = jnp.float32
+  sites: Sites = NO_SITES
+
+  @nn.compact
+  def __call__(self, x, embed: "Embed", deterministic: bool = True):
+    def base(x):
+      if self.has_variable("params", "kernel"):
+        k = self.get_variable("params", "kernel")
+        return jnp.dot(x.astype(self.dtype), k.astype(self.dtype))
+      return embed.attend(x)
+
+    return self.sites.linear(self, x, base, deterministic)
+
+
 def attention(q, k, v, *, mask=None, bias=None, scale=None, impl=None):
   """``[B,T,N,H] x [B,S,K,H] -> [B,T,N,H]`` through ``jax.nn.dot_product_attention``.
 

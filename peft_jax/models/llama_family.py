@@ -74,6 +74,13 @@ class LlamaFamily(Family):
   def residual_sites(self, cfg):
     return (("layers", cfg.num_hidden_layers, 0, (("attn", "self_attn"), ("mlp", "mlp"))),)
 
+  def modules_to_save_problem(self, cfg, path):
+    """Why ``modules_to_save`` cannot name the module at ``path`` (None: it can)."""
+    if path == "embed" and cfg.tie_word_embeddings:
+      return ("with a tied head, HF PEFT's trained copy of embed_tokens leaves the head on the "
+              "original weight, which peft-jax's one tied leaf cannot express")
+    return None
+
   def hf_module_name(self, path, kind, name, layer):
     if path == "lm_head":
       return "lm_head"

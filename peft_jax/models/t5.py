@@ -14,6 +14,9 @@ Parameter tree (``[layers]`` = stacked by the layer scan)::
   decoder/... as encoder, with self_attn, self_attn_norm, cross_attn, cross_attn_norm
   lm_head/kernel                                    [embed, vocab] (untied only)
 
+The tied head (v1.0) is still a ``linear`` site named ``lm_head`` (``TiedHead``), so LoRA
+can target it and ``modules_to_save`` can give it an untied ``lm_head/kernel`` copy.
+
 Numerics follow ``transformers``' T5: no 1/sqrt(d) in attention, relative
 position buckets shared by all layers of a stack, norms in fp32.
 """
@@ -29,8 +32,9 @@ import jax
 import jax.numpy as jnp
 
 from peft_jax.models.config import T5Config, as_dtype
-from peft_jax.models.layers import (Dropout, Embed, Linear, RMSNorm, attention, check_packable,
-                                    constrain, param_with_axes, same_segment, scanned)
+from peft_jax.models.layers import (Dropout, Embed, Linear, RMSNorm, TiedHead, attention,
+                                    check_packable, constrain, param_with_axes, same_segment,
+                                    scanned)
 from peft_jax.sites import NO_SITES, Sites
 
 _ACTS = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=False),
@@ -284,7 +288,9 @@ class T5(nn.Module):
                         param_dtype=as_dtype(cfg.param_dtype), sites=self.sites)
     self.encoder = T5Stack(cfg, self.sites, is_decoder=False)
     self.decoder = T5Stack(cfg, self.sites, is_decoder=True)
-    if not cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings:   # a linear site over the shared matrix (HF's tied lm_head)
+      self.lm_head = TiedHead(dtype=as_dtype(cfg.dtype), sites=self.sites)
+    else:
       self.lm_head = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=as_dtype(cfg.dtype),
                             param_dtype=as_dtype(cfg.param_dtype), sites=self.sites)
 
@@ -324,7 +330,7 @@ class T5(nn.Module):
     if cfg.scales_decoder_outputs:
       h = h * (cfg.d_model ** -0.5)
     if cfg.tie_word_embeddings:
-      logits = self.shared.attend(h)
+      logits = self.lm_head(h, self.shared, deterministic)
     else:
       logits = self.lm_head(h)
     logits = constrain(logits.astype(jnp.float32), LOGITS)

@@ -76,6 +76,18 @@ class T5Family(Family):
             ("decoder/layers", cfg.n_decoder_layers, cfg.num_layers,
              (("self_attn", "self_attn"), ("cross_attn", "cross_attn"), ("mlp", "mlp"))))
 
+  def modules_to_save_problem(self, cfg, path):
+    """Why ``modules_to_save`` cannot name the module at ``path`` (None: it can)."""
+    if path == "shared":
+      return ("HF PEFT's trained copy of T5's shared embedding is read by no layer (the "
+              "encoder and decoder keep the original as embed_tokens), so peft-jax does not "
+              "train it")
+    return None
+
+  def tied_head_source(self, cfg):
+    """The leaf the tied ``lm_head`` site reads (v1.0), None for an untied head."""
+    return "shared/embedding" if cfg.tie_word_embeddings else None
+
   def hf_module_name(self, path, kind, name, layer):
     if path == "lm_head":
       return "lm_head"

@@ -18,7 +18,10 @@ PEFT's ``AdaLoraConfig`` / ``RankAllocator`` (PEFT 0.21):
 * Forward (``linear`` site): ``y = x W + (dropout(x) (A * E)) B * s`` with
   ``s = lora_alpha / (init_r + 1e-5)`` (HF: ``scaling / (ranknum + 1e-5)``, ranknum =
   init_r; ``lora_alpha <= 0`` -> ``init_r``). Pruning zeroes entries of ``E``; the shapes
-  stay ``init_r`` (HF resizes only when loading a saved adapter).
+  stay ``init_r`` (HF resizes only when saving / loading an adapter). HF PEFT: a pruned
+  adapter's ``rank_pattern`` (``{"<module>.lora_E": [kept]}``, tensors cut to the kept
+  ranks) imports into full ``init_r`` leaves with zeros at the pruned ranks, and the export
+  writes one for a pruned state (kept = non-zero lambda; :meth:`AdaLora.hf_export`).
 * Loss (:meth:`AdaLora.loss_terms`): ``orth_reg_weight * mean_over_matrices
   ||P^T P - I||_F`` over every ``A`` (``[in, r]``: ``A^T A``) and ``B`` (``B B^T``) of every
   adapted layer (HF adds it to ``outputs.loss``).
@@ -339,29 +342,42 @@ class AdaLora(AdditiveMerge, Method):
     return out
 
   def hf_export(self, state, params):
-    """``...<module>.lora_A [r, in]``, ``lora_B [out, r]``, ``lora_E [r, 1]`` at the full
-    ``init_r`` (:func:`hf_tensors`); pruned ranks are the zeros of ``lora_E``, so the
-    exported adapter computes what ours does without HF's ``rank_pattern`` resizing."""
+    """``...<module>.lora_A [r, in]``, ``lora_B [out, r]``, ``lora_E [r, 1]``. A pruned
+    adapter (some lambdas, entries of ``adalora_E``, are zero and some are not) is written
+    as HF's own pruned adapters are: ``rank_pattern`` ``{"<module>.lora_E": [kept, ...]}``
+    (a rank is kept iff its lambda is non-zero) and every tensor cut to its module's kept
+    ranks, which HF's ``resize_modules_by_rank_pattern`` restores on load (the scaling
+    keeps ``init_r``). An unpruned adapter (all lambdas non-zero, or all zero as at
+    init) is written at the full ``init_r`` with ``rank_pattern=None``."""
     from peft_jax.peft import hf_peft
     hp = state.hparams
-    tensors = {f"{hf_peft.PREFIX}{k}": hf_peft.np32(v) for k, v in hf_tensors(state, params).items()}
+    raw = hf_tensors(state, params)
+    keep = {k[: -len(".lora_E")]: np.asarray(v)[:, 0] != 0 for k, v in raw.items()
+            if k.endswith(".lora_E")}
+    kept = np.concatenate(list(keep.values())) if keep else np.ones(0, bool)
+    rank_pattern = None
+    if kept.any() and not kept.all():
+      rank_pattern = {f"{m}.lora_E": [bool(x) for x in k] for m, k in sorted(keep.items())}
+      for k in list(raw):
+        mod, leaf = k.rsplit(".", 1)
+        idx = keep[mod]
+        raw[k] = raw[k][:, idx] if leaf == "lora_B" else raw[k][idx]
+    tensors = {f"{hf_peft.PREFIX}{k}": hf_peft.np32(v) for k, v in raw.items()}
     names = sorted({k.rsplit(".", 1)[0][len(hf_peft.PREFIX):] for k in tensors})
     fields = dict(init_r=int(hp["init_r"]), target_r=int(hp["target_r"]), tinit=int(hp["tinit"]),
                   tfinal=int(hp["tfinal"]), deltaT=int(hp["deltaT"]), beta1=float(hp["beta1"]),
                   beta2=float(hp["beta2"]), orth_reg_weight=float(hp["orth_reg_weight"]),
                   total_step=hp["total_step"], lora_alpha=hp["lora_alpha"],
                   lora_dropout=float(hp["lora_dropout"]), target_modules=hf_peft.regex(names),
-                  rank_pattern=None, bias="none", fan_in_fan_out=False, init_lora_weights=True,
-                  layers_to_transform=None, layers_pattern=None, modules_to_save=None)
+                  rank_pattern=rank_pattern, bias="none", fan_in_fan_out=False,
+                  init_lora_weights=True, layers_to_transform=None, layers_pattern=None,
+                  modules_to_save=None)
     return fields, tensors
 
   def hf_import(self, conf, tensors, cfg, base_params, path):
     from peft_jax.peft import hf_peft
     from peft_jax.peft.base import apply_peft
     from peft_jax.tree import flatten
-    if conf.get("rank_pattern"):
-      raise PeftConfigError("AdaLoRA rank_pattern (tensors resized to the kept ranks) is not "
-                            "supported yet; export the adapter before its final rank allocation")
     from peft_jax.peft.lora import check_bias
     check_bias(conf.get("bias", "none"), flatten(base_params))
     found = hf_peft.found_modules(cfg, flatten(base_params), tensors, ".lora_E")
@@ -374,7 +390,61 @@ class AdaLora(AdditiveMerge, Method):
     hp.update(hf_peft.selection(found))
     state = apply_peft(cfg, base_params, "adalora", hp)
     ours = hf_peft.unprefixed(tensors)
+    if conf.get("rank_pattern"):
+      ours = expand_rank_pattern(conf["rank_pattern"], ours, int(state.hparams["init_r"]))
     return state, set_hf_tensors(state, state.params, ours)
+
+
+def expand_rank_pattern(rank_pattern, tensors, init_r: int) -> Dict[str, np.ndarray]:
+  """HF's pruned AdaLoRA tensors (cut to the ranks ``rank_pattern`` keeps,
+  ``{"<module>.lora_E": [bool] * init_r}``) put back at their rank positions in full
+  ``init_r`` tensors, zeros at the pruned ones (``lambda = 0``: the same update)."""
+  if not isinstance(rank_pattern, dict):
+    raise PeftConfigError(f"AdaLoRA rank_pattern={rank_pattern!r}: expected a "
+                          "{'<module>.lora_E': [bool, ...]} dict")
+  out = {}
+  for key, keep in rank_pattern.items():
+    mod = key[: -len(".lora_E")] if isinstance(key, str) and key.endswith(".lora_E") else None
+    if mod is None:
+      raise PeftConfigError(f"AdaLoRA rank_pattern key {key!r}: expected '<module>.lora_E'")
+    if (not isinstance(keep, list) or len(keep) != init_r
+        or not all(isinstance(x, bool) for x in keep)):
+      raise PeftConfigError(f"AdaLoRA rank_pattern[{key!r}] must be a list of {init_r} booleans "
+                            f"(init_r), got {keep!r}")
+    idx = np.asarray(keep, bool)
+    for leaf in ("lora_A", "lora_B", "lora_E"):
+      name = f"{mod}.{leaf}"
+      if name not in tensors:
+        raise PeftConfigError(f"AdaLoRA rank_pattern names {key!r}, but the adapter has no "
+                              f"tensor {name}")
+      t = np.asarray(tensors[name])
+      got = t.shape[1] if leaf == "lora_B" else t.shape[0]
+      if got != int(idx.sum()):
+        raise PeftConfigError(f"adapter tensor {name} has rank {got}; its rank_pattern keeps "
+                              f"{int(idx.sum())} of {init_r}")
+      if leaf == "lora_B":
+        full = np.zeros((t.shape[0], init_r), t.dtype)
+        full[:, idx] = t
+      else:
+        full = np.zeros((init_r,) + t.shape[1:], t.dtype)
+        full[idx] = t
+      out[name] = full
+  return _Overlay(tensors, out)
+
+
+class _Overlay(dict):
+  """``tensors`` with some entries replaced; reads of the others go to ``tensors`` (so a
+  :class:`~peft_jax.peft.hf_peft.Tracked` dict still records them)."""
+
+  def __init__(self, tensors, replaced):
+    super().__init__(replaced)
+    self.tensors = tensors
+
+  def __getitem__(self, k):
+    return dict.__getitem__(self, k) if dict.__contains__(self, k) else self.tensors[k]
+
+  def __contains__(self, k):
+    return dict.__contains__(self, k) or k in self.tensors
 
 
 

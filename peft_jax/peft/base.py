@@ -13,6 +13,10 @@ abstract build), a method says
 :func:`apply_peft` combines these into a :class:`PeftState`: the new tree, the
 boolean trainable mask (same structure), and the ``Sites`` to build the model
 with. Nothing in a model file names a method.
+
+Every method also gets the ``modules_to_save`` hyperparameter (added at registration):
+:mod:`peft_jax.peft.modules_to_save` resolves it here, independently of the method, into
+``PeftState.saved`` (fully trained module leaves: trainable, saved, counted).
 """
 
 from __future__ import annotations
@@ -154,6 +158,9 @@ def register(cls):
   inst = cls()
   if not inst.name:
     raise ValueError(f"{cls.__name__} has no name")
+  if "modules_to_save" not in cls.hparams:     # every method's (peft_jax.peft.modules_to_save)
+    from peft_jax.peft.modules_to_save import FIELD
+    cls.hparams = {**cls.hparams, "modules_to_save": FIELD}
   cls.defaults = {k: f.default for k, f in cls.hparams.items()}
   _REGISTRY[inst.name] = inst
   return cls
@@ -199,6 +206,7 @@ class PeftState:
   update_masks: Dict[str, Any] = dataclasses.field(default_factory=dict)  # path -> bool array
   no_decay: Tuple[str, ...] = ()   # trainable paths the method keeps out of weight decay
   base_model: str = ""             # where the base weights came from (model.checkpoint)
+  saved: Tuple[str, ...] = ()      # leaves of the fully trained modules (modules_to_save)
 
   # per-step hooks on nested trees (see Method.loss_terms / init_hook_state / after_step)
   @property
@@ -245,15 +253,25 @@ def apply_peft(model_cfg, params, method_name: str, overrides: Optional[Mapping[
   clash = sorted(set(new) & set(flat))
   if clash:
     raise PeftConfigError(f"method {method.name!r} would overwrite existing leaves {clash[:5]}")
+  saved, saved_new, saved_masks = {}, {}, {}
+  if hp.get("modules_to_save"):
+    from peft_jax.peft import modules_to_save
+    saved, saved_new, saved_masks = modules_to_save.apply(model_cfg, hp["modules_to_save"], flat,
+                                                          new, made)
   out = dict(flat)
   out.update(new)
   roles = method.leaf_roles(model_cfg, hp, list(out))
+  masks = dict(method.update_masks(model_cfg, hp, out))
+  out.update(saved_new)
+  masks.update(saved_masks)
   bad = sorted(k for k, r in roles.items() if r not in ("frozen", "no_decay"))
   if bad:
     raise ValueError(f"method {method.name!r}: unknown leaf roles for {bad[:3]}")
-  mask = {k: (k in made or k in new) and roles.get(k) != "frozen" for k in out}
+  mask = {k: ((k in made or k in new) and roles.get(k) != "frozen") or k in saved or k in saved_new
+          for k in out}
   return PeftState(method=method, hparams=hp, params=unflatten(out), trainable=unflatten(mask),
                    sites=Sites(tuple(method.handlers(model_cfg, hp))),
                    added=tuple(sorted(new)), made_trainable=tuple(sorted(made)),
-                   model_cfg=model_cfg, update_masks=dict(method.update_masks(model_cfg, hp, out)),
-                   no_decay=tuple(sorted(k for k, r in roles.items() if r == "no_decay" and mask[k])))
+                   model_cfg=model_cfg, update_masks=masks,
+                   no_decay=tuple(sorted(k for k, r in roles.items() if r == "no_decay" and mask[k])),
+                   saved=tuple(sorted(set(saved) | set(saved_new))))

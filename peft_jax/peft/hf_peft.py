@@ -33,8 +33,7 @@ for a method that declares ``Method.hf_fields``, every field of
 ``adapter_config.json`` must be used, a known no-op (:data:`COMMON_FIELDS` and the
 method's no-op entries) or hold one of the values the method accepts. Anything else
 stops the import with one line naming the tensor or the field and its value, never
-a silently different model. Tensors of features no mapping reads (``modules_to_save``)
-are named as such.
+a silently different model.
 
 LoRA beyond linear layers (``lora.py``): ``...embed_tokens.lora_embedding_A [r, vocab] = A.T``,
 ``lora_embedding_B [width, r] = B.T`` (DoRA: ``...embed_tokens.lora_magnitude_vector
@@ -43,6 +42,13 @@ read and must equal the base model's. ``lora_bias``: ``...<module>.lora_B.bias [
 ``trainable_token_indices``: ``...<table>.token_adapter.trainable_tokens_delta [n, width]``
 (the rows themselves, not a difference; ``<table>`` is ``shared`` on T5,
 ``model.embed_tokens`` on LLaMA).
+
+``modules_to_save`` (every method; :mod:`peft_jax.peft.modules_to_save`) is mapped here, for
+every method: the trained copies are ``<prefix><hf module>.weight`` (HF PEFT drops the
+``modules_to_save.default.`` part when saving), the exported ``modules_to_save`` lists the
+exact ``transformers`` module names. The ``<module>.base_layer.weight`` that HF PEFT saves
+beside LoRA on ``lm_head`` / embeddings (``save_embedding_layers="auto"``) must equal the
+model's weight (it would replace it in HF), else the import stops with one line.
 """
 
 from __future__ import annotations
@@ -131,6 +137,10 @@ def export_hf_peft(state: PeftState, params, out_dir: str,
     raise PeftConfigError(f"HF PEFT export supports {', '.join(hf_methods())}, not "
                           f"{method.name!r}")
   fields, tensors = method.hf_export(state, params)
+  if state.saved:
+    from peft_jax.peft import modules_to_save
+    fields["modules_to_save"], more = modules_to_save.hf_export(state, params, PREFIX)
+    tensors.update(more)
   conf = dict(common_config(state.model_cfg), peft_type=method.hf_peft_type, **fields)
   if base_model_name_or_path is None:
     base_model_name_or_path = getattr(state, "base_model", "") or None
@@ -210,18 +220,22 @@ def import_hf_peft(path: str, model_cfg, base_params) -> Tuple[PeftState, Any]:
   from peft_jax.peft.base import _REGISTRY
   conf, tensors = _read(path)
   ptype = str(conf.get("peft_type", "")).upper()
-  if conf.get("modules_to_save"):
-    raise PeftConfigError(f"modules_to_save={conf['modules_to_save']} is not supported")
   owners = [m for _, m in sorted(_REGISTRY.items()) if m.hf_peft_type == ptype]
   if not owners:
     types = sorted({m.hf_peft_type for m in _REGISTRY.values() if m.hf_peft_type})
     raise PeftConfigError(f"HF PEFT import supports peft_type {', '.join(types)}, not "
                           f"peft_type={conf.get('peft_type')!r}")
   method = owners[0]
+  conf = dict(conf)
+  saved = conf.pop("modules_to_save", None)
   check_fields(conf, method.hf_fields, ptype)
   check_known_tensors(tensors)
   tracked = Tracked(tensors)
+  from peft_jax.peft import modules_to_save
+  modules_to_save.check_hf_base_layers(model_cfg, base_params, tracked, PREFIX)
   out = method.hf_import(conf, tracked, model_cfg, base_params, path)
+  if saved:
+    out = modules_to_save.hf_import(saved, tracked, out, base_params, PREFIX)
   unread = sorted(set(tensors) - tracked.used)
   if unread:
     raise PeftConfigError(f"adapter tensor {unread[0]} is not understood by peft-jax's {ptype} "
@@ -267,7 +281,9 @@ def check_known_tensors(tensors) -> None:
 def found_modules(model_cfg, base_flat, tensors, suffix: str, modules=None):
   """``{path: (module, {layers})}`` of the tensors named ``<prefix><hf module><suffix>``;
   a module that does not exist in the model is one error line."""
-  idx = _module_index(model_cfg, modules if modules is not None else targets.linear_modules(base_flat))
+  if modules is None:
+    modules = targets.linear_modules(base_flat) + targets.tied_head_modules(model_cfg, base_flat)
+  idx = _module_index(model_cfg, modules)
   found: Dict[str, Tuple[Any, set]] = {}
   for k in tensors:
     if k.endswith(suffix):

@@ -1,8 +1,9 @@
 """Adapter-only save/load: only the method's leaves, plus a small JSON config.
 
 ``save_adapter(state, params, dir, format="safetensors"|"npz")`` writes
-``adapter.safetensors`` (or ``adapter.npz``) with the leaves the method added
-and the existing leaves it trains (keys: flattened paths), and
+``adapter.safetensors`` (or ``adapter.npz``) with the leaves the method added,
+the existing leaves it trains and those of the fully trained modules
+(``modules_to_save``, ``state.saved``; keys: flattened paths), and
 ``peft_config.json`` (``{"method", "hparams", "model_type", "leaves",
 "format", "base"}``; ``base``: the checkpoint or preset and init seed, and a fingerprint
 of the base weights, see ``run.base_info``). ``load_adapter(dir, model_cfg, base_params)``
@@ -30,7 +31,7 @@ OWN_FILES = (CONFIG, "adapter.safetensors", "adapter.npz", "MANIFEST.json")
 
 def adapter_leaves(state: PeftState, params) -> Dict[str, Any]:
   flat = flatten(params)
-  keys = sorted(set(state.added) | set(state.made_trainable))
+  keys = sorted(set(state.added) | set(state.made_trainable) | set(state.saved))
   return {k: flat[k] for k in keys}
 
 
@@ -169,7 +170,7 @@ def load_adapter_leaves(path: str, state: PeftState, verify: bool = True):
     raise PeftConfigError(f"adapter in {path} was made by method {cfg['method']!r}, not "
                           f"{state.method.name!r}")
   flat = flatten(state.params)
-  want = set(state.added) | set(state.made_trainable)
+  want = set(state.added) | set(state.made_trainable) | set(state.saved)
   if set(arrs) != want:
     raise PeftConfigError(f"adapter in {path} does not match the model: missing "
                           f"{sorted(want - set(arrs))[:5]}, unexpected {sorted(set(arrs) - want)[:5]}")

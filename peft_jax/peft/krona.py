@@ -1,4 +1,4 @@
-"""KronA [krona]: a Kronecker-product update ``dW = s * (W1 (x) W2)`` on chosen projections.
+r"""KronA [krona]: a Kronecker-product update ``dW = s * (W1 (x) W2)`` on chosen projections.
 
 Names, defaults, factorisation and initialisation follow Hugging Face PEFT's LoKr
 (``LoKrConfig``, PEFT 0.21), as the survey's code did:
@@ -29,6 +29,15 @@ frozen output times ``s``. In training, ``rank_dropout`` drops output features o
 update (one mask per call, divided by its mean with ``rank_dropout_scale``) and
 ``module_dropout`` skips the whole update with that probability (as HF).
 
+Per-module ranks and alphas (HF's ``rank_pattern`` / ``alpha_pattern``, matched as for
+LoRA: ``re.match(rf"(.*\.)?({key})$", name)`` on each layer's ``transformers`` module name,
+first matching key wins): the scale is ``alpha / r`` of each module and layer, held in a
+frozen, uncounted ``lokr_scale`` leaf (``[L]`` stacked). A stacked leaf keeps one shape for
+its layers, so a low-rank factor is stored at the largest rank among the module's
+selected layers, the columns past a layer's own rank zero, masked out of training and of
+the counts. Layers of one module whose ranks need different factor forms (a full ``W2`` in
+one layer, a low-rank one in another) are refused with one line.
+
 Merge: ``W' = W + s * kron(W1, W2)`` (per layer for stacked kernels); exact up to
 float rounding.
 """
@@ -46,6 +55,7 @@ from peft_jax.fields import Field
 from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, AdditiveMerge
+from peft_jax.peft.lora import _pattern_problem, pattern_key
 
 LEAVES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
@@ -152,7 +162,10 @@ class KronaHandler:
       return module.get_variable("params", name).astype(dt)
 
     w1, w2 = _factor(get, "w1"), _factor(get, "w2")
-    delta = kron_vec(x.astype(dt), w1, w2) * self.scale
+    scale = self.scale
+    if module.has_variable("params", "lokr_scale"):   # per-module ranks / alphas
+      scale = module.get_variable("params", "lokr_scale").astype(dt)
+    delta = kron_vec(x.astype(dt), w1, w2) * scale
     if not deterministic and self.rank_dropout > 0.0:
       keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - self.rank_dropout,
                                   (delta.shape[-1],)).astype(dt)
@@ -186,6 +199,11 @@ class Krona(AdditiveMerge, Method):
       "init_weights": Field(True, "True: W1 zero (the base model at init); 'lycoris': W2 zero "
                             "instead; False: all random", "bool_or_str", choices=("lycoris",)),
       "target_modules": Field(None, "modules to adapt (none: q, v on T5 and LLaMA)", "names"),
+      "rank_pattern": Field(None, "{module pattern: rank} overriding r per module (HF PEFT: "
+                            "regex or dotted suffix of the transformers module name)", "any",
+                            check_fn=_pattern_problem("rank")),
+      "alpha_pattern": Field(None, "{module pattern: alpha} overriding alpha per module "
+                             "(matched as rank_pattern)", "any", check_fn=_pattern_problem("alpha")),
       **targets.SELECTION,
   }
 
@@ -195,9 +213,62 @@ class Krona(AdditiveMerge, Method):
   def scaling(self, hp):
     return hp["alpha"] / hp["r"]
 
-  def layout(self, hp, m: targets.Module) -> Layout:
-    return layout(m.d_in, m.d_out, int(hp["r"]), bool(hp["decompose_both"]),
+  def patterned(self, hp) -> bool:
+    return bool(hp.get("rank_pattern") or hp.get("alpha_pattern"))
+
+  def layer_ranks(self, cfg, hp, m):
+    """``[(rank, alpha)]`` of module ``m`` per layer (one entry when not stacked)."""
+    rp, ap = hp.get("rank_pattern") or {}, hp.get("alpha_pattern") or {}
+    out = []
+    for l in (range(m.n_layers) if m.stacked else [None]):
+      name = targets.hf_module_name(cfg, m, l)
+      kr, ka = pattern_key(rp, name), pattern_key(ap, name)
+      out.append((int(hp["r"]) if kr is None else int(rp[kr]), hp["alpha"] if ka is None else ap[ka]))
+    return out
+
+  def layout(self, hp, m: targets.Module, r=None) -> Layout:
+    return layout(m.d_in, m.d_out, int(hp["r"]) if r is None else r, bool(hp["decompose_both"]),
                   int(hp["decompose_factor"]))
+
+  def stored(self, cfg, hp, pl, m) -> Tuple[Layout, int]:
+    """``(layout, stored rank)`` of module ``m``: the largest rank among its selected layers,
+    whose factor forms must agree."""
+    if not self.patterned(hp):
+      return self.layout(hp, m), int(hp["r"])
+    ranks = self.layer_ranks(cfg, hp, m)
+    sel = [ranks[0 if l is None else l][0] for l in pl.selected(m)]
+    forms = {(lo.full_w1, lo.full_w2) for lo in (self.layout(hp, m, r) for r in sel)}
+    if len(forms) > 1:
+      raise PeftConfigError(f"LoKr rank_pattern gives the layers of {m.path} ranks {sorted(set(sel))} "
+                            "that need different factor forms (full and low-rank); peft-jax "
+                            "stores a module's layers in one leaf, give them ranks of one form")
+    R = max(sel)
+    return self.layout(hp, m, R), R
+
+  def rank_masks(self, cfg, hp, pl, m) -> Dict[str, np.ndarray]:
+    """``{leaf: bool mask [L, .., ..]}`` of the rank columns each layer uses (low-rank
+    factors of a stacked module whose layers' ranks differ)."""
+    if not self.patterned(hp) or not m.stacked:
+      return {}
+    lo, R = self.stored(cfg, hp, pl, m)
+    used = np.arange(R)[None, :] < np.array([r for r, _ in self.layer_ranks(cfg, hp, m)])[:, None]
+    if used.all():
+      return {}
+    rows, cols = used[:, :, None], used[:, None, :]
+    out = {}
+    if not lo.full_w1:
+      out.update(lokr_w1_a=rows, lokr_w1_b=cols)
+    if not lo.full_w2:
+      out.update(lokr_w2_a=rows, lokr_w2_b=cols)
+    return out
+
+  def module_scale(self, cfg, hp, m):
+    s = np.array([a / r for r, a in self.layer_ranks(cfg, hp, m)], np.float32)
+    return s if m.stacked else s[0]
+
+  def leaf_roles(self, cfg, hp, paths):
+    """``lokr_scale`` (per-module alpha / r) is a constant."""
+    return {p: "frozen" for p in paths if p.endswith("/lokr_scale")}
 
   def validate(self, cfg, hp, flat):
     r = hp["r"]
@@ -213,11 +284,13 @@ class Krona(AdditiveMerge, Method):
       raise PeftConfigError(f"decompose_factor must be -1 or a positive int, got {f!r}")
     if hp["init_weights"] not in (True, False, "lycoris"):
       raise PeftConfigError(f"init_weights must be True, False or 'lycoris', got {hp['init_weights']!r}")
-    self.placement(cfg, hp, flat)
+    pl = self.placement(cfg, hp, flat)
+    for m in pl.modules:
+      self.stored(cfg, hp, pl, m)
 
   def init_leaves(self, cfg, hp, flat, rng):
     pl = self.placement(cfg, hp, flat)
-    r, init = int(hp["r"]), hp["init_weights"]
+    init = hp["init_weights"]
     rnd = Rand(rng)
     out = {}
     for m in pl.modules:
@@ -226,13 +299,19 @@ class Krona(AdditiveMerge, Method):
       lm = targets.layer_mask(m, pl.layers.get(m.path), 3)
       zero = {"lokr_w1", "lokr_w1_a"} if init is True else (
           {"lokr_w2", "lokr_w2_b"} if init == "lycoris" else set())
-      for leaf, shape in self.layout(hp, m).shapes(r).items():
+      lo, r = self.stored(cfg, hp, pl, m)
+      rmask = self.rank_masks(cfg, hp, pl, m)
+      if self.patterned(hp):
+        out[f"{m.path}/lokr_scale"] = jnp.asarray(self.module_scale(cfg, hp, m))
+      for leaf, shape in lo.shapes(r).items():
         if leaf in zero:
           v = jnp.zeros(lead + shape, jnp.float32)
         else:   # torch draws on its [out, in]-style shape = ours transposed; fan_in = our dim 0
           v = jnp.swapaxes(rnd.kaiming_uniform_a5(lead + shape[::-1]), -1, -2)
         if lm is not None:
           v = jnp.where(lm, v, 0.0)
+        if leaf in rmask:
+          v = jnp.where(rmask[leaf], v, 0.0)
         out[f"{m.path}/{leaf}"] = v.astype(adapter_dtype(w.dtype))
     return out
 
@@ -241,11 +320,15 @@ class Krona(AdditiveMerge, Method):
     out = {}
     for m in pl.modules:
       lm = targets.layer_mask(m, pl.layers.get(m.path), 3)
-      if lm is None:
-        continue
+      rmask = self.rank_masks(cfg, hp, pl, m)
       for leaf in LEAVES:
-        if f"{m.path}/{leaf}" in flat:
-          out[f"{m.path}/{leaf}"] = lm
+        mask = lm
+        if leaf in rmask:
+          mask = rmask[leaf] if mask is None else mask & rmask[leaf]
+        if mask is not None and f"{m.path}/{leaf}" in flat:
+          out[f"{m.path}/{leaf}"] = mask
+      if f"{m.path}/lokr_scale" in flat:   # a constant, not a parameter (never counted)
+        out[f"{m.path}/lokr_scale"] = np.zeros(np.shape(flat[f"{m.path}/lokr_scale"]), bool)
     return out
 
   def changed_params(self, cfg, hp, flat):
@@ -266,7 +349,11 @@ class Krona(AdditiveMerge, Method):
     def get(name):
       k = f"{p}/{name}"
       return jnp.asarray(flat[k], jnp.float32) if k in flat else None
-    return kron_delta(_factor(get, "w1"), _factor(get, "w2")) * self.scaling(hp)
+    s = self.scaling(hp)
+    if f"{p}/lokr_scale" in flat:
+      s = jnp.asarray(flat[f"{p}/lokr_scale"], jnp.float32)
+      s = s[..., None, None] if s.ndim else s
+    return kron_delta(_factor(get, "w1"), _factor(get, "w2")) * s
 
   # ------------------------------------------------------------------ HF PEFT (LoKrConfig)
   hf_peft_type = "LOKR"
@@ -281,31 +368,44 @@ class Krona(AdditiveMerge, Method):
   def hf_export(self, state, params):
     """``...<module>.lokr_w1`` etc. (:func:`hf_tensors`), one per selected layer."""
     from peft_jax.peft import hf_peft
+    from peft_jax.tree import flatten
     hp = state.hparams
     tensors = {f"{hf_peft.PREFIX}{k}": hf_peft.np32(v) for k, v in hf_tensors(state, params).items()}
     names = sorted({k.rsplit(".", 1)[0][len(hf_peft.PREFIX):] for k in tensors})
+    if self.patterned(hp):   # each layer's own rank (stored padded to the module's largest)
+      ranks = {}
+      for m in self.placement(state.model_cfg, hp, flatten(params)).modules:
+        for l, (r, _) in enumerate(self.layer_ranks(state.model_cfg, hp, m)):
+          ranks[targets.hf_module_name(state.model_cfg, m, l if m.stacked else None)] = r
+      for k in list(tensors):
+        mod, leaf = k[len(hf_peft.PREFIX):].rsplit(".", 1)
+        r = ranks[mod]
+        if leaf in ("lokr_w1_a", "lokr_w2_a"):     # torch [.., r] / ours [r, ..]
+          tensors[k] = np.ascontiguousarray(tensors[k][:, :r])
+        elif leaf in ("lokr_w1_b", "lokr_w2_b"):
+          tensors[k] = np.ascontiguousarray(tensors[k][:r])
     fields = dict(r=int(hp["r"]), alpha=hp["alpha"], rank_dropout=float(hp["rank_dropout"]),
                   module_dropout=float(hp["module_dropout"]),
                   rank_dropout_scale=bool(hp["rank_dropout_scale"]),
                   decompose_both=bool(hp["decompose_both"]),
                   decompose_factor=int(hp["decompose_factor"]), use_effective_conv2d=False,
                   init_weights=True, target_modules=hf_peft.regex(names),
-                  layers_to_transform=None, layers_pattern=None, rank_pattern={},
-                  alpha_pattern={}, modules_to_save=None)
+                  layers_to_transform=None, layers_pattern=None,
+                  rank_pattern=dict(hp.get("rank_pattern") or {}),
+                  alpha_pattern=dict(hp.get("alpha_pattern") or {}), modules_to_save=None)
     return fields, tensors
 
   def hf_import(self, conf, tensors, cfg, base_params, path):
     from peft_jax.peft import hf_peft
     from peft_jax.peft.base import apply_peft
     from peft_jax.tree import flatten
-    for k in ("rank_pattern", "alpha_pattern"):
-      if conf.get(k):
-        raise PeftConfigError(f"LoKr {k}={conf[k]} is not supported (one rank/alpha for all modules)")
     if conf.get("use_effective_conv2d"):
       raise PeftConfigError("LoKr use_effective_conv2d is for convolutions; these models have none")
     found = {}
     for suffix in (".lokr_w1", ".lokr_w1_a"):
-      found.update(hf_peft.found_modules(cfg, flatten(base_params), tensors, suffix))
+      for p, (m, layers) in hf_peft.found_modules(cfg, flatten(base_params), tensors,
+                                                  suffix).items():
+        found.setdefault(p, (m, set()))[1].update(layers)   # layers of either W1 form
     if not found:
       raise PeftConfigError(f"no lokr_w1 tensors in {path}")
     hp = {"r": int(conf["r"]), "alpha": conf["alpha"],
@@ -314,8 +414,32 @@ class Krona(AdditiveMerge, Method):
           "rank_dropout_scale": bool(conf.get("rank_dropout_scale")),
           "decompose_both": bool(conf.get("decompose_both")),
           "decompose_factor": int(conf.get("decompose_factor", -1)), **hf_peft.selection(found)}
+    for k in ("rank_pattern", "alpha_pattern"):
+      if conf.get(k):
+        hp[k] = dict(conf[k])
     state = apply_peft(cfg, base_params, "krona", hp)
     ours = hf_peft.unprefixed(tensors)
+    if self.patterned(state.hparams):   # pad each layer's low-rank factors to the stored rank
+      pl = self.placement(cfg, state.hparams, flatten(state.params))
+      padded = {}
+      for m in pl.modules:
+        _, R = self.stored(cfg, state.hparams, pl, m)
+        ranks = self.layer_ranks(cfg, state.hparams, m)
+        for l in pl.selected(m):
+          hf = targets.hf_module_name(cfg, m, l)
+          rl = ranks[0 if l is None else l][0]
+          for leaf in ("lokr_w1_a", "lokr_w2_a", "lokr_w1_b", "lokr_w2_b"):
+            if f"{hf}.{leaf}" not in ours:
+              continue
+            t = np.asarray(ours[f"{hf}.{leaf}"])
+            got = t.shape[1] if leaf.endswith("_a") else t.shape[0]
+            if got != rl:
+              raise PeftConfigError(f"adapter tensor {hf}.{leaf} has rank {got}; r and "
+                                    f"rank_pattern give rank {rl} for {hf}")
+            pad = ((0, 0), (0, R - rl)) if leaf.endswith("_a") else ((0, R - rl), (0, 0))
+            padded[f"{hf}.{leaf}"] = np.pad(t, pad)
+      from peft_jax.peft.adalora import _Overlay
+      ours = _Overlay(ours, padded)
     return state, set_hf_tensors(state, state.params, ours)
 
 

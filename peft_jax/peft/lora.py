@@ -32,6 +32,11 @@ training and out of the counts (:meth:`update_masks`). Then each module also get
 frozen ``lora_scale [..]`` leaf (the per-layer ``alpha / r``), a constant that is not
 counted as a parameter.
 
+T5 v1.0's tied head (``lm_head``, HF's ``nn.Linear`` sharing the input embedding, after
+the ``d_model**-0.5`` rescale) is a target too (:func:`targets.tied_head_modules`): the
+branch is added at its ``linear`` site; it cannot be merged (the weight is the input
+embedding) and DoRA there is refused.
+
 Merge: ``W' = W + s A B``; DoRA ``W' = m / n * (W + s A B)`` with
 ``n = ||W + s A B||_c``, which merge stores (leaf ``dora_merge_norm``) because
 ``unmerge`` cannot recover it from ``W'``.
@@ -301,12 +306,14 @@ class Lora(Method):
     """The targeted linear modules (embedding targets: :meth:`embeddings`)."""
     tg = hp.get("target_modules")
     if tg is None:
-      return targets.place(cfg, hp, flat, targets.default_targets(cfg, "LORA"))
+      return targets.place(cfg, hp, flat, targets.default_targets(cfg, "LORA"),
+                           modules=targets.linear_modules(flat) + targets.tied_head_modules(cfg, flat))
     _, lin = split_targets(cfg, flat, tg)
     if lin is None:
       return targets.Placement((), {})
     try:
-      return targets.place(cfg, dict(hp, target_modules=lin), flat, None)
+      return targets.place(cfg, dict(hp, target_modules=lin), flat, None,
+                           modules=targets.linear_modules(flat) + targets.tied_head_modules(cfg, flat))
     except PeftConfigError as e:
       embs = embedding_modules(cfg, flat)
       if "matches no module" not in str(e) or not embs:
@@ -435,6 +442,9 @@ class Lora(Method):
                               f"[vocab={m.d_in}, width={m.d_out}], so r must be <= "
                               f"{min(m.d_in, m.d_out)}")
     for m in pl.modules:
+      if self._dora(hp) and not m.leaf.endswith("/kernel"):
+        raise PeftConfigError(f"DoRA on the tied {m.path} is not supported (its weight is the "
+                              "input embedding); use LoRA there")
       rm = self.stored_rank(cfg, hp, pl, m)
       if rm > min(m.d_in, m.d_out):
         what = f"rank r={r}" if rm == r else f"rank {rm} (rank_pattern)"
@@ -568,6 +578,9 @@ class Lora(Method):
   def merge(self, cfg, hp, flat):
     out = dict(flat)
     for p in self._modules(flat):
+      if f"{p}/kernel" not in flat:
+        raise PeftConfigError(f"LoRA on the tied {p} cannot be merged: its weight is the input "
+                              "embedding, which the merge would change too")
       w = jnp.asarray(flat[f"{p}/kernel"])
       delta = jnp.einsum("...ir,...ro->...io", jnp.asarray(flat[f"{p}/lora_A"], jnp.float32),
                          jnp.asarray(flat[f"{p}/lora_B"], jnp.float32)) * self._scale_of(hp, flat, p)

@@ -24,6 +24,13 @@ def merge(state: PeftState, params, plain: bool = True):
                           "lora, dora, ia3 (bitfit: keeps its biases, plain=False)")
   if plain and getattr(m, "plain_merge_error", None):
     raise PeftConfigError(m.plain_merge_error)
+  if plain and state.saved:
+    from peft_jax.peft.modules_to_save import untied_copies
+    extra = untied_copies(state.model_cfg, state.saved)
+    if extra:
+      raise PeftConfigError(f"merge: {extra[0]} is an untied trained copy of the tied head "
+                            "(modules_to_save); the tied base model has no place for it "
+                            "(merge with plain=False)")
   flat = flatten(params)
   merged = m.merge(state.model_cfg, state.hparams, flat)
   if not plain:

@@ -29,6 +29,10 @@ the nearest count, at least one layer per stack). For T5 the selection is made
 per stack (first/last/random of the encoder and of the decoder). Modules
 outside the layer stack (``lm_head``) are excluded when a selection is given
 (as in HF PEFT, where they carry no layer index).
+
+T5 v1.0's tied head has no kernel of its own; :func:`tied_head_modules` lists it (path
+``lm_head``, leaf ``shared/embedding``) for the methods that adapt it through the
+``linear`` site without touching its weight (LoRA).
 """
 
 from __future__ import annotations
@@ -118,6 +122,19 @@ def linear_modules(flat: Flat) -> List[Module]:
                       n_layers=shape[0] if stacked else None, d_in=shape[-2], d_out=shape[-1],
                       kind=kind))
   return out
+
+
+def tied_head_modules(cfg, flat: Flat) -> List[Module]:
+  """T5 v1.0's tied ``lm_head`` as a linear module (``leaf``: the shared embedding
+  ``[vocab, embed]`` it reads, transposed), for methods that adapt it through the
+  ``linear`` site without a kernel of its own (LoRA); [] when the model has no tied head."""
+  from peft_jax.peft.modules_to_save import tied_head_source
+  src = tied_head_source(cfg, flat)
+  if src is None:
+    return []
+  vocab, d = tuple(flat[src].shape)
+  return [Module(path="lm_head", leaf=src, name="lm_head", stack=None, sublayer=None,
+                 n_layers=None, d_in=d, d_out=vocab, kind="head")]
 
 
 def norm_modules(flat: Flat) -> List[Module]:
