@@ -309,13 +309,19 @@ def axes_flat(spec: QuantSpec, flat_shapes, flat_axes: Dict[str, Any]) -> Dict[s
   return out
 
 
-def nbytes(leaf) -> float:
-  """Bytes of a leaf, 4-bit codes at half a byte per value."""
-  n = int(np.prod(leaf.shape))
+def nbytes(leaf, shape=None) -> float:
+  """Bytes of a leaf (or of ``shape`` in its dtype, e.g. one device's shard), 4-bit codes
+  at half a byte per value (as stored packed on accelerators)."""
+  n = int(np.prod(leaf.shape if shape is None else shape))
   dt = jnp.dtype(leaf.dtype)
   if dt in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)):
     return n / 2
   return n * dt.itemsize
+
+
+def is_scale(path: str) -> bool:
+  """A quantization scale leaf (bookkeeping of a quantized kernel, not a model parameter)."""
+  return path.rsplit("/", 1)[-1].startswith("kernel_scale")
 
 
 def refuse_merge(flat, what: str = "merge"):
