@@ -372,9 +372,14 @@ def test_builder_with_weights_on_a_quantized_preset():
 
 @pytest.mark.slow
 def test_plan_llama2_7b_qlora_param_bytes():
-  """--plan (abstract, no weights): LLaMA-2-7B nf4 + LoRA r=64 on every linear layer holds
-  at most 30% of the bf16 plan's parameter bytes per device."""
+  """--plan (abstract, no weights) of LLaMA-2-7B + LoRA r=64 on every linear layer, bf16 base
+  vs nf4 with double quantization, one device: the nf4 plan's parameter bytes per device are
+  exactly codes at half a byte + 8-bit scales (+ fp32 per 256 and a mean per layer) + the
+  unquantized leaves (bf16 embeddings, lm_head, norms) + the fp32 LoRA leaves, and 31.9% of
+  the bf16 plan's. (30% is out of reach with the default targets: the codes alone are 22.9%
+  of the bf16 plan, the bf16 embedding and lm_head 3.7%, the LoRA leaves 4.5%.)"""
   import json
+  from peft_jax.models import abstract_params
   env = dict(os.environ, PYTHONPATH=ROOT)
   res = {}
   for q in ("none", "nf4"):
@@ -382,13 +387,28 @@ def test_plan_llama2_7b_qlora_param_bytes():
         [sys.executable, "train.py", "--config=configs/tulu.py:lora", "--plan", "--cpu_devices=1",
          "--config.mesh.fsdp=1", "--config.model.dtype=bfloat16",
          "--config.model.param_dtype=bfloat16", "--config.model.remat=full",
-         f"--config.model.quantize={q}", "--config.peft.r=64", "--config.peft.lora_alpha=16",
+         f"--config.model.quantize={q}", "--config.model.quantize_double=true",
+         "--config.peft.r=64", "--config.peft.lora_alpha=16",
          "--config.peft.target_modules=all-linear", "--config.train.batch_size=1",
          "--config.train.micro_batch_size=1", "--config.data.max_source_len=64",
          "--config.data.max_target_len=64"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     res[q] = json.loads(r.stdout.strip().splitlines()[-1])
-  assert res["nf4"]["quantize"].startswith("nf4")
+  assert res["nf4"]["quantize"] == "nf4, blocks of 64, double-quantized scales"
+  assert res["none"]["trainable_params"] == res["nf4"]["trainable_params"] == 159_907_840
+  lora = 4 * 159_907_840
+  flat = flatten(abstract_params(get_preset("llama-2-7b")))
+  bf16 = sum(2 * v.size for v in flat.values())
+  nf4 = 0.0
+  for k, v in flat.items():
+    if k.startswith("layers/") and k.endswith("/kernel"):
+      n, layers = v.size, v.shape[0]
+      nf4 += n / 2 + n / 64 + 4 * n / (64 * 256) + 4 * layers
+    else:
+      nf4 += 2 * v.size
+  assert res["none"]["param_bytes_per_device"] == bf16 + lora
+  assert res["nf4"]["param_bytes_per_device"] == int(nf4) + lora
   ratio = res["nf4"]["param_bytes_per_device"] / res["none"]["param_bytes_per_device"]
-  assert ratio <= 0.30, ratio
+  assert ratio <= 0.32, ratio
+  assert res["nf4"]["peak_bytes"] < 0.5 * res["none"]["peak_bytes"]
