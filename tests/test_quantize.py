@@ -262,6 +262,14 @@ def test_merge_on_a_quantized_base_is_refused():
     assert "\n" not in str(e.value) and "model.quantize=none" in str(e.value)
 
 
+def test_export_of_a_quantized_base_is_refused(tmp_path):
+  from peft_jax.checkpoint.hf import CheckpointError, save_hf
+  qcfg, qp = q_base("llama-tiny-gqa")
+  with pytest.raises(CheckpointError, match="quantized base") as e:
+    save_hf(qcfg, qp, str(tmp_path))
+  assert "\n" not in str(e.value)
+
+
 def test_adapter_moves_between_quantized_and_unquantized_bases(tmp_path):
   from peft_jax.peft.io import load_adapter, save_adapter
   cfg, p = fp_base("llama-tiny-gqa")

@@ -296,6 +296,11 @@ def save_hf(cfg, params, out_dir: str, tokenizer_from: Optional[str] = None):
   from safetensors.numpy import save_file
   os.makedirs(out_dir, exist_ok=True)
   flat = flatten_dict(params, sep="/")
+  quantized = sorted(k for k in flat if k.endswith("/kernel_q"))
+  if quantized:
+    raise CheckpointError(f"cannot export a quantized base ({len(quantized)} quantized kernels, "
+                          f"e.g. {quantized[0]}) as a Hugging Face checkpoint; load the base "
+                          "with model.quantize=none to export it")
   tensors = {}
   for ours, theirs, n, transpose in name_map(cfg):
     if ours not in flat:
