@@ -96,7 +96,7 @@ def main(argv):
     print(info["table"])
     print(json.dumps({k: info[k] for k in ("total_params", "trainable_params", "changed_params",
                                            "base_params", "trainable_percent",
-                                           "trainable_percent_of_base")}
+                                           "trainable_percent_of_base", "base_bytes")}
                      | {"method": cfg.peft.method}))
     return
   from peft_jax import compile_cache

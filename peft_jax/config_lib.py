@@ -63,6 +63,15 @@ def _size_ok(v):
   return None
 
 
+def _regex_ok(v):
+  import re
+  try:
+    re.compile(str(v or ""))
+  except re.error as e:
+    return f"expected a regex ({e})"
+  return None
+
+
 def _schema():
   from peft_jax.metrics import CLASSIFICATION_METRICS, INSTANCE_METRICS
   from peft_jax.models.layers import REMAT_POLICIES
@@ -82,6 +91,16 @@ def _schema():
                                   "training with dropout keeps its own attention)",
                                   choices=("", "xla", "cudnn")),
           "vocab_size": Field(None, "override the vocabulary size of the preset", "int", ge=1),
+          "quantize": Field("none", "store the frozen base kernels quantized (QLoRA: nf4; "
+                            "peft_jax/quantize.py): none, int8 (per output channel), int4 or "
+                            "nf4 (blocks of quantize_block input rows)",
+                            choices=("none", "int8", "int4", "nf4")),
+          "quantize_targets": Field("", "regex over kernel paths quantized; empty: every "
+                                    "linear kernel of the layer stacks (not lm_head nor the "
+                                    "embeddings)", check_fn=_regex_ok),
+          "quantize_double": Field(False, "QLoRA's double quantization: the block scales "
+                                   "stored as 8-bit codes (blocks of 256) around their mean"),
+          "quantize_block": Field(64, "input rows per scale of int4 / nf4", ge=1),
       },
       "data": {
           "name": Field("", "the data set: quickstart, jsonl, or a loader of "

@@ -42,8 +42,10 @@ def model_config(cfg):
   else:
     raise ConfigError("config.model needs `name` (a preset) or `checkpoint` (a local directory "
                      "or hub id)")
-  kw = {k: m[k] for k in ("dtype", "param_dtype", "remat", "vocab_size", "attention_impl")
-        if m.get(k)}
+  kw = {k: m[k] for k in ("dtype", "param_dtype", "remat", "vocab_size", "attention_impl",
+                          "quantize", "quantize_targets", "quantize_block") if m.get(k)}
+  if m.get("quantize_double"):
+    kw["quantize_double"] = bool(m.quantize_double)
   if family_of(mc).has_dropout and m.get("dropout_rate") is not None:
     kw["dropout_rate"] = m.dropout_rate
   return mc.replace(**kw)

@@ -7,6 +7,8 @@ accumulation, remat policy and shardings) for abstract inputs of the largest
 bucket (``data.max_source_len`` / ``max_target_len``). XLA then reports per
 device: argument, output, temporary and aliased (donated) bytes, and the FLOPs
 of one step (counted from the step's jaxpr). No weights, no data, no device memory.
+A quantized base (``model.quantize``) counts 4-bit codes at half a byte per value in the
+params/device column (XLA:CPU's argument bytes store them one per byte).
 
 Targets: fake CPU devices (``--cpu_devices``, the default here), or a real
 topology through ``jax.experimental.topologies`` (``--plan_topology=v5e:2x4``)
@@ -92,8 +94,8 @@ def plan(cfg, devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
   devices) and return the memory and FLOP figures (per device)."""
   from peft_jax import sharding
   from peft_jax.builder import build
-  from peft_jax.models import count_params
   from peft_jax.peft.base import flatten
+  from peft_jax.quantize import describe as describe_quant, is_scale, nbytes, spec_of
 
   built = build(cfg, devices)
   cfg, mc, state, mesh, psh = built.cfg, built.mc, built.state, built.mesh, built.param_sh
@@ -113,12 +115,11 @@ def plan(cfg, devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
   compile_s = time.time() - t0
   mem = compiled.memory_analysis()
 
-  def per_device(tree, shardings):
+  def per_device(tree, shardings):    # 4-bit codes (model.quantize) at half a byte
     tot = 0
     for x, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)):
-      shard = s.shard_shape(x.shape)
-      tot += int(np.prod(shard)) * np.dtype(x.dtype).itemsize
-    return tot
+      tot += nbytes(x, s.shard_shape(x.shape))
+    return int(tot)
 
   g = lambda name: int(getattr(mem, name, 0) or 0) if mem is not None else 0
   arg, out, tmp, alias = (g("argument_size_in_bytes"), g("output_size_in_bytes"),
@@ -133,7 +134,9 @@ def plan(cfg, devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
       "batch_size": int(tc.batch_size), "micro_batch_size": micro,
       "seq": [int(cfg.data.max_source_len), int(cfg.data.max_target_len)],
       "remat": mc.remat, "param_dtype": str(mc.param_dtype), "dtype": str(mc.dtype),
-      "total_params": count_params(state.params), "trainable_params": trainable,
+      "total_params": sum(int(np.prod(v.shape)) for k, v in flatten(state.params).items()
+                          if not is_scale(k)),
+      "trainable_params": trainable, "quantize": describe_quant(spec_of(mc)),
       "param_bytes_per_device": per_device(a_params, psh),
       "opt_bytes_per_device": per_device(a_opt, osh),
       "argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": tmp,
@@ -156,6 +159,7 @@ def format_plan(r: Dict[str, Any]) -> str:
                                         f"{r['seq']}"),
           ("remat / dtypes", f"{r['remat']} / params {r['param_dtype']}, compute {r['dtype']}"),
           ("params (trainable)", f"{r['total_params']:,} ({r['trainable_params']:,})"),
+          ("quantized base", r.get("quantize", "none")),
           ("params per device", _gb(r["param_bytes_per_device"])),
           ("optimizer state per device", _gb(r["opt_bytes_per_device"])),
           ("arguments per device", _gb(r["argument_bytes"])),

@@ -335,10 +335,26 @@ def put_tree(tree, shardings):
 
 def init_sharded(model_cfg, rng, shardings):
   """Random base weights created directly in their shards (one jit; no device holds
-  more than its share)."""
-  from peft_jax.models import init_boxed
+  more than its share). Kernels that ``model_cfg.quantize`` selects are quantized inside
+  the same jit (:mod:`peft_jax.quantize`)."""
+  from peft_jax.models import _quantized, init_boxed
   import flax.linen as nn
-  return jax.jit(lambda r: nn.unbox(init_boxed(model_cfg, r)), out_shardings=shardings)(rng)
+
+  def init(r):
+    tree = nn.unbox(init_boxed(model_cfg, r))
+    return _quantized(model_cfg, tree, lambda spec, flat: _quantize_traced(spec, flat))
+
+  return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def _quantize_traced(spec, flat):
+  from peft_jax import quantize
+  out = dict(flat)
+  for k in quantize.selected(spec, flat):
+    w = out.pop(k)
+    for s, v in quantize.quantize_kernel(w, spec.mode, spec.block, spec.double).items():
+      out[k[: -len("kernel")] + s] = v
+  return out
 
 
 def gather(x) -> np.ndarray:

@@ -27,6 +27,9 @@ e.g. with libtpu 0.0.42.1 (the version jax 0.10.2 pins) unpacked into /tmp/libtp
   PYTHONPATH=/tmp/libtpu_site TPU_ACCELERATOR_TYPE=v5litepod-8 TPU_WORKER_HOSTNAMES=localhost \
       python scripts/scaling_plans.py --topology=v5e:2x4 --resume
 
+``docs/qlora_plans.json`` (``scripts/qlora_plans.py``: nf4 QLoRA plans on 1 and 8 devices)
+is rendered as its own section at the end of ``docs/scaling.md`` whenever it exists.
+
 ``--import_jsonl=PATH`` converts the records of an ad-hoc TPU run (one JSON object per
 line: the plan dict plus ``config`` ("tulu.py:lora", "survey.py:t5-11b,rte,houlsby"),
 ``overrides`` ({"model__remat": "full", ...}), ``topology`` and ``wall``, or an
@@ -1113,8 +1116,14 @@ def main(argv=None):
     wall = run_grid(jobs, js, records, meta, a.resume)
     print(f"grid done in {wall / 60:.1f} min", flush=True)
   tpu = [(p,) + load_json(p) for p in topology_jsons(js)]
+  text = render(meta, records, tpu)
+  qlora_json = os.path.join(os.path.dirname(os.path.abspath(js)), "qlora_plans.json")
+  if os.path.exists(qlora_json):     # scripts/qlora_plans.py's section
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from qlora_plans import section
+    text = text.rstrip("\n") + "\n\n" + section(qlora_json)
   with open(out, "w") as f:
-    f.write(render(meta, records, tpu))
+    f.write(text)
   print(f"wrote {out} ({len(records)} plans" + "".join(
       f", {len(tr)} {tm.get('topology', '?')}" for _, tm, tr in tpu) + f") from {js}")
 

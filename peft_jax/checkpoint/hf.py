@@ -190,9 +190,11 @@ def load_hf(path_or_id: str, dtype=np.float32, cfg=None, shardings=None):
   names = src.names()
   if cfg is None:
     cfg = config_from_hf(hf_cfg, names)
-  from peft_jax.models import abstract_params
-  from flax.traverse_util import flatten_dict, unflatten_dict
-  shapes = flatten_dict(abstract_params(cfg), sep="/")
+  from flax.traverse_util import unflatten_dict
+  from peft_jax import quantize
+  shapes = _fp_shapes(cfg)
+  spec = quantize.spec_of(cfg)
+  quantized = set(quantize.selected(spec, shapes)) if spec.on else set()
   out = {}
   for ours, found, n, transpose in _resolve_names(src, names, path, cfg, shapes):
     arr = np.empty(shapes[ours].shape, dtype)
@@ -203,8 +205,18 @@ def load_hf(path_or_id: str, dtype=np.float32, cfg=None, shardings=None):
         arr[...] = t
       else:
         arr[i] = t
-    out[ours] = arr
+    if ours in quantized:     # one tensor at a time: never the whole fp32 model
+      out.update(quantize.quantize_flat(spec, {ours: arr}, [ours]))
+    else:
+      out[ours] = arr
   return cfg, unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
+
+
+def _fp_shapes(cfg):
+  """Flat shapes of the unquantized parameters (the checkpoint's tensors)."""
+  from flax.traverse_util import flatten_dict
+  from peft_jax.models import abstract_params
+  return flatten_dict(abstract_params(cfg.replace(quantize="none")), sep="/")
 
 
 def _resolve_names(src, names, path, cfg, shapes):
@@ -238,17 +250,21 @@ def _resolve_names(src, names, path, cfg, shapes):
 def _load_sharded(path_or_id, cfg, shardings):
   import jax
   from flax.traverse_util import flatten_dict, unflatten_dict
-  from peft_jax.models import abstract_params
   path = resolve_checkpoint_dir(path_or_id)
   hf_cfg = read_hf_config(path)
   src = _TensorSource(path)
   if cfg is None:
     cfg = config_from_hf(hf_cfg, src.names())
-  shapes = flatten_dict(abstract_params(cfg), sep="/")
+  from peft_jax import quantize
+  shapes = _fp_shapes(cfg)
+  spec = quantize.spec_of(cfg)
+  quantized = set(quantize.selected(spec, shapes)) if spec.on else set()
   sh = flatten_dict(shardings, sep="/")
   out = {}
   for ours, found, n, transpose in _resolve_names(src, src.names(), path, cfg, shapes):
     want, dt = tuple(shapes[ours].shape), shapes[ours].dtype
+    head = ours[: -len("kernel")]
+    where = sh[head + "kernel_q"] if ours in quantized else sh[ours]
 
     def block(name, idx, transpose=transpose):
       if transpose:   # ours [in, out] = theirs[out, in].T
@@ -262,7 +278,15 @@ def _load_sharded(path_or_id, cfg, shardings):
       rows = range(*index[0].indices(n))
       return np.stack([np.asarray(block(found[i], index[1:]), dt) for i in rows])
 
-    out[ours] = jax.make_array_from_callback(want, sh[ours], cb)
+    arr = jax.make_array_from_callback(want, where, cb)
+    if ours in quantized:    # quantized in its shards, one tensor at a time
+      outs = {s: sh[head + s] for s in quantize.SUFFIXES if head + s in sh}
+      q = jax.jit(lambda w: {k: v for k, v in quantize.quantize_kernel(
+          w, spec.mode, spec.block, spec.double).items()}, out_shardings=outs)(arr)
+      del arr
+      out.update({head + s: v for s, v in q.items()})
+    else:
+      out[ours] = arr
   return cfg, unflatten_dict({tuple(k.split("/")): v for k, v in out.items()})
 
 
@@ -272,6 +296,11 @@ def save_hf(cfg, params, out_dir: str, tokenizer_from: Optional[str] = None):
   from safetensors.numpy import save_file
   os.makedirs(out_dir, exist_ok=True)
   flat = flatten_dict(params, sep="/")
+  quantized = sorted(k for k in flat if k.endswith("/kernel_q"))
+  if quantized:
+    raise CheckpointError(f"cannot export a quantized base ({len(quantized)} quantized kernels, "
+                          f"e.g. {quantized[0]}) as a Hugging Face checkpoint; load the base "
+                          "with model.quantize=none to export it")
   tensors = {}
   for ours, theirs, n, transpose in name_map(cfg):
     if ours not in flat:

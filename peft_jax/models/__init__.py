@@ -14,6 +14,7 @@ from peft_jax.models.family import Family, families, family_for_hf, family_of
 # the families (each registers itself)
 from peft_jax.models import llama_family, t5_family  # noqa: F401
 from peft_jax.sites import NO_SITES, Sites
+from peft_jax import quantize
 
 
 def build_model(cfg, sites: Sites = NO_SITES) -> nn.Module:
@@ -28,7 +29,18 @@ def init_boxed(cfg, rng):
 
 @functools.lru_cache(maxsize=32)
 def _abstract_params(cfg):
-  return nn.unbox(jax.eval_shape(lambda: init_boxed(cfg, jax.random.PRNGKey(0))))
+  tree = nn.unbox(jax.eval_shape(lambda: init_boxed(cfg, jax.random.PRNGKey(0))))
+  return _quantized(cfg, tree, quantize.abstract_flat)
+
+
+def _quantized(cfg, tree, fn):
+  """``tree`` with the kernels that ``cfg.quantize*`` selects stored quantized
+  (:mod:`peft_jax.quantize`); ``fn(spec, flat)`` does it (abstractly or for real)."""
+  spec = quantize.spec_of(cfg)
+  if not spec.on:
+    return tree
+  from peft_jax.tree import flatten, unflatten
+  return unflatten(fn(quantize.check_spec(spec), flatten(tree)))
 
 
 def abstract_params(cfg):
@@ -40,12 +52,20 @@ def abstract_params(cfg):
 def logical_axes(cfg):
   """Tree of ``PartitionSpec`` with logical axis names, same structure as the params."""
   boxed = jax.eval_shape(lambda: init_boxed(cfg, jax.random.PRNGKey(0)))
-  return nn.get_partition_spec(boxed)
+  axes = nn.get_partition_spec(boxed)
+  spec = quantize.spec_of(cfg)
+  if not spec.on:
+    return axes
+  from peft_jax.tree import flatten, unflatten
+  shapes = flatten(nn.unbox(boxed))
+  return unflatten(quantize.axes_flat(quantize.check_spec(spec), shapes, flatten(axes)))
 
 
 def init_params(cfg, rng):
-  """Random parameters as a plain pytree (unboxed)."""
-  return nn.unbox(jax.jit(lambda r: init_boxed(cfg, r))(rng))
+  """Random parameters as a plain pytree (unboxed); selected kernels quantized when
+  ``cfg.quantize`` says so (the fp kernels are drawn first, then quantized)."""
+  return _quantized(cfg, nn.unbox(jax.jit(lambda r: init_boxed(cfg, r))(rng)),
+                    quantize.quantize_flat)
 
 
 def count_params(tree) -> int:

@@ -44,6 +44,11 @@ class T5Config:
   param_dtype: Any = "float32"
   remat: str = "none"                      # see layers.REMAT_POLICIES
   attention_impl: Optional[str] = None     # passed to jax.nn.dot_product_attention
+  # frozen base kernels stored quantized (peft_jax.quantize; run config model.quantize*)
+  quantize: str = "none"                   # 'none' | 'int8' | 'int4' | 'nf4'
+  quantize_targets: Optional[str] = None   # regex over kernel paths; None: the layer stacks'
+  quantize_double: bool = False            # QLoRA's double quantization of the block scales
+  quantize_block: int = 64                 # input rows per scale (int4, nf4)
 
   model_type = "t5"
 
@@ -91,6 +96,10 @@ class LlamaConfig:
   param_dtype: Any = "float32"
   remat: str = "none"
   attention_impl: Optional[str] = None
+  quantize: str = "none"                   # see T5Config.quantize
+  quantize_targets: Optional[str] = None
+  quantize_double: bool = False
+  quantize_block: int = 64
 
   model_type = "llama"
 

@@ -48,6 +48,8 @@ class Linear(nn.Module):
 
   The bias belongs to the frozen base product that the site's handlers wrap, as in a
   torch ``nn.Linear`` that HF PEFT wraps (IA3 scales it with the output; LoRA adds to it).
+  A quantized base stores ``kernel_q`` + scales instead of ``kernel``
+  (:mod:`peft_jax.quantize`); ``base(x)`` then dequantizes to the compute dtype.
   """
   features: int
   axes: Sequence[str]
@@ -60,8 +62,12 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kernel = param_with_axes(self, "kernel", self.kernel_init, (x.shape[-1], self.features),
-                             tuple(self.axes), self.param_dtype)
+    if self.has_variable("params", "kernel_q"):    # a quantized frozen base (peft_jax.quantize)
+      from peft_jax.quantize import module_kernel
+      kernel = module_kernel(self, self.dtype)
+    else:
+      kernel = param_with_axes(self, "kernel", self.kernel_init, (x.shape[-1], self.features),
+                               tuple(self.axes), self.param_dtype)
     bias = None
     if self.use_bias:
       bias = param_with_axes(self, "bias", nn.initializers.zeros, (self.features,),

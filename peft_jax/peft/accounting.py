@@ -14,6 +14,9 @@
 * ``added``: elements of the leaves the method adds; ``base = total - added`` (the
   base model's own elements) and ``trainable_percent_of_base = 100 * trainable / base``
   (the survey's, seed 003 Table 5, "% trainable": trainable over the base model).
+* A quantized base (``model.quantize``, :mod:`peft_jax.quantize`): a kernel's codes count
+  as its parameters, its scales do not; ``base_bytes`` is the base leaves' storage
+  (4-bit codes at half a byte, plus the scales), ``quantized_kernels`` how many.
 
 Works on abstract trees (``ShapeDtypeStruct``); :func:`describe` builds one.
 """
@@ -25,6 +28,7 @@ from typing import Any, Dict
 import numpy as np
 
 from peft_jax.peft.base import PeftState, apply_peft, flatten
+from peft_jax.quantize import is_scale, nbytes, quantized_modules
 
 
 def _size(x):
@@ -44,7 +48,7 @@ def count(state: PeftState, params=None) -> Dict[str, Any]:
   added_set = set(state.added)
   # slices of added stacked leaves that a layer selection leaves out are padding, not parameters
   total = sum(_masked_size(v, state.update_masks.get(k)) if k in added_set else _size(v)
-              for k, v in flat.items())
+              for k, v in flat.items() if not is_scale(k))
   trainable_leaves = {k for k, m in mask.items() if m}
   override = state.method.counted_params(state.model_cfg, state.hparams, flat, trainable_leaves)
   if override is not None:
@@ -58,7 +62,9 @@ def count(state: PeftState, params=None) -> Dict[str, Any]:
   frozen = total - trainable
   pct = 100.0 * trainable / (frozen + trainable) if total else 0.0
   base = total - added
-  return {"method": state.method.name, "total_params": int(total), "trainable_params": int(trainable),
+  base_bytes = sum(nbytes(v) for k, v in flat.items() if k not in added_set)
+  return {"base_bytes": int(base_bytes), "quantized_kernels": len(quantized_modules(flat)),
+          "method": state.method.name, "total_params": int(total), "trainable_params": int(trainable),
           "frozen_params": int(frozen), "changed_params": int(changed), "added_params": int(added),
           "base_params": int(base), "trainable_percent": pct,
           "trainable_percent_of_base": 100.0 * trainable / base if base else 0.0}
@@ -72,7 +78,10 @@ def table(info: Dict[str, Any], state: PeftState = None) -> str:
           ("changed base params", f"{info['changed_params']:,}"),
           ("added params", f"{info['added_params']:,}"),
           ("% trainable", f"{info['trainable_percent']:.4f}%"),
-          ("% trainable of base", f"{info['trainable_percent_of_base']:.4f}%")]
+          ("% trainable of base", f"{info['trainable_percent_of_base']:.4f}%"),
+          ("base weight bytes", f"{info['base_bytes']:,}"
+                                + (f" ({info['quantized_kernels']} kernels quantized)"
+                                   if info.get("quantized_kernels") else ""))]
   lines = []
   if state is not None:
     flat = flatten(state.params)

@@ -27,6 +27,8 @@ def compute_dtype(module):
 def adapter_dtype(dtype):
   """Storage dtype of a method's own leaves: float32 when the base is bf16/fp16 (HF PEFT's
   ``autocast_adapter_dtype=True``), else the base dtype. Handlers cast to the compute dtype."""
+  if not jnp.issubdtype(dtype, jnp.floating):   # quantized base codes (peft_jax.quantize)
+    return jnp.dtype(jnp.float32)
   return jnp.promote_types(dtype, jnp.float32)
 
 

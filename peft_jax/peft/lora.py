@@ -93,6 +93,7 @@ from peft_jax.fields import Field
 from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, dropout
+from peft_jax.quantize import base_kernel, module_kernel
 
 def pattern_key(keys, name: str):
   """The first of ``keys`` that matches module ``name`` as in HF PEFT's ``get_pattern_key``
@@ -225,7 +226,7 @@ class LoraHandler:
       scale = module.get_variable("params", "lora_scale").astype(dt)
     if not self.dora:
       return y + (lora * scale).astype(y.dtype)
-    w = module.get_variable("params", "kernel")
+    w = module_kernel(module)     # dequantized on a quantized base (peft_jax.quantize)
     m = module.get_variable("params", "lora_magnitude")
     delta = jnp.dot(a.astype(jnp.float32), b.astype(jnp.float32)) * jnp.asarray(scale, jnp.float32)
     n = jax.lax.stop_gradient(jnp.linalg.norm(w.astype(jnp.float32) + delta, axis=0))
@@ -491,7 +492,7 @@ class Lora(Method):
       if self._dora(hp):
         delta = jnp.einsum("...ir,...ro->...io", a, b) * scale
         out[f"{m.path}/lora_magnitude"] = jnp.linalg.norm(
-            w.astype(jnp.float32) + delta, axis=-2).astype(adapter_dtype(w.dtype))
+            base_kernel(flat, m.path, jnp.float32) + delta, axis=-2).astype(adapter_dtype(w.dtype))
       if hp.get("lora_bias"):
         out[f"{m.path}/lora_bias"] = jnp.zeros(lead + (m.d_out,), adapter_dtype(w.dtype))
     for m in self.embeddings(cfg, hp, flat):

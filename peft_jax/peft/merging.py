@@ -10,11 +10,14 @@
 Supported: lora, dora, ia3 fold exactly. bitfit: see ``bitfit.py`` - its
 biases stay linear biases (``plain=False`` returns the tree unchanged; a plain
 bias-free tree is refused). Other methods raise :class:`PeftConfigError`.
+A quantized base (``model.quantize``) is refused with one line
+(:func:`peft_jax.quantize.refuse_merge`).
 """
 
 from __future__ import annotations
 
 from peft_jax.peft.base import PeftConfigError, PeftState, flatten, unflatten
+from peft_jax.quantize import refuse_merge
 
 
 def merge(state: PeftState, params, plain: bool = True):
@@ -32,6 +35,7 @@ def merge(state: PeftState, params, plain: bool = True):
                             "(modules_to_save); the tied base model has no place for it "
                             "(merge with plain=False)")
   flat = flatten(params)
+  refuse_merge(flat, f"merge {m.name}")
   merged = m.merge(state.model_cfg, state.hparams, flat)
   if not plain:
     return unflatten(merged)
@@ -44,6 +48,7 @@ def unmerge(state: PeftState, merged):
   if not m.mergeable:
     raise PeftConfigError(f"method {m.name!r} cannot be unmerged")
   flat = flatten(merged)
+  refuse_merge(flat, f"unmerge {m.name}")
   missing = [k for k in state.added if k not in flat]
   if missing:
     raise PeftConfigError(f"unmerge needs the method's leaves (merge with plain=False); missing "

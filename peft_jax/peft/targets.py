@@ -104,13 +104,19 @@ def _sublayer(parts):
 
 
 def linear_modules(flat: Flat) -> List[Module]:
-  """Every linear projection of the tree (leaves named ``kernel``), in path order."""
+  """Every linear projection of the tree (leaves named ``kernel``, or ``kernel_q`` for a
+  quantized base kernel, whose shape it has; :mod:`peft_jax.quantize`), in path order."""
   out = []
   for leaf in sorted(flat):
-    if not leaf.endswith("/kernel") or leaf.startswith("prefix_encoder/"):
+    if leaf.startswith("prefix_encoder/"):
+      continue
+    if leaf.endswith("/kernel"):
+      path = leaf[: -len("/kernel")]
+    elif leaf.endswith("/kernel_q"):
+      path = leaf[: -len("/kernel_q")]
+    else:
       continue
     shape = tuple(flat[leaf].shape)
-    path = leaf[: -len("/kernel")]
     parts = path.split("/")
     stacked = "layers" in parts and len(shape) == 3
     sub = _sublayer(parts)
