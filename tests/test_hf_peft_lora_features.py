@@ -168,7 +168,7 @@ def test_tied_llama_embedding_merge_refused():
     ("lora", "llama_mha", dict(target_modules=["embed_tokens"], lora_bias=True),
      "not supported for an embedding layer"),
     ("lora", "llama_mha", dict(lora_bias=True, init_lora_weights="gaussian"), "init_lora_weights"),
-    ("lora", "t5_v10", dict(trainable_token_indices={"embed_tokens": [1]}), "per-stack rows"),
+    ("lora", "t5_v10", dict(trainable_token_indices={"embed_tokens": [1]}), "per-lookup rows of encoder.embed_tokens"),
     ("lora", "llama_mha", dict(trainable_token_indices=[1, 500]), "token id 500 is out of range"),
     ("lora", "llama_mha", dict(trainable_token_indices=[1, 1]), "must not repeat"),
     ("lora", "llama_mha", dict(target_modules=["embed_tokens"], layers_to_transform=[0]),
@@ -187,7 +187,7 @@ def test_refused_configs(method, kind, hp, match):
 def test_hf_shared_lora_refused_on_import(tmp_path):
   """HF PEFT's LoRA on T5's ``shared`` wraps a module the stacks do not call (a no-op)."""
   pm, d = hf_adapter("t5_v10", tmp_path / "a", r=2, target_modules=["q", "shared"])
-  refused("t5_v10", d, r"shared\.lora_embedding_A: LoRA on T5's shared embedding changes nothing")
+  refused("t5_v10", d, r"shared\.lora_embedding_A: LoRA on the shared embedding changes nothing")
   pm_q = hfpeft.get_peft_model(fresh_torch("t5_v10"), hfpeft.LoraConfig(
       task_type="SEQ_2_SEQ_LM", r=2, target_modules=["q"]))
   pm_q.load_state_dict({k: v for k, v in pm.state_dict().items() if "shared" not in k}, strict=False)
@@ -205,7 +205,7 @@ def test_changed_saved_embedding_refused(tmp_path):
   assert k in t
   t[k] = t[k] + 1.0
   save_file(t, f)
-  refused("llama_mha", d, "differs from the base model's")
+  refused("llama_mha", d, "differs from this model's")
 
 
 def test_missing_lora_bias_tensor_refused(tmp_path):

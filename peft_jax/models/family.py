@@ -66,6 +66,11 @@ class Family(abc.ABC):
   has_dropout: bool = False               # the config has dropout_rate
   prompt_leaf: str = ""                   # where prompt tuning's virtual tokens live
   embedding_leaf: str = ""                # the token embedding read by the prompt's stack
+  #: the lookups of that table as HF PEFT wraps them: ``{our path: transformers module}``
+  #: (LoRA on embeddings; one per stack that reads the table)
+  embedding_lookups: Mapping[str, str] = {}
+  #: the ``transformers`` module of the table itself (HF's ``trainable_token_indices``)
+  hf_embedding_table: str = ""
   hf_model_types: Tuple[str, ...] = ()    # config.json model_type values this family reads
   hf_architecture: str = ""               # transformers class, for messages
   hf_task_type: str = ""                  # HF PEFT task_type

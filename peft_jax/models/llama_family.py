@@ -34,6 +34,8 @@ class LlamaFamily(Family):
   has_dropout = False
   prompt_leaf = "prompt_embeddings"
   embedding_leaf = "embed/embedding"
+  embedding_lookups = {"embed": "model.embed_tokens"}
+  hf_embedding_table = "model.embed_tokens"
   hf_model_types = ("llama",)
   hf_architecture = "LlamaForCausalLM"
   hf_task_type = "CAUSAL_LM"

@@ -24,6 +24,9 @@ class T5Family(Family):
   has_dropout = True
   prompt_leaf = "encoder/prompt_embeddings"
   embedding_leaf = "shared/embedding"
+  embedding_lookups = {"encoder/embed_tokens": "encoder.embed_tokens",
+                       "decoder/embed_tokens": "decoder.embed_tokens"}
+  hf_embedding_table = "shared"
   hf_model_types = ("t5", "mt5")
   hf_architecture = "T5ForConditionalGeneration"
   hf_task_type = "SEQ_2_SEQ_LM"

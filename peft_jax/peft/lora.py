@@ -150,22 +150,22 @@ def embedding_modules(cfg, flat) -> list:
   if not leaf or leaf not in flat:
     return []
   v, d = (int(x) for x in flat[leaf].shape)
-  paths = (["encoder/embed_tokens", "decoder/embed_tokens"] if family_of(cfg).name == "t5"
-           else [leaf.rsplit("/", 1)[0]])
-  return [targets.Module(path=p, leaf=leaf, name="embed_tokens", stack=None, sublayer=None,
-                         n_layers=None, d_in=v, d_out=d, kind="embed") for p in paths]
+  # name: the transformers module HF PEFT wraps (the family's embedding_lookups)
+  return [targets.Module(path=p, leaf=leaf, name=hf, stack=None, sublayer=None,
+                         n_layers=None, d_in=v, d_out=d, kind="embed")
+          for p, hf in family_of(cfg).embedding_lookups.items()]
 
 
 def emb_hf_name(m) -> str:
   """The ``transformers`` module HF PEFT wraps for this lookup."""
-  return m.path.replace("/", ".") if m.path.endswith("/embed_tokens") else "model.embed_tokens"
+  return m.name
 
 
 def emb_leaf(m, name: str) -> str:
   """Leaves of an embedding LoRA live beside the table: ``shared/encoder_lora_embedding_A``
   (T5, one per stack) or ``embed/lora_embedding_A`` (LLaMA)."""
   owner = m.leaf.rsplit("/", 1)[0]
-  pre = m.path.split("/")[0] + "_" if m.path.endswith("/embed_tokens") else ""
+  pre = "" if m.path == owner else m.path.split("/")[0] + "_"
   return f"{owner}/{pre}{name}"
 
 
@@ -179,12 +179,13 @@ def split_targets(cfg, flat, tg):
   part is None when nothing linear is targeted."""
   embs = embedding_modules(cfg, flat)
   from peft_jax.models.family import family_of
-  t5 = family_of(cfg).name == "t5"
+  table = family_of(cfg).hf_embedding_table
+  lookups = [emb_hf_name(m) for m in embs]
   if isinstance(tg, (list, tuple, set, frozenset)):
-    if t5 and "shared" in tg:
-      raise PeftConfigError("target_modules 'shared': in HF PEFT a LoRA on T5's shared embedding "
-                            "changes nothing (the stacks read encoder.embed_tokens and "
-                            "decoder.embed_tokens); target 'embed_tokens' (or one of them)")
+    if table and table not in lookups and table in tg:
+      raise PeftConfigError(f"target_modules {table!r}: in HF PEFT a LoRA on the {table} "
+                            "embedding changes nothing (the stacks read "
+                            f"{' and '.join(lookups)}); target 'embed_tokens' (or one of them)")
     hit, rest = [], []
     for t in tg:
       h = [m for m in embs if isinstance(t, str) and _emb_hit(cfg, m, t)]
@@ -351,13 +352,15 @@ class Lora(Method):
     ids = v
     if isinstance(v, dict):
       (name, ids), = v.items()
-      ok = ("shared",) if fam.name == "t5" else ("embed_tokens", "model.embed_tokens")
+      table = fam.hf_embedding_table
+      ok = tuple(dict.fromkeys((table.rsplit(".", 1)[-1], table)))
+      lookups = [x for x in fam.embedding_lookups.values() if x != table]
       if name not in ok:
         raise PeftConfigError(
             f"trainable_token_indices names module {name!r}; peft-jax trains rows of the "
             f"token embedding only, named {' or '.join(repr(o) for o in ok)}" +
-            (" (HF's per-stack rows of T5's encoder/decoder embed_tokens are not supported)"
-             if fam.name == "t5" else ""))
+            (f" (HF's per-lookup rows of {' / '.join(lookups)} are not supported)"
+             if lookups else ""))
     leaf = fam.embedding_leaf
     vocab = int(flat[leaf].shape[0])
     bad = [int(i) for i in ids if int(i) >= vocab]
@@ -753,7 +756,7 @@ class Lora(Method):
   def hf_table(self, cfg) -> str:
     """The ``transformers`` module HF PEFT's token adapter wraps (``trainable_token_indices``)."""
     from peft_jax.models.family import family_of
-    return "shared" if family_of(cfg).name == "t5" else "model.embed_tokens"
+    return family_of(cfg).hf_embedding_table
 
   def hf_import(self, conf, tensors, cfg, base_params, path):
     from peft_jax.peft import hf_peft
@@ -823,32 +826,27 @@ class Lora(Method):
     return state, unflatten(flat)
 
   def _hf_embeddings(self, cfg, base_flat, tensors):
-    """The embedding lookups the adapter's ``lora_embedding_A`` tensors name; HF PEFT's saved
-    copy of an adapted embedding (``<embedding>.base_layer.weight``) is read and must equal
-    the base model's table."""
+    """The embedding lookups the adapter's ``lora_embedding_A`` tensors name. (HF PEFT's saved
+    copy of an adapted embedding, ``<embedding>.base_layer.weight``, is read and compared with
+    the base model's table by :func:`peft_jax.peft.modules_to_save.check_hf_base_layers`.)"""
+    from peft_jax.models.family import family_of
     from peft_jax.peft import hf_peft
     embs = embedding_modules(cfg, base_flat)
     by_name = {emb_hf_name(m): m for m in embs}
+    table = family_of(cfg).hf_embedding_table
     out = []
     for k in sorted(tensors):
       name = k[len(hf_peft.PREFIX):] if k.startswith(hf_peft.PREFIX) else k
       if k.endswith(".lora_embedding_A"):
         hf = name[: -len(".lora_embedding_A")]
-        if hf == "shared" and embs and embs[0].path.endswith("/embed_tokens"):
-          raise PeftConfigError(f"adapter tensor {k}: LoRA on T5's shared embedding changes "
-                                "nothing in HF PEFT (the stacks read encoder.embed_tokens and "
-                                "decoder.embed_tokens), so peft-jax does not import it")
+        if hf == table and hf not in by_name:
+          raise PeftConfigError(f"adapter tensor {k}: LoRA on the {table} embedding changes "
+                                f"nothing in HF PEFT (the stacks read {' and '.join(by_name)}), "
+                                "so peft-jax does not import it")
         if hf not in by_name:
           raise PeftConfigError(f"adapter tensor {k}: module {hf!r} is not a token embedding of "
                                 f"this model (expected {', '.join(sorted(by_name))})")
         out.append(by_name[hf])
-      elif k.endswith(".base_layer.weight") and embs and (
-          name[: -len(".base_layer.weight")] in set(by_name) | {self.hf_table(cfg)}):
-        v, table = tensors[k], np.asarray(base_flat[embs[0].leaf], np.float32)
-        if v.shape != table.shape or not np.allclose(v, table, atol=1e-6, rtol=0):
-          raise PeftConfigError(f"adapter tensor {k}: the adapter saves an embedding of shape "
-                                f"{tuple(v.shape)} that differs from the base model's "
-                                f"{tuple(table.shape)} (e.g. a resized vocabulary); not supported")
     return sorted(out, key=lambda m: m.path)
 
 
