@@ -115,7 +115,7 @@ class Field:
         except FieldError:
           ok = False
       if isinstance(value, dict):
-        ok = all(isinstance(s, str) and _int_or_ints(v) for s, v in value.items())
+        ok = all(isinstance(s, str) and (_int_or_ints(v) or v == "all") for s, v in value.items())
       elif ok:
         ok = _int_or_ints(value)
         value = list(value) if isinstance(value, tuple) else value
@@ -149,7 +149,8 @@ class Field:
     k = self.kind
     words = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string",
              "names": "module names (a comma list, 'all-linear' or a regex)",
-             "ints": "layer indices (an int or a comma list of ints)",
+             "ints": "layer indices (an int or a comma list of ints; in a config file a "
+                     "{name: ints or 'all'} dict)",
              "strs": "a comma list of names", "bool_or_str": "true, false",
              "any": "a Python literal"}[k]
     if self.choices:

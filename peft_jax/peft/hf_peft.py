@@ -194,23 +194,29 @@ def _strip(key, suffix):
 
 
 def selection(found: Dict[str, Tuple[Any, set]]):
-  """{path: (module, layers)} -> hp target_modules + layers_to_transform."""
+  """{path: (module, layers)} -> hp ``target_modules`` + ``layers_to_transform``: per stack
+  when the modules of each stack share their layers, else per module (an adapter whose
+  regex chose different layers for different modules, or one that mixes a layer
+  selection with modules outside the layer stack)."""
   tg = "(" + "|".join(re.escape(p) for p in sorted(found)) + ")"
   per_stack: Dict[str, set] = {}
-  full = True
+  shared, full = True, True
   for p, (m, layers) in found.items():
     if not m.stacked:
       continue
     if m.stack in per_stack and per_stack[m.stack] != layers:
-      raise PeftConfigError(f"adapter uses different layers for modules of the {m.stack} stack; "
-                            "peft-jax selects layers per stack")
-    per_stack[m.stack] = layers
+      shared = False
+    per_stack.setdefault(m.stack, layers)
     full = full and len(layers) == m.n_layers
   hp = {"target_modules": tg}
-  if not full:
-    if any(not m.stacked for m, _ in found.values()):
-      raise PeftConfigError("adapter mixes a layer selection with modules outside the layer stack")
+  if full:
+    return hp
+  if shared and all(m.stacked for m, _ in found.values()):
     hp["layers_to_transform"] = {s: sorted(v) for s, v in per_stack.items()}
+  else:
+    hp["layers_to_transform"] = {
+        p: (sorted(layers) if m.stacked and len(layers) < m.n_layers else "all")
+        for p, (m, layers) in sorted(found.items())}
   return hp
 
 

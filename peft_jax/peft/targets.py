@@ -28,7 +28,12 @@ layer indices, applied to every stack; for T5 also a dict
 the nearest count, at least one layer per stack). For T5 the selection is made
 per stack (first/last/random of the encoder and of the decoder). Modules
 outside the layer stack (``lm_head``) are excluded when a selection is given
-(as in HF PEFT, where they carry no layer index).
+(as in HF PEFT, where they carry no layer index). The dict form of
+``layers_to_transform`` may also name targeted modules by their layer-agnostic path,
+each with its own layers or ``'all'`` (an unstacked module such as ``lm_head`` is kept
+only so): ``{"layers/attn/q": [0, 1], "layers/attn/v": [2], "lm_head": "all"}``; a
+module's entry takes precedence over its stack's. This is how an HF PEFT adapter whose
+regex targets different layers for different modules imports.
 
 T5 v1.0's tied head has no kernel of its own; :func:`tied_head_modules` lists it (path
 ``lm_head``, leaf ``shared/embedding``) for the methods that adapt it through the
@@ -52,8 +57,9 @@ LAYER_SELECTION_KEYS = ("layers_to_transform", "first_k_layers", "last_k_layers"
                         "random_layer_fraction")
 #: the layer and sub-layer selection every targeted method shares (its ``hparams``)
 SELECTION = {
-    "layers_to_transform": Field(None, "only these layer indices of each stack (HF PEFT); a "
-                                 "{stack: [..]} dict in a config file", "ints"),
+    "layers_to_transform": Field(None, "only these layer indices of each stack (HF PEFT); in a "
+                                 "config file also a {stack or module path: [..] or 'all'} dict",
+                                 "ints"),
     "first_k_layers": Field(None, "only the first k layers of each stack", "int", ge=1),
     "last_k_layers": Field(None, "only the last k layers of each stack", "int", ge=1),
     "random_layer_fraction": Field(None, "a random fraction of the layers of each stack "
@@ -256,7 +262,7 @@ def _stack_sizes(mods):
   return {m.stack: m.n_layers for m in mods if m.stacked}
 
 
-def layer_selection(cfg, hp, mods: List[Module]) -> Optional[Dict[str, np.ndarray]]:
+def _stack_selection(cfg, hp, mods: List[Module]) -> Optional[Dict[str, np.ndarray]]:
   """``{stack: bool[n_layers]}`` or None (all layers, unstacked modules included)."""
   given = [k for k in LAYER_SELECTION_KEYS if hp.get(k) is not None]
   if not given:
@@ -313,6 +319,59 @@ def layer_selection(cfg, hp, mods: List[Module]) -> Optional[Dict[str, np.ndarra
   return out
 
 
+def _module_selection(val, mods: List[Module]) -> Dict[str, Optional[np.ndarray]]:
+  """``layers_to_transform`` as a dict naming modules: ``{module path: bool[n] | None}``."""
+  sizes = _stack_sizes(mods)
+  paths = {m.path for m in mods}
+  unknown = sorted(set(val) - set(sizes) - paths)
+  if unknown:
+    raise PeftConfigError(f"layers_to_transform names {unknown}: neither a stack ({sorted(sizes)}) "
+                          f"nor a targeted module ({sorted(paths)})")
+  out = {}
+  for m in mods:
+    if m.path in val:
+      v = val[m.path]
+    elif m.stacked and m.stack in val:
+      v = val[m.stack]
+    else:
+      continue                                   # not selected
+    if v == "all":
+      out[m.path] = None
+      continue
+    if not m.stacked:
+      raise PeftConfigError(f"layers_to_transform[{m.path!r}]={v!r}: {m.path} lies outside the "
+                            "layer stack; select it with 'all'")
+    idx = [v] if isinstance(v, (int, np.integer)) else v
+    if isinstance(idx, str) or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+                                       for i in idx):
+      raise PeftConfigError(f"layers_to_transform[{m.path!r}]={v!r}: expected layer indices "
+                            "(ints) or 'all'")
+    sel = np.zeros(m.n_layers, bool)
+    for i in idx:
+      if not -m.n_layers <= int(i) < m.n_layers:
+        raise PeftConfigError(f"layers_to_transform[{m.path!r}]: layer {i} is out of range; "
+                              f"{m.path} has {m.n_layers} layers")
+      sel[int(i)] = True
+    out[m.path] = sel
+  return out
+
+
+def layer_selection(cfg, hp, mods: List[Module]) -> Optional[Dict[str, Optional[np.ndarray]]]:
+  """``{module path: bool[n_layers] | None}`` of the selected modules (None: every layer of
+  a stacked module, or an unstacked module named with ``'all'``), or None: no selection
+  (every layer, unstacked modules included). ``layers_to_transform`` as a dict may name
+  stacks and module paths; a module's own entry takes precedence over its stack's."""
+  val = hp.get("layers_to_transform")
+  given = [k for k in LAYER_SELECTION_KEYS if hp.get(k) is not None]
+  if len(given) == 1 and isinstance(val, dict) and any(
+      k not in _stack_sizes(mods) for k in val):
+    return _module_selection(val, mods)
+  per_stack = _stack_selection(cfg, hp, mods)
+  if per_stack is None:
+    return None
+  return {m.path: per_stack[m.stack] for m in mods if m.stacked and m.stack in per_stack}
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
   """Targeted modules with, for stacked ones, the selected layers."""
@@ -341,13 +400,8 @@ def place(cfg, hp, flat: Flat, default_targets, *, modules=None, what="target_mo
   layers = layer_selection(cfg, hp, sel)
   if layers is None:
     return Placement(tuple(sel), {m.path: None for m in sel})
-  kept, lay = [], {}
-  for m in sel:
-    if not m.stacked or m.stack not in layers:
-      continue
-    if layers[m.stack].any():
-      kept.append(m)
-      lay[m.path] = layers[m.stack]
+  kept = [m for m in sel if m.path in layers and (layers[m.path] is None or layers[m.path].any())]
+  lay = {m.path: layers[m.path] for m in kept}
   if not kept:
     raise PeftConfigError("the layer selection leaves no targeted module")
   return Placement(tuple(kept), lay)
