@@ -55,7 +55,7 @@ from peft_jax.fields import Field
 from peft_jax.peft import targets
 from peft_jax.peft.base import Method, PeftConfigError, register
 from peft_jax.peft.common import Rand, adapter_dtype, compute_dtype, AdditiveMerge
-from peft_jax.peft.lora import _pattern_problem, pattern_key
+from peft_jax.peft.lora import _pattern_problem, pattern_ranks
 
 LEAVES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
@@ -218,13 +218,7 @@ class Krona(AdditiveMerge, Method):
 
   def layer_ranks(self, cfg, hp, m):
     """``[(rank, alpha)]`` of module ``m`` per layer (one entry when not stacked)."""
-    rp, ap = hp.get("rank_pattern") or {}, hp.get("alpha_pattern") or {}
-    out = []
-    for l in (range(m.n_layers) if m.stacked else [None]):
-      name = targets.hf_module_name(cfg, m, l)
-      kr, ka = pattern_key(rp, name), pattern_key(ap, name)
-      out.append((int(hp["r"]) if kr is None else int(rp[kr]), hp["alpha"] if ka is None else ap[ka]))
-    return out
+    return pattern_ranks(cfg, hp, m, "alpha")
 
   def layout(self, hp, m: targets.Module, r=None) -> Layout:
     return layout(m.d_in, m.d_out, int(hp["r"]) if r is None else r, bool(hp["decompose_both"]),

@@ -104,6 +104,19 @@ def pattern_key(keys, name: str):
   return None
 
 
+def pattern_ranks(cfg, hp, m, alpha_key: str):
+  """``[(rank, alpha)]`` of module ``m`` per layer (one entry when not stacked) under HF's
+  ``rank_pattern`` / ``alpha_pattern`` (defaults ``hp["r"]`` / ``hp[alpha_key]``)."""
+  rp, ap = hp.get("rank_pattern") or {}, hp.get("alpha_pattern") or {}
+  out = []
+  for l in (range(m.n_layers) if m.stacked else [None]):
+    name = targets.hf_module_name(cfg, m, l)
+    kr, ka = pattern_key(rp, name), pattern_key(ap, name)
+    out.append((int(hp["r"]) if kr is None else int(rp[kr]),
+                hp[alpha_key] if ka is None else ap[ka]))
+  return out
+
+
 def _pattern_problem(kind: str):
   def check(v):
     if not isinstance(v, dict):
@@ -380,13 +393,7 @@ class Lora(Method):
 
   def layer_ranks(self, cfg, hp, m):
     """``[(rank, alpha)]`` of module ``m`` per layer (one entry when not stacked)."""
-    rp, ap = hp.get("rank_pattern") or {}, hp.get("alpha_pattern") or {}
-    out = []
-    for l in (range(m.n_layers) if m.stacked else [None]):
-      name = targets.hf_module_name(cfg, m, l)
-      kr, ka = pattern_key(rp, name), pattern_key(ap, name)
-      out.append((hp["r"] if kr is None else rp[kr], hp["lora_alpha"] if ka is None else ap[ka]))
-    return out
+    return pattern_ranks(cfg, hp, m, "lora_alpha")
 
   def stored_rank(self, cfg, hp, pl, m) -> int:
     """The rank ``A``/``B`` are stored at: the largest among the selected layers."""
