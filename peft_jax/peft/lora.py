@@ -453,7 +453,7 @@ class Lora(Method):
                               f"[vocab={m.d_in}, width={m.d_out}], so r must be <= "
                               f"{min(m.d_in, m.d_out)}")
     for m in pl.modules:
-      if self._dora(hp) and not m.leaf.endswith("/kernel"):
+      if self._dora(hp) and m in targets.tied_head_modules(cfg, flat):
         raise PeftConfigError(f"DoRA on the tied {m.path} is not supported (its weight is the "
                               "input embedding); use LoRA there")
       rm = self.stored_rank(cfg, hp, pl, m)
