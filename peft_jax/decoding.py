@@ -26,13 +26,14 @@ Semantics follow ``transformers``' ``generate``:
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax.models.family import family_of
+from peft_jax.models.family import family_of, is_stacked
 
 _NEG = -1.0e9   # "impossible" score, as in transformers' beam search
 
@@ -84,7 +85,42 @@ def generate(model, params, input_ids, attention_mask=None, *, max_new_tokens: i
                        jnp.float32(temperature), jnp.float32(top_p), jnp.float32(length_penalty),
                        jnp.int32(eos), jnp.int32(pad_token_id),
                        max_new_tokens=int(max_new_tokens), num_beams=int(num_beams),
-                       do_sample=bool(do_sample), top_k=int(top_k))
+                       do_sample=bool(do_sample), top_k=int(top_k),
+                       split_layers=max_new_tokens > 1 and _split_fits(params))
+
+
+#: read per-layer copies of the stacked weights in the decoding loop
+#: (:func:`peft_jax.models.family.split_layers_of`): "auto" when the copies take at most
+#: :data:`SPLIT_MEMORY_FRACTION` of the memory free on the parameters' device; True / False
+SPLIT_LAYERS = "auto"
+SPLIT_MEMORY_FRACTION = 0.25
+
+
+def _split_fits(params) -> bool:
+  if SPLIT_LAYERS != "auto":
+    return bool(SPLIT_LAYERS)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  stacked = [x for p, x in flat if is_stacked(p)]
+  if not stacked or any(isinstance(x, jax.core.Tracer) for x in stacked):
+    return False                      # traced by an outer jit: sizes per device unknown
+  per_device = sum(x.addressable_shards[0].data.nbytes if isinstance(x, jax.Array)
+                   else np.asarray(x).nbytes for x in stacked)
+  return per_device <= SPLIT_MEMORY_FRACTION * _free_bytes(stacked[0])
+
+
+def _free_bytes(x) -> float:
+  """Free memory of the device holding ``x``: the allocator's limit minus its use on an
+  accelerator, the host's available memory on CPU."""
+  dev = next(iter(x.devices())) if isinstance(x, jax.Array) else jax.devices()[0]
+  stats = dev.memory_stats() if dev.platform != "cpu" else None
+  if stats and "bytes_limit" in stats:
+    return float(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  try:
+    with open("/proc/meminfo") as f:
+      info = dict(line.split(":", 1) for line in f)
+    return float(info["MemAvailable"].split()[0]) * 1024
+  except (OSError, KeyError, ValueError):
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 # ----------------------------------------------------------------------------- token choice
@@ -187,11 +223,12 @@ def _beam_search(first_logits, cache, step, n, eos, pad, k, length_penalty):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "num_beams",
-                                             "do_sample", "top_k"))
+                                             "do_sample", "top_k", "split_layers"))
 def _generate_jit(model, params, ids, mask, rng, temperature, top_p, length_penalty, eos, pad,
-                  *, max_new_tokens, num_beams, do_sample, top_k):
+                  *, max_new_tokens, num_beams, do_sample, top_k, split_layers):
   first_logits, cache, step = family_of(model.cfg).prefill(model, params, ids, mask,
-                                                           max_new_tokens, num_beams)
+                                                           max_new_tokens, num_beams,
+                                                           split_layers=split_layers)
   if num_beams > 1:
     return _beam_search(first_logits, cache, step, max_new_tokens, eos, pad, num_beams,
                         length_penalty)

@@ -367,3 +367,24 @@ def test_t5_cached_generation_matches_uncached_loop(method, hp):
       dec.append(int(jnp.argmax(logits[0, -1])))
     assert got[row].tolist() == dec[1:], row
   assert len(set(got.ravel().tolist())) > 2      # not a constant token
+
+
+@pytest.mark.parametrize("kind,sharp", [("t5_v11", True), ("llama_gqa", False)])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_per_layer_weight_copies_give_the_same_tokens(kind, sharp, beams, monkeypatch):
+  """Decoding steps read per-layer copies of the stacked weights (and T5's cross-attention
+  keys and values), made once per call (``decoding.SPLIT_LAYERS``, on by default when they
+  fit in memory); greedy and beam search give the tokens of the stacked arrays."""
+  _, model, params = _models(kind, sharp)
+  assert decoding._split_fits(params)             # the default on these models: split
+  ids, mask = _prompts(kind)
+  out = {}
+  for split in (False, True):
+    monkeypatch.setattr(decoding, "SPLIT_LAYERS", split)
+    out[split] = np.asarray(generate(model, params, ids, mask, max_new_tokens=8,
+                                     num_beams=beams, eos_token_id=-1))
+  np.testing.assert_array_equal(out[True], out[False])
+  assert len(set(out[True].ravel().tolist())) > 2
+  monkeypatch.setattr(decoding, "SPLIT_MEMORY_FRACTION", 0.0)
+  monkeypatch.setattr(decoding, "SPLIT_LAYERS", "auto")
+  assert not decoding._split_fits(params)         # no room: the stacked arrays are read

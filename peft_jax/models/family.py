@@ -180,21 +180,32 @@ class Family(abc.ABC):
   def start(self, model, params, ids, mask, max_new_tokens: int):
     """Generation's start: ``(first logits [B, V], cache, aux)``. The cache has room for
     ``max_new_tokens`` more tokens; ``aux`` is a pytree of arrays (what :meth:`advance`
-    needs besides the cache), so both can cross ``jax.jit`` boundaries."""
+    needs besides the cache, read-only while decoding), so both can cross ``jax.jit``
+    boundaries. Leaves of ``aux`` under a ``layers`` key are per-layer values stacked on a
+    leading axis (batch on axis 1), like the parameters of a layer stack."""
 
   @abc.abstractmethod
   def advance(self, model, params, aux, cache, tokens, t):
     """Feeds ``tokens`` ``[B]`` (the token chosen at step ``t``, traced) and returns
     ``(next logits [B, V], new cache)``."""
 
-  def prefill(self, model, params, ids, mask, max_new_tokens: int, repeat: int):
+  def prefill(self, model, params, ids, mask, max_new_tokens: int, repeat: int,
+              split_layers: bool = False):
     """:meth:`start` as a closure (:mod:`peft_jax.decoding`): ``(first logits [B, V], cache
     for B rows, step)``; ``step(cache, tokens, t)`` feeds the token chosen at step ``t`` for
     all ``B * repeat`` rows (batch-major, as beam search orders them) and returns
-    ``(next logits, new cache)``."""
+    ``(next logits, new cache)``. ``split_layers``: the steps read per-layer copies of the
+    stacked parameters and ``aux`` leaves, made once (:func:`split_layers`)."""
     first, cache, aux = self.start(model, params, ids, mask, max_new_tokens)
-    aux = jax.tree_util.tree_map(lambda x: jnp.repeat(x, repeat, 0) if x.ndim else x, aux)
-    return first, cache, lambda c, tokens, t: self.advance(model, params, aux, c, tokens, t)
+    aux = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.repeat(x, repeat, 1 if is_stacked(p) else 0) if x.ndim else x, aux)
+    get_params, get_aux = (lambda: params), (lambda: aux)
+    if split_layers:
+      params_parts, join_params = split_layers_of(params)
+      aux_parts, join_aux = split_layers_of(aux)
+      get_params, get_aux = (lambda: join_params(params_parts)), (lambda: join_aux(aux_parts))
+    return first, cache, lambda c, tokens, t: self.advance(model, get_params(), get_aux(), c,
+                                                           tokens, t)
 
   # ------------------------------------------------------------------ HF checkpoints
   @abc.abstractmethod
@@ -208,6 +219,31 @@ class Family(abc.ABC):
   @abc.abstractmethod
   def hf_weight_names(self, cfg) -> List[WeightName]:
     ...
+
+
+def is_stacked(path) -> bool:
+  """A leaf of a layer stack: its tree path (``jax.tree_util`` keys) passes a ``layers`` key,
+  and its leading axis is the layer (the scan's stacked parameters, :func:`scanned`)."""
+  return any(getattr(k, "key", None) == "layers" for k in path)
+
+
+def split_layers_of(tree):
+  """``(parts, join)``: every stacked leaf of ``tree`` cut into its layers, and a function
+  stacking them again. Called outside a decoding loop and joined inside it, the stacking
+  and the loop's static per-layer slices cancel (XLA simplifies ``slice(concatenate(..))``
+  to the operand), so each step reads per-layer buffers made once, where slicing the
+  stacked arrays copied every layer's weights at every token (XLA:CPU copies a slice
+  before a matmul reads it). Costs one copy of the stacked leaves for the call."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  stacked = [is_stacked(p) for p, _ in flat]
+  parts = [[x[i] for i in range(x.shape[0])] if st else x
+           for st, (_, x) in zip(stacked, flat)]
+
+  def join(parts):
+    return jax.tree_util.tree_unflatten(
+        treedef, [jnp.stack(x) if st else x for st, x in zip(stacked, parts)])
+
+  return parts, join
 
 
 #: the keys a packed batch adds, per layout (the models' keyword arguments)

@@ -43,6 +43,18 @@ def param_with_axes(module, name, init, shape, axes, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def matmul(x, kernel):
+  """``x [..., in] @ kernel [in, out]`` as one 2-D product over the flattened leading axes.
+  The backward pass then contracts the kernel's gradient over one token axis: over
+  ``[B, T]`` at once XLA:CPU fused each gradient with a transposing copy whose stride
+  (``B*T`` floats) thrashed the cache; measured on a LLaMA MLP's fwd+bwd at
+  ``[8, 256, 512] x [512, 1376]``: 170 -> 94 ms, the gradients bitwise equal."""
+  if x.ndim == 2:
+    return jnp.dot(x, kernel)
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
+  return y.reshape(x.shape[:-1] + (kernel.shape[-1],))
+
+
 class Linear(nn.Module):
   """A projection ``x @ kernel`` (``+ bias`` with ``use_bias``); a ``linear`` site.
 
@@ -74,7 +86,7 @@ class Linear(nn.Module):
                              (self.axes[-1],), self.param_dtype)
 
     def base(x):
-      y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+      y = matmul(x.astype(self.dtype), kernel.astype(self.dtype))
       return y if bias is None else y + bias.astype(self.dtype)
 
     return self.sites.linear(self, x, base, self.deterministic)

@@ -169,9 +169,9 @@ class Llama(nn.Module):
     ``segment_ids`` ``[B,T]`` (packed rows, :mod:`peft_jax.data.packing`; no cache): a
     token attends only to the earlier tokens of its own segment; pass ``positions`` that
     restart at 0 in each segment.
-    ``logits_at`` ``[B,K]`` (no cache): positions of ``input_ids`` whose logits alone are
+    ``logits_at`` ``[B,K]``: positions of ``input_ids`` whose logits alone are
     returned, ``[B,K,V]`` (the loss positions of a training batch: the head and the
-    softmax then run over ``K`` tokens, not ``T``).
+    softmax then run over ``K`` tokens, not ``T``; generation's prefill: the last token).
     """
     cfg = self.cfg
     dtype, pdtype = as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)

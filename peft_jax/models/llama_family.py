@@ -108,7 +108,10 @@ class LlamaFamily(Family):
     n_valid = jnp.sum(mask, axis=1).astype(jnp.int32) + n_pre
     slots = jnp.concatenate([mask, jnp.ones((b, max_new_tokens), bool)], axis=1)
     cache = init_cache(cfg, b, n_pre + p + max_new_tokens)
-    logits, cache = model.apply(v, ids, slots, positions, True, cache, 0, use_embed_site=True)
+    # the head runs at the last prompt token only (the others' logits are not needed)
+    last = jnp.full((b, 1), p - 1, jnp.int32)
+    logits, cache = model.apply(v, ids, slots, positions, True, cache, 0, use_embed_site=True,
+                                logits_at=last)
     slots = jnp.concatenate([jnp.ones((b, n_pre), bool), slots], axis=1)
     # the slot of step t's token: after the prepended tokens and the prompt
     aux = {"slots": slots, "n_valid": n_valid, "offset": jnp.int32(n_pre + p)}

@@ -119,14 +119,18 @@ class T5Family(Family):
     start = jnp.full((b, 1), cfg.decoder_start_token_id, jnp.int32)
     logits, cache = model.apply(v, start, enc, enc_mask, None, True, cache, 0, "fill",
                                 method=model.decode)
-    return logits[:, -1], cache, {"enc": enc, "enc_mask": enc_mask}
+    # the cross-attention keys and values stay fixed while decoding: read-only aux, not
+    # part of the cache a step returns (and beam search reorders)
+    aux = {"enc": enc, "enc_mask": enc_mask, "layers": {"cross": cache["cross"]}}
+    return logits[:, -1], {"self": cache["self"]}, aux
 
   def advance(self, model, params, aux, cache, tokens, t):
     # slot 0 holds the start token, so the token of step t goes to slot t + 1
+    cache = {"self": cache["self"], "cross": aux["layers"]["cross"]}
     logits, cache = model.apply({"params": params}, tokens[:, None], aux["enc"],
                                 aux["enc_mask"], None, True, cache, t + 1, "step",
                                 method=model.decode)
-    return logits[:, -1], cache
+    return logits[:, -1], {"self": cache["self"]}
 
   # HF checkpoints
   def config_from_hf(self, hf: Dict[str, Any], tensor_names=()):
