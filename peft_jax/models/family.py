@@ -195,7 +195,7 @@ class Family(abc.ABC):
     for B rows, step)``; ``step(cache, tokens, t)`` feeds the token chosen at step ``t`` for
     all ``B * repeat`` rows (batch-major, as beam search orders them) and returns
     ``(next logits, new cache)``. ``split_layers``: the steps read per-layer copies of the
-    stacked parameters and ``aux`` leaves, made once (:func:`split_layers`)."""
+    stacked parameters and ``aux`` leaves, made once (:func:`split_layers_of`)."""
     first, cache, aux = self.start(model, params, ids, mask, max_new_tokens)
     aux = jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.repeat(x, repeat, 1 if is_stacked(p) else 0) if x.ndim else x, aux)
@@ -223,7 +223,7 @@ class Family(abc.ABC):
 
 def is_stacked(path) -> bool:
   """A leaf of a layer stack: its tree path (``jax.tree_util`` keys) passes a ``layers`` key,
-  and its leading axis is the layer (the scan's stacked parameters, :func:`scanned`)."""
+  and its leading axis is the layer (the scan's stacked parameters, :func:`peft_jax.models.layers.scanned`)."""
   return any(getattr(k, "key", None) == "layers" for k in path)
 
 
