@@ -86,4 +86,4 @@ def main(argv):
 
 if __name__ == "__main__":
   from peft_jax.cli import run_cli
-  run_cli(main)
+  run_cli(main, huge_pages=False)   # the orchestrator: its peft-jax worker gets them

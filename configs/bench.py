@@ -83,7 +83,8 @@ def get_config(variant: str = ""):
   c = ml_collections.ConfigDict()
   c.run = ml_collections.ConfigDict({
       "models": "t5,llama", "methods": "lora,ia3,houlsby,prefix_tuning,full",
-      "dtype": "float32", "warmup_steps": 1, "steps_per_block": 1, "blocks": 4, "n_batches": 2,
+      "dtype": "float32", "warmup_steps": 1, "steps_per_block": 1, "blocks": 3, "block_warmup": 1,
+      "n_batches": 2,
       "new_tokens": 32, "infer_blocks": 2, "merged": True, "learning_rate": 1e-4, "seed": 0,
       "hf_threads": 0, "adapterhub_python": ".venv-adapters/bin/python", "together": True,
       "timeout_s": 3600,

@@ -42,10 +42,15 @@ def load_config(spec: str, say=print):
   return cfg
 
 
-def run_cli(main_fn):
+def run_cli(main_fn, huge_pages: bool = True):
   """Runs ``main_fn`` under absl. A bad command line, config, checkpoint or data set
-  prints one line (``error: ...``) and exits with status 2, before any compute."""
+  prints one line (``error: ...``) and exits with status 2, before any compute.
+  ``huge_pages``: first re-execute the process with glibc's transparent-huge-page
+  tunable (:mod:`peft_jax.host_memory`; XLA:CPU's per-step temporaries)."""
   import sys
+  if huge_pages:
+    from peft_jax.host_memory import reexec_with_huge_pages
+    reexec_with_huge_pages()
   from absl import app, flags
   from peft_jax.checkpoint.hf import CheckpointError
   from peft_jax.peft.base import PeftConfigError

@@ -47,6 +47,9 @@ def test_smoke_rows_have_both_sides_and_ratios(smoke):
       assert side["infer_merged_tokens_per_s"] > 0
       assert side["peak_train_mb"] > 0
       assert len(side["train_block_s"]) == result["run"]["blocks"]
+      run = result["run"]   # every turn began with its untimed steps
+      assert side["train_steps_done"] == run["warmup_steps"] + run["blocks"] * (
+          run["steps_per_block"] + run["block_warmup"])
     for k in ("ratio_train", "ratio_infer", "ratio_infer_merged", "ratio_memory"):
       assert r[k] > 0, k
     # the same weights: equal counts, equal first losses (fp32, batch 0 without dropout)
@@ -80,7 +83,8 @@ def test_plan_column_is_the_plans_estimate(smoke, tmp_path):
   hf = dict(bench_config.hf_config_dict(bench["models"]["llama"]), model_type="llama")
   (ckpt / "config.json").write_text(json.dumps(hf))
   run = bench["run"]
-  total = run["warmup_steps"] + run["blocks"] * run["steps_per_block"] + 1
+  total = (run["warmup_steps"] + 1 +
+           run["blocks"] * (run["steps_per_block"] + run["block_warmup"]))
   cfg = bench_config.train_config(bench, "llama", "lora", str(ckpt), total)
   row = [r for r in result["rows"] if r["model"] == "llama"][0]
   assert plan(cfg)["peak_bytes"] == row["peft_jax"]["plan"]["peak_bytes"]

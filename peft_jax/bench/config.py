@@ -43,6 +43,10 @@ RUN: Dict[str, Field] = {
     "warmup_steps": Field(1, "training steps run and not timed after compilation", ge=1),
     "steps_per_block": Field(2, "training steps per timed block", ge=1),
     "blocks": Field(3, "timed training blocks per side (the sides take turns)", ge=1),
+    "block_warmup": Field(1, "untimed training steps (and generation calls) each side runs "
+                          "at the start of each of its turns: the first step after the other "
+                          "side's turn is not steady state (freed memory faulted in again)",
+                          ge=0),
     "n_batches": Field(2, "distinct random batches the steps cycle through", ge=1),
     "new_tokens": Field(32, "tokens generated per row (greedy, no EOS stop)", ge=1),
     "infer_blocks": Field(2, "timed generation calls per side and kind (0: no inference)", ge=0),

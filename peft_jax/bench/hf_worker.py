@@ -196,7 +196,7 @@ class Side:
       loss = self._step()
     loss = float(loss.detach())
     self._sync()
-    return {"seconds": time.perf_counter() - t0, "loss": loss}
+    return {"seconds": time.perf_counter() - t0, "loss": loss, "steps_done": self.step_i}
 
   # ------------------------------------------------------------------ generation
   def infer_setup(self, kind, new_tokens, prompt_len):

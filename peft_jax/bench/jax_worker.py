@@ -134,7 +134,7 @@ class Side:
     for _ in range(int(steps)):
       loss = self._step()
     jax.block_until_ready((self.params, loss))
-    return {"seconds": time.perf_counter() - t0, "loss": float(loss)}
+    return {"seconds": time.perf_counter() - t0, "loss": float(loss), "steps_done": self.step_i}
 
   # ------------------------------------------------------------------ generation
   def infer_setup(self, kind, new_tokens, prompt_len):

@@ -99,6 +99,8 @@ def describe_machine(machine: Dict[str, Any]) -> str:
     s += "; " + ", ".join(dev)
   for who, v in (machine.get("versions") or {}).items():
     s += f"; {who}: " + ", ".join(f"{k} {x}" for k, x in sorted(v.items()))
+  if machine.get("peft_jax_glibc_tunables"):   # peft_jax/host_memory.py
+    s += f"; peft-jax worker GLIBC_TUNABLES={machine['peft_jax_glibc_tunables']}"
   return s
 
 

@@ -17,6 +17,12 @@ two alternates from block to block (a change of load hits both):
 3. generation: one warm-up call (it compiles on peft-jax) and ``run.infer_blocks`` timed
    calls per side, unmerged, then merged for mergeable methods.
 
+Each turn of a side begins with ``run.block_warmup`` untimed steps (calls): the first
+step after the other side's turn is not steady state. Measured on the 2-core virtual
+machine of docs/benchmarks.md, T5 full fine-tuning 3.0 s per step back to back, 3.7 s
+after 3 s idle: the memory the process freed is faulted in again (the host reclaims
+freed guest pages), a cost that steps run back to back, as in training, do not pay.
+
 Throughputs are medians over blocks. While it runs, the load average and the CPU time of
 processes other than the workers are sampled (:class:`CpuMonitor`): the cores the rest
 of the machine took during the timed blocks.
@@ -38,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from peft_jax import host_memory
 from peft_jax.bench import config as bench_config
 
 HF_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_worker.py")
@@ -224,6 +231,8 @@ def _env(extra_pythonpath: bool, jax: bool = False, alone: bool = False) -> Dict
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     if alone:  # ... up to 90% of it when it runs alone (not an image's smaller default)
       env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.9"
+    # as train.py runs (peft_jax/host_memory.py); the HF side keeps the caller's environment
+    env = host_memory.with_huge_pages(env)
   return env
 
 
@@ -263,7 +272,8 @@ class Row:
     self.checkpoint, self.batches, self.work = checkpoint, batches, work
     self.monitor, self.say = monitor, say
     self.tag = f"{model_name}_{method_name}"
-    self.total = self.run["warmup_steps"] + self.run["blocks"] * self.run["steps_per_block"] + 1
+    self.total = (self.run["warmup_steps"] + 1 + self.run["blocks"] *
+                  (self.run["steps_per_block"] + self.run["block_warmup"]))
     self.cfg = bench_config.train_config(bench, model_name, method_name, checkpoint, self.total)
     self.export = {"peft": os.path.join(work, f"{self.tag}_adapter"),
                    "adapterhub": os.path.join(work, f"{self.tag}_adapter.npz")}.get(self.ref, "")
@@ -313,11 +323,14 @@ class Row:
     secs = {k: [] for k in ws}
     for blk in range(run["blocks"]):
       for name, w in _turns(ws, blk):
+        if run["block_warmup"]:
+          w.call("train", steps=run["block_warmup"])
         self.monitor.begin(pids)
         r = w.call("train", steps=run["steps_per_block"])
         self.monitor.end(pids)
         secs[name].append(r["seconds"])
         self.side(name)["last_loss"] = r["loss"]
+        self.side(name)["train_steps_done"] = r["steps_done"]
     tokens = self.model["batch_size"] * (self.model["source_len"] + self.model["target_len"])
     for name, w in ws.items():
       s = self.side(name)
@@ -346,6 +359,8 @@ class Row:
       secs = {k: [] for k in live}
       for blk in range(run["infer_blocks"]):
         for name, w in _turns(live, blk):
+          for _ in range(run["block_warmup"]):
+            w.call("infer")
           self.monitor.begin(pids)
           secs[name].append(w.call("infer")["seconds"])
           self.monitor.end(pids)
@@ -467,6 +482,7 @@ def run(bench, say: Callable[[str], None] = print, keep: bool = False) -> Dict[s
     else:
       shutil.rmtree(work, ignore_errors=True)
   machine = describe_machine()
+  machine["peft_jax_glibc_tunables"] = _env(True, jax=True).get("GLIBC_TUNABLES", "")
   for r in rows:
     for side in ("peft_jax", "hf_peft"):
       s = r.get(side) or {}

@@ -29,7 +29,7 @@ import numpy as np
 
 from peft_jax.models.config import LlamaConfig, as_dtype
 from peft_jax.models.layers import (Embed, Linear, RMSNorm, attention, check_packable, constrain,
-                                    same_segment, scanned)
+                                    gated, same_segment, scanned)
 from peft_jax.sites import NO_SITES, Sites
 
 
@@ -116,8 +116,8 @@ class LlamaMLP(nn.Module):
   def __call__(self, x):
     cfg = self.cfg
     dense = functools.partial(_dense, cfg, self.sites, self.deterministic)
-    hid = nn.silu(dense(cfg.intermediate_size, ("embed", "mlp"), "gate")(x)) * \
-        dense(cfg.intermediate_size, ("embed", "mlp"), "up")(x)
+    hid = gated(nn.silu, dense(cfg.intermediate_size, ("embed", "mlp"), "gate")(x),
+                dense(cfg.intermediate_size, ("embed", "mlp"), "up")(x))
     hid = self.sites.ffn_act(self, hid, self.deterministic)
     return dense(cfg.hidden_size, ("mlp", "embed"), "down")(hid)
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from peft_jax.models.config import T5Config, as_dtype
 from peft_jax.models.layers import (Dropout, Embed, Linear, RMSNorm, TiedHead, attention,
                                     check_packable, constrain, param_with_axes, same_segment,
-                                    scanned)
+                                    gated, scanned, softmax)
 from peft_jax.sites import NO_SITES, Sites
 
 _ACTS = {"relu": nn.relu, "gelu": functools.partial(nn.gelu, approximate=False),
@@ -132,7 +132,7 @@ class T5Attention(nn.Module):
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
       # the probabilities in the compute dtype before the dropout (as transformers does):
       # the residual kept for the backward pass is half the size under bf16
-      probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+      probs = softmax(logits, axis=-1).astype(dtype)
       probs = Dropout(cfg.dropout_rate)(probs, deterministic=False)
       out = jnp.einsum("bnts,bsnh->btnh", probs, v)
     else:
@@ -150,7 +150,7 @@ class T5Attention(nn.Module):
                         preferred_element_type=jnp.float32)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = softmax(logits, axis=-1)
     out = jnp.einsum("bnts,bnsh->btnh", probs.astype(dtype), v_t.astype(dtype))
     if mask is not None:        # as layers.attention: a query with no valid key gives zeros
       out = jnp.where(jnp.any(mask, axis=-1)[:, :, :, None].transpose(0, 2, 1, 3), out, 0)
@@ -169,7 +169,8 @@ class T5MLP(nn.Module):
     dense = functools.partial(_dense, cfg, self.sites, self.deterministic)
     act = _ACTS["gelu_new" if cfg.feed_forward_proj == "gated-gelu" else cfg.act_name]
     if cfg.is_gated:
-      hid = act(dense(cfg.d_ff, ("embed", "mlp"), "wi_0")(x)) * dense(cfg.d_ff, ("embed", "mlp"), "wi_1")(x)
+      hid = gated(act, dense(cfg.d_ff, ("embed", "mlp"), "wi_0")(x),
+                  dense(cfg.d_ff, ("embed", "mlp"), "wi_1")(x))
     else:
       hid = act(dense(cfg.d_ff, ("embed", "mlp"), "wi")(x))
     hid = Dropout(cfg.dropout_rate)(hid, deterministic=self.deterministic)
