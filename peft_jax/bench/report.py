@@ -167,7 +167,8 @@ def page(result: Dict[str, Any], command: str, png: Optional[str]) -> str:
       f"- run: {run['dtype']}; {run['warmup_steps']} warm-up step(s), then {run['blocks']} "
       f"blocks of {run['steps_per_block']} training steps per side; generation of "
       f"{run['new_tokens']} new tokens per row (greedy, no EOS stop), "
-      f"{run['infer_blocks']} timed calls per side and kind after one warm-up call; medians "
+      f"{run['infer_blocks']} timed calls per side and kind after one warm-up call; each "
+      f"turn begins with {run.get('block_warmup', 0)} untimed step(s) (call(s)); medians "
       "over blocks; " + ("the two sides' processes alive together, taking turns, the order "
                          "alternating from block to block" if run.get("together", True) else
                          "one side after the other") +
