@@ -11,6 +11,13 @@ pages for its mappings (``madvise(MADV_HUGEPAGE)``), so the same buffer takes 2 
 faults: about 1,000 per step. Results do not change (the allocator only), nor does the
 peak resident memory (measured: 2,677 vs 2,682 MiB).
 
+Huge pages alone leave a cost: XLA's threads still map each step's buffer afresh, and on
+this project's 2-core VM some steps (often every other one) spend 0.6-2 s of kernel time
+zeroing new huge pages (``perf``: ``clear_page_erms``). Keeping the memory in one heap
+(``arena_max=1:mmap_max=0`` and a huge ``trim_threshold``) removed those spikes in a
+training loop but fragmented the heap across training and generation: the benchmark's
+T5 rows peaked 1.05-1.30x HF's memory, so it is not done.
+
 glibc reads tunables when a process starts, so the command-line programs re-execute
 themselves once with ``GLIBC_TUNABLES`` extended (:func:`reexec_with_huge_pages`, before
 any other work), and the benchmark starts its peft-jax worker with it

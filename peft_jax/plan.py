@@ -125,8 +125,12 @@ def plan(cfg, devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
   arg, out, tmp, alias = (g("argument_size_in_bytes"), g("output_size_in_bytes"),
                           g("temp_size_in_bytes"), g("alias_size_in_bytes"))
   peak = arg + out - alias + tmp
+  is_trainable = flatten(state.trainable)
   trainable = sum(int(np.prod(v.shape)) for k, v in flatten(state.params).items()
-                  if flatten(state.trainable)[k])
+                  if is_trainable[k])
+  flat_params, flat_sh = flatten(a_params), flatten(psh)
+  trainable_bytes = int(sum(nbytes(x, flat_sh[k].shard_shape(x.shape))
+                            for k, x in flat_params.items() if is_trainable[k]))
   res = {
       "model": cfg.model.get("name") or cfg.model.get("checkpoint"), "method": cfg.peft.method,
       "devices": int(mesh.devices.size), "platform": mesh.devices.flat[0].platform,
@@ -138,12 +142,14 @@ def plan(cfg, devices: Optional[Sequence[Any]] = None) -> Dict[str, Any]:
                           if not is_scale(k)),
       "trainable_params": trainable, "quantize": describe_quant(spec_of(mc)),
       "param_bytes_per_device": per_device(a_params, psh),
+      "trainable_param_bytes_per_device": trainable_bytes,
       "opt_bytes_per_device": per_device(a_opt, osh),
       "argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": tmp,
       "peak_bytes": peak, "flops": flops,
       "flops_per_device": flops / int(mesh.devices.size), "compile_s": round(compile_s, 1),
       "unsplit_leaves": len(dropped),
   }
+  res["frozen_param_bytes_per_device"] = res["param_bytes_per_device"] - trainable_bytes
   res["fits"] = {hw: peak <= HEADROOM * cap for hw, cap in HARDWARE.items()}
   return res
 
@@ -160,7 +166,9 @@ def format_plan(r: Dict[str, Any]) -> str:
           ("remat / dtypes", f"{r['remat']} / params {r['param_dtype']}, compute {r['dtype']}"),
           ("params (trainable)", f"{r['total_params']:,} ({r['trainable_params']:,})"),
           ("quantized base", r.get("quantize", "none")),
-          ("params per device", _gb(r["param_bytes_per_device"])),
+          ("params per device", f"{_gb(r['param_bytes_per_device'])} (frozen "
+                                f"{_gb(r['frozen_param_bytes_per_device'])}, trainable "
+                                f"{_gb(r['trainable_param_bytes_per_device'])})"),
           ("optimizer state per device", _gb(r["opt_bytes_per_device"])),
           ("arguments per device", _gb(r["argument_bytes"])),
           ("outputs per device (aliased)", f"{_gb(r['output_bytes'])} ({_gb(r['alias_bytes'])})"),

@@ -14,10 +14,8 @@ def test_keep_mask_rate_and_independence():
   n = m.size
   assert abs(m.mean() - 0.9) < 4 * np.sqrt(0.09 / n)                 # 4 sigma
   flat = m.reshape(-1).astype(np.float64)
-  half = (n + 1) // 2           # elements i and i + half share a 32-bit word
-  a, b = flat[:n - half], flat[half:]
-  assert abs(np.corrcoef(a, b)[0, 1]) < 4 / np.sqrt(len(a))
-  assert abs(np.corrcoef(flat[:-1], flat[1:])[0, 1]) < 4 / np.sqrt(n)
+  for lag in (1, 2, 3, 4, 1001):   # four neighbours along the last axis share a draw
+    assert abs(np.corrcoef(flat[:-lag], flat[lag:])[0, 1]) < 4 / np.sqrt(n), lag
   for keep in (0.0, 0.5, 1.0):
     mk = np.asarray(layers.keep_mask(jax.random.PRNGKey(1), keep, (4096,)))
     assert abs(mk.mean() - keep) < 0.04
@@ -26,6 +24,24 @@ def test_keep_mask_rate_and_independence():
   # different keys, different masks
   assert (np.asarray(layers.keep_mask(jax.random.PRNGKey(3), 0.5, (256,))) !=
           np.asarray(layers.keep_mask(jax.random.PRNGKey(4), 0.5, (256,)))).any()
+
+
+def test_threefry2x32_is_jax_random_hash_bit_for_bit():
+  from jax.extend.random import threefry_2x32
+  key = jax.random.PRNGKey(7)
+  x = jax.random.randint(jax.random.PRNGKey(8), (2, 4096), 0, 2**31 - 1).astype(jnp.uint32)
+  ref = threefry_2x32(key, x.reshape(-1))                     # hashes the halves as pairs
+  mine = jnp.concatenate(layers.threefry2x32(key[0], key[1], x[0], x[1]))
+  np.testing.assert_array_equal(np.asarray(mine), np.asarray(ref))
+
+
+def test_keep_mask_typed_and_other_prng_keys():
+  raw = jax.random.PRNGKey(11)
+  np.testing.assert_array_equal(layers.keep_mask(raw, 0.8, (5, 13)),
+                                layers.keep_mask(jax.random.wrap_key_data(raw), 0.8, (5, 13)))
+  rbg = jax.random.key(11, impl="rbg")              # not threefry: the jax.random.bits path
+  m = np.asarray(layers.keep_mask(rbg, 0.8, (64, 513)))
+  assert m.shape == (64, 513) and abs(m.mean() - 0.8) < 4 * np.sqrt(0.16 / m.size)
 
 
 def test_dropout_module_scales_kept_values_and_is_the_identity_when_deterministic():

@@ -96,19 +96,55 @@ class Linear(nn.Module):
 #: draw dropout masks from 16 random bits per element (:func:`keep_mask`); False: jax.random.bernoulli
 HALF_BITS_DROPOUT = True
 
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry2x32(k1, k2, x1, x2):
+  """Threefry-2x32, 20 rounds (Salmon et al., SC 2011): the hash behind ``jax.random``,
+  bit for bit (tests/test_dropout.py checks it against ``jax.extend.random.threefry_2x32``).
+  Written out so that XLA fuses the 20 rounds into one elementwise loop: JAX lowers its
+  primitive on CPU as a rolled 5-iteration loop, one pass over memory per iteration, which
+  made the mask of T5's attention-probability dropout 5x slower than this."""
+  ks = (k1, k2, k1 ^ k2 ^ jnp.uint32(0x1BD11BDA))
+  x1, x2 = x1 + ks[0], x2 + ks[1]
+  for i in range(5):
+    for r in _THREEFRY_ROTATIONS[i % 2]:
+      x1 = x1 + x2
+      x2 = x1 ^ ((x2 << jnp.uint32(r)) | (x2 >> jnp.uint32(32 - r)))
+    x1 = x1 + ks[(i + 1) % 3]
+    x2 = x2 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+  return x1, x2
+
 
 def keep_mask(key, keep: float, shape):
   """Booleans, True with probability ``keep``: each element compares 16 random bits with
-  ``round(keep * 2**16)``, two elements per 32-bit word of ``jax.random.bits``.
-  ``jax.random.bernoulli`` spends a whole threefry draw (64 bits, folded to 32) on each
-  element; at T5's attention-probability dropout that was 13% of a training step on CPU.
-  The keep probability is exact to 2**-17 (0.9 is 0.8999939)."""
-  n = math.prod(shape)
+  ``round(keep * 2**16)``. One Threefry-2x32 draw (:func:`threefry2x32`, counter = the
+  linear index of a group of four along the last axis) gives 64 bits, four elements.
+  ``jax.random.bernoulli`` spends a whole draw on each element; at T5's
+  attention-probability dropout that was 13% of a training step on CPU. The keep
+  probability is exact to 2**-17 (0.9 is 0.8999939). Keys other than a threefry key (e.g.
+  ``jax_default_prng_impl=rbg``) use ``jax.random.bits``, two elements per 32-bit word."""
   if not HALF_BITS_DROPOUT:
     return jax.random.bernoulli(key, keep, shape)
-  words = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)
-  half = jnp.concatenate([words & 0xFFFF, words >> 16])[:n].reshape(shape)
-  return half < jnp.uint32(round(keep * 65536))
+  shape = tuple(shape)
+  threshold = jnp.uint32(round(keep * 65536))
+  data = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) \
+      else key
+  if data.shape != (2,) or data.dtype != jnp.uint32 or not shape:
+    n = math.prod(shape)
+    words = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)
+    half = jnp.concatenate([words & 0xFFFF, words >> 16])[:n].reshape(shape)
+    return half < threshold
+  last = shape[-1]
+  groups = shape[:-1] + (-(-last // 4),)
+  count = jnp.zeros(groups, jnp.uint32)
+  for axis in range(len(groups)):        # linear index, shaped like the groups
+    stride = math.prod(groups[axis + 1:])
+    count = count + jax.lax.broadcasted_iota(jnp.uint32, groups, axis) * jnp.uint32(stride)
+  b1, b2 = threefry2x32(data[0], data[1], jnp.zeros_like(count), count)
+  keep = jnp.stack([(b & 0xFFFF) < threshold for b in (b1, b2)] +
+                   [(b >> 16) < threshold for b in (b1, b2)], axis=-1)
+  return keep.reshape(groups[:-1] + (4 * groups[-1],))[..., :last]
 
 
 class Dropout(nn.Module):
@@ -121,8 +157,13 @@ class Dropout(nn.Module):
       return x
     if self.rate >= 1.0:
       return jnp.zeros_like(x)
-    keep = keep_mask(self.make_rng("dropout"), 1.0 - self.rate, x.shape)
-    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+    return apply_dropout(x, keep_mask(self.make_rng("dropout"), 1.0 - self.rate, x.shape),
+                         self.rate)
+
+
+def apply_dropout(x, keep, rate: float):
+  """Inverted dropout with a given mask: ``where(keep, x / (1 - rate), 0)``."""
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 class RMSNorm(nn.Module):

@@ -9,15 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax.models.config import as_dtype
-from peft_jax.models.layers import keep_mask
+from peft_jax.models.layers import apply_dropout, keep_mask
 
 
 def dropout(module, x, rate: float, deterministic: bool):
   """Inverted dropout drawing from the module's ``dropout`` RNG stream."""
   if deterministic or rate <= 0.0:
     return x
-  keep = keep_mask(module.make_rng("dropout"), 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+  return apply_dropout(x, keep_mask(module.make_rng("dropout"), 1.0 - rate, x.shape), rate)
 
 
 def compute_dtype(module):
