@@ -86,10 +86,8 @@ def _schema():
           "remat": Field("none", "activation rematerialisation policy of the layer scan",
                          choices=tuple(REMAT_POLICIES)),
           "dropout_rate": Field(0.1, "T5 dropout rate (LLaMA has none)", ge=0, lt=1),
-          "attention_impl": Field("", "the kernel of jax.nn.dot_product_attention: '' (JAX "
-                                  "chooses), xla, or cudnn (fused, GPU, bf16/fp16; T5 "
-                                  "training with dropout keeps its own attention)",
-                                  choices=("", "xla", "cudnn")),
+          "attention_impl": Field("", "the attention kernel: '' (CPU: einsum; elsewhere JAX's choice), einsum (peft-jax's heads-major contractions, models/layers.py), xla (jax.nn.dot_product_attention's), or cudnn (fused, GPU, bf16/fp16; T5 training with dropout always takes einsum)",
+                                  choices=("", "einsum", "xla", "cudnn")),
           "vocab_size": Field(None, "override the vocabulary size of the preset", "int", ge=1),
           "quantize": Field("none", "store the frozen base kernels quantized (QLoRA: nf4; "
                             "peft_jax/quantize.py): none, int8 (per output channel), int4 or "

@@ -16,7 +16,15 @@ this project's 2-core VM some steps (often every other one) spend 0.6-2 s of ker
 zeroing new huge pages (``perf``: ``clear_page_erms``). Keeping the memory in one heap
 (``arena_max=1:mmap_max=0`` and a huge ``trim_threshold``) removed those spikes in a
 training loop but fragmented the heap across training and generation: the benchmark's
-T5 rows peaked 1.05-1.30x HF's memory, so it is not done.
+T5 rows peaked 1.05-1.30x HF's memory, so it is not done. The cost of those fresh pages
+comes from the VM: its balloon device has free page reporting on (virtio feature bit 5;
+``/sys/module/page_reporting/parameters/page_reporting_order`` = 9), so free 2 MiB blocks
+are handed back to the host within about 2 s and the next touch of such a block is a
+host fault as well. In one T5 LoRA step the same loss-gradient fusion took 15 ms when
+its 64 MB output landed on kept pages and 223-406 ms when it did not. With
+``mmap_max=0`` and a huge ``trim_threshold`` but glibc's default arenas the spikes stay;
+adding ``arena_max=2`` removed most (median 1.58 vs 1.87 s) but raised the process's
+peak from 1,948 to 2,662 MB and still had a 4.5 s step.
 
 glibc reads tunables when a process starts, so the command-line programs re-execute
 themselves once with ``GLIBC_TUNABLES`` extended (:func:`reexec_with_huge_pages`, before

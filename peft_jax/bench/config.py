@@ -71,7 +71,7 @@ MODEL_KEYS: Dict[str, Field] = {
                         ge=1),
     "remat": Field("none", "peft-jax's rematerialisation policy of the layer scan"),
     "attention_impl": Field("", "peft-jax's attention kernel (model.attention_impl: '', "
-                            "xla, cudnn)", choices=("", "xla", "cudnn")),
+                            "einsum, xla, cudnn)", choices=("", "einsum", "xla", "cudnn")),
 }
 
 

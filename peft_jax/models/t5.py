@@ -123,20 +123,13 @@ class T5Attention(nn.Module):
     k, v, mask, bias = self.sites.attention_kv(self, k, v, mask, bias, self.deterministic)
     dtype = as_dtype(cfg.dtype)
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    dropout = None
     if not self.deterministic and cfg.dropout_rate > 0:
-      # T5 drops attention probabilities; the fused kernel has no dropout.
-      logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
-      if bias is not None:
-        logits = logits + bias
-      if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-      # the probabilities in the compute dtype before the dropout (as transformers does):
-      # the residual kept for the backward pass is half the size under bf16
-      probs = softmax(logits, axis=-1).astype(dtype)
-      probs = Dropout(cfg.dropout_rate)(probs, deterministic=False)
-      out = jnp.einsum("bnts,bsnh->btnh", probs, v)
-    else:
-      out = attention(q, k, v, mask=mask, bias=bias, scale=1.0, impl=cfg.attention_impl)
+      # T5 drops attention probabilities (in the compute dtype, as transformers does: the
+      # residual kept for the backward pass is half the size under bf16)
+      dropout = lambda p: Dropout(cfg.dropout_rate)(p, deterministic=False)
+    out = attention(q, k, v, mask=mask, bias=bias, scale=1.0, impl=cfg.attention_impl,
+                    dropout=dropout)
     y = dense(cfg.d_model, ("heads", "embed"), "o")(out.reshape(b, t, n * h))
     return y, new_cache
 
